@@ -1,0 +1,13 @@
+"""moraft: MoRA as a first-class Hugging Face PEFT method.
+
+``import moraft`` registers the method with PEFT, after which ``get_peft_model(model, MoraConfig(...))`` and
+``PeftModel.from_pretrained(model, mora_adapter_dir)`` work as for any PEFT method.
+"""
+
+from . import _peft_hook
+from .mora import COMPRESSIONS, MoraConfig, MoraLayer, MoraLinear, MoraModel, MoraOperator, mora_rank
+
+_peft_hook.register(MoraConfig, MoraModel, MoraModel.prefix)
+
+__version__ = "0.1.0"
+__all__ = ["COMPRESSIONS", "MoraConfig", "MoraLayer", "MoraLinear", "MoraModel", "MoraOperator", "mora_rank"]

@@ -1,0 +1,146 @@
+"""`MoraConfig`: the one dataclass saved beside a MoRA adapter's weights (``adapter_config.json``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .._peft_hook import MORA
+from .operators import COMPRESSIONS, GROUPINGS
+
+
+@dataclass
+class MoraConfig(PeftConfig):
+    """Configuration of a MoRA adapter (https://arxiv.org/abs/2405.12130).
+
+    Each targeted layer W0 (d × k) gets one trainable square matrix M (r̂ × r̂), with r̂ chosen so that M has the
+    parameters of a LoRA of rank ``r`` on that layer: r̂ = round(sqrt((d + k)·r)).
+
+    Args:
+        r: the LoRA rank whose parameter budget MoRA matches, per layer (e.g. r=8 on a 4096×4096 layer gives
+            r̂=256, 65,536 parameters). An integer >= 1.
+        mora_rank: an explicit r̂ for every targeted layer instead of deriving it from ``r``.
+        compression: the fixed operators around M: ``sharing`` (sum input chunks, tile outputs; rank(ΔW) <= r̂;
+            recommended for large r), ``rotation`` (RoPE-rotated input blocks; ΔW can be full rank; recommended for
+            small r such as 8), ``decouple`` (block-diagonal copies of M), ``truncation`` (M in the top-left
+            corner; the paper's weakest baseline).
+        input_grouping: ``sharing`` only. ``strided``: input feature i is summed into group i mod r̂ (the paper's
+            default); ``contiguous``: consecutive features share a group (ReMoRA alternates the two).
+        output_grouping: ``sharing`` only. ``strided``: the r̂ outputs are tiled to fill d; ``contiguous``: each
+            output is repeated in place.
+        target_modules: module names to adapt: a list (exact names or name suffixes), a regex matched against the
+            full module name, or ``"all-linear"`` (every Linear/Conv1D except the output head). ``None`` uses the
+            architecture's default (as PEFT's LoRA does).
+        exclude_modules: module names (list or regex) never to adapt.
+        layers_to_transform: only adapt these layer indices (an int or a list of ints).
+        layers_pattern: the name of the module list holding the layers (e.g. ``"layers"``), with
+            ``layers_to_transform``.
+        rank_pattern: per-module overrides of ``r``: ``{"regex or suffix": r}``.
+        mora_rank_pattern: per-module overrides of r̂: ``{"regex or suffix": r̂}``.
+        dropout: dropout probability applied to the adapter's input, in [0, 1).
+        modules_to_save: modules besides the adapted ones to train fully and save (e.g. ``["lm_head"]``).
+        init_weights: ``True`` starts M at zero (the model is unchanged at step 0, as in the paper). ``False``
+            starts it random; only useful for tests.
+        peft_mora_compat: reproduce peft-mora's output truncation (rotation with k > d drops the block outputs
+            past d). Set by ``convert_peft_mora``; leave it off for new adapters.
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA rank whose parameter budget MoRA matches (per layer)."})
+    mora_rank: Optional[int] = field(default=None, metadata={"help": "Explicit r̂ for every layer."})
+    compression: str = field(default="sharing", metadata={"help": f"One of {', '.join(COMPRESSIONS)}."})
+    input_grouping: str = field(default="strided", metadata={"help": "sharing only: strided or contiguous."})
+    output_grouping: str = field(default="strided", metadata={"help": "sharing only: strided or contiguous."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names, a regex, or 'all-linear'."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, with layers_to_transform."}
+    )
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module r: {pattern: r}."})
+    mora_rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module r̂: {pattern: r̂}."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Other modules to train fully and save."}
+    )
+    init_weights: bool = field(default=True, metadata={"help": "True: M starts at zero. False: random (tests)."})
+    peft_mora_compat: bool = field(default=False, metadata={"help": "Reproduce peft-mora's output truncation."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MORA
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive_int(name: str, value, what: str = "an integer >= 1") -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoraConfig: {name}={value!r} is invalid; expected {what}")
+
+        positive_int("r", self.r)
+        if self.mora_rank is not None:
+            positive_int("mora_rank", self.mora_rank, "None or an integer >= 1 (r̂)")
+            if self.compression == "rotation" and self.mora_rank % 2:
+                raise ValueError(
+                    f"MoraConfig: mora_rank={self.mora_rank} is odd; compression='rotation' pairs features and "
+                    "needs an even r̂"
+                )
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"MoraConfig: compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)} "
+                "(peft-mora's numbered types: 1 = sharing, 6 = rotation; use moraft.convert_peft_mora for their "
+                "checkpoints)"
+            )
+        for name in ("input_grouping", "output_grouping"):
+            value = getattr(self, name)
+            if value not in GROUPINGS:
+                raise ValueError(f"MoraConfig: {name}={value!r} is not one of {', '.join(GROUPINGS)}")
+            if value != "strided" and self.compression != "sharing":
+                raise ValueError(
+                    f"MoraConfig: {name}={value!r} only applies to compression='sharing', not {self.compression!r}"
+                )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"MoraConfig: dropout={self.dropout!r} is invalid; expected a number in [0, 1)")
+        for name in ("rank_pattern", "mora_rank_pattern"):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                raise ValueError(f"MoraConfig: {name}={pattern!r} is invalid; expected a dict {{pattern: int}}")
+            for key, value in pattern.items():
+                positive_int(f"{name}[{key!r}]", value)
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, set)):
+            raise ValueError(
+                f"MoraConfig: target_modules={self.target_modules!r} is invalid; expected a list of module names, "
+                "a regex string, 'all-linear' or None"
+            )
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(f"MoraConfig: target_modules={self.target_modules!r} is not a valid regex: {err}")
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
+                raise ValueError(
+                    f"MoraConfig: layers_to_transform={self.layers_to_transform!r} is invalid; expected a "
+                    "non-negative int or a list of them"
+                )
+            if isinstance(self.target_modules, str):
+                raise ValueError("MoraConfig: layers_to_transform cannot be combined with a regex target_modules")
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(m, str) for m in self.modules_to_save)
+        ):
+            raise ValueError(f"MoraConfig: modules_to_save={self.modules_to_save!r} is invalid; expected a list of names")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"MoraConfig: init_weights={self.init_weights!r} is invalid; expected True or False")

@@ -1,0 +1,195 @@
+"""The MoRA tuner layer: wraps a ``torch.nn.Linear`` or transformers ``Conv1D`` and adds
+``decompress(M · compress(x))`` for each active adapter (the operators live in ``operators.py``).
+
+Shapes: x (..., k) -> (..., d); one M (r̂, r̂) per adapter, kept in float32 (or the base dtype when PEFT's
+``autocast_adapter_dtype=False``); merging computes ΔW in float32 and casts it to the base weight's dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from torch import nn
+
+from .config import MoraConfig
+from .operators import MoraOperator, mora_rank
+
+
+class MoraLayer(BaseTunerLayer):
+    """PEFT tuner-layer state for MoRA: one M, operator and dropout per adapter name."""
+
+    adapter_layer_names = ("mora_M",)
+    other_param_names = ("mora_operator", "mora_dropout")
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.mora_M = nn.ParameterDict({})
+        self.mora_operator: dict[str, MoraOperator] = {}
+        self.mora_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.cast_input_dtype_enabled = True
+        self.fan_in_fan_out = fan_in_fan_out  # Conv1D stores its weight as (in, out)
+        self.kwargs = kwargs
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"MoRA cannot adapt a layer of type {type(self.get_base_layer()).__name__}")
+        self.in_features, self.out_features = in_features, out_features
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: MoraConfig,
+        r: int,
+        rank: Optional[int] = None,
+        module_name: str = "",
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Add adapter ``adapter_name`` with r̂ = ``rank`` (or derived from ``r``)."""
+        if rank is None:
+            rank = mora_rank(self.in_features, self.out_features, r, config.compression)
+        op = MoraOperator(
+            self.in_features,
+            self.out_features,
+            rank,
+            compression=config.compression,
+            input_grouping=config.input_grouping,
+            output_grouping=config.output_grouping,
+            peft_mora_compat=config.peft_mora_compat,
+        )
+        op.warn_if_wasteful(module_name)
+        self.mora_operator[adapter_name] = op
+        self.mora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        m = torch.zeros(rank, rank)
+        if not config.init_weights:
+            # random, non-zero: for tests that must not pass trivially
+            m.normal_(0.0, 1.0 / rank)
+        self.mora_M[adapter_name] = nn.Parameter(m)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def scale_layer(self, scale: float) -> None:
+        if scale != 1:
+            warnings.warn("MoRA has no scaling factor; scale_layer is ignored.")
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        pass
+
+    # -- the math, delegated -------------------------------------------------------------------------------------
+
+    def mora_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``decompress(M · compress(dropout(x)))`` in M's dtype."""
+        m = self.mora_M[adapter_name]
+        x = self._cast_input_dtype(x, m.dtype)
+        return self.mora_operator[adapter_name].apply(self.mora_dropout[adapter_name](x), m)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW for ``adapter_name`` in float32, laid out like the base weight ((in, out) for Conv1D)."""
+        m = self.mora_M[adapter_name].detach().float()
+        delta = self.mora_operator[adapter_name].delta_weight(m)
+        return delta.T if self.fan_in_fan_out else delta
+
+    # -- merging ---------------------------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add ΔW of the active (or given) adapters to the base weight, in float32, cast back to its dtype."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.mora_M:
+                continue
+            weight = self.get_base_weight()
+            merged = weight.float() + self.get_delta_weight(name).to(weight.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs in the merged weights: adapter {name!r} seems to be broken")
+            self.set_base_weight(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract ΔW of every merged adapter, newest first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.mora_M:
+                weight = self.get_base_weight()
+                restored = weight.float() - self.get_delta_weight(name).to(weight.device)
+                self.set_base_weight(restored.to(weight.dtype))
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {len(x)} rows; pass one adapter "
+                "name (or '__base__') per row"
+            )
+        if self.merged:
+            raise ValueError(
+                f"Cannot pass adapter_names while adapters {self.merged_adapters} are merged into the base weights: "
+                "every row would get them. Call unmerge_adapter() first."
+            )
+
+
+class MoraLinear(nn.Module, MoraLayer):
+    """MoRA on a ``torch.nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out=True``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: MoraConfig,
+        r: int,
+        rank: Optional[int] = None,
+        fan_in_fan_out: bool = False,
+        module_name: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        MoraLayer.__init__(self, base_layer, fan_in_fan_out=fan_in_fan_out, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, r=r, rank=rank, module_name=module_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.mora_M:
+                result = result + self.mora_output(name, x).to(out_dtype)
+        return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Row i gets adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        result = self.base_layer(x, *args, **kwargs)
+        rows_of: dict[str, list[int]] = {}
+        for row, name in enumerate(adapter_names):
+            rows_of.setdefault(name, []).append(row)
+        for name, rows in rows_of.items():
+            if name == "__base__" or name not in self.mora_M:
+                continue
+            index = torch.tensor(rows, device=x.device)
+            delta = self.mora_output(name, x.index_select(0, index)).to(result.dtype)
+            result = result.index_add(0, index, delta)
+        return result
+
+    def __repr__(self) -> str:
+        return "mora." + super().__repr__()

@@ -1,0 +1,354 @@
+"""MoRA's fixed compression and decompression operators: the whole of MoRA's math, written once.
+
+MoRA (Jiang et al., 2024, https://arxiv.org/abs/2405.12130) replaces LoRA's B·A with one trainable square
+matrix M (r̂ × r̂) between two fixed, parameter-free linear maps:
+
+    h = W0·x + f_decomp(M · f_comp(x))          x: (..., k)   h: (..., d)   M: (r̂, r̂)
+
+Because f_comp and f_decomp are linear, ΔW = D·M·C is a fixed matrix that merges into W0.
+
+Every operator below is expressed as
+
+    compress(x)     (..., k)       -> (..., nb, r̂)     nb "blocks" of r̂ features
+    block weights   M              -> (nb or 1, r̂, r̂)  block i is multiplied by W_i (rotation: W_i = M·R_i)
+    decompress(y)   (..., nb, r̂)   -> (..., d)
+
+together with the exact transposes of compress and decompress.  `MoraFunction` (the training forward and
+its backward), `MoraOperator.apply` and `MoraOperator.delta_weight` (merging, export, checkpoint import) use
+only these pieces, so no other part of moraft re-derives the math.
+
+All reshaping is built from three length-changing primitives on the last dimension, each the transpose of
+another (so backward passes need no extra code):
+
+    tile(v, n)   out[p] = v[p mod len(v)]                  (repeats, or truncates when n < len)
+    fold(v, n)   out[q] = Σ_{p mod n = q} v[p]             (sums wrapped chunks, or zero-pads when n > len)
+    crop(v, n)   first n entries, zero-padded               (its own transpose)
+
+tile(·, n) and fold(·, len) are transposes of each other; `resize` (tile when growing, fold when shrinking)
+is the decompression that lets every block output reach the layer output.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Compression = Literal["sharing", "rotation", "decouple", "truncation"]
+Grouping = Literal["strided", "contiguous"]
+COMPRESSIONS: tuple[str, ...] = ("sharing", "rotation", "decouple", "truncation")
+GROUPINGS: tuple[str, ...] = ("strided", "contiguous")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# length-changing primitives on the last dimension
+
+
+def tile(v: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[..., p] = v[..., p mod L]`` for ``p < n``: cyclic repetition (or truncation when ``n < L``)."""
+    length = v.shape[-1]
+    if n == length:
+        return v
+    if n < length:
+        return v[..., :n]
+    reps = -(-n // length)
+    return v.repeat(*([1] * (v.dim() - 1)), reps)[..., :n]
+
+
+def fold(v: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[..., q] = Σ_{p mod n = q} v[..., p]``: sums wrapped chunks (or zero-pads when ``n > L``)."""
+    length = v.shape[-1]
+    if n == length:
+        return v
+    if n > length:
+        return F.pad(v, (0, n - length))
+    full, rem = divmod(length, n)
+    out = v[..., : full * n].unflatten(-1, (full, n)).sum(-2)
+    if rem:
+        out = out + F.pad(v[..., full * n :], (0, n - rem))
+    return out
+
+
+def resize(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Tile up to ``n`` when shorter, fold down to ``n`` when longer. Its transpose is ``resize(·, L)``."""
+    return tile(v, n) if v.shape[-1] <= n else fold(v, n)
+
+
+def crop(v: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` entries, zero-padded when ``n > L``. Its transpose is ``crop(·, L)``."""
+    length = v.shape[-1]
+    if n == length:
+        return v
+    return v[..., :n] if n < length else F.pad(v, (0, n - length))
+
+
+def contiguous_groups(n: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
+    """Group index of each of ``n`` features split into ``rank`` contiguous groups.
+
+    The first ``n mod rank`` groups have ``n // rank + 1`` members, the rest ``n // rank`` (peft-mora's types 2-4,
+    used by ReMoRA). When ``n < rank`` the last ``rank - n`` groups are empty.
+    """
+    base, extra = divmod(n, rank)
+    sizes = torch.full((rank,), base, dtype=torch.long)
+    sizes[:extra] += 1
+    return torch.repeat_interleave(torch.arange(rank), sizes).to(device)
+
+
+def rope_angles(num_blocks: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the RoPE-style angles i·θ_j (θ_j = 10000^(-2j/r̂)) in half-split layout: (nb, r̂) each."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rank, 2, dtype=torch.float32) / rank))
+    angles = torch.outer(torch.arange(num_blocks, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the rank r̂ of a layer
+
+
+def mora_rank(in_features: int, out_features: int, r: int, compression: str) -> int:
+    """r̂ with the parameter budget of a LoRA of rank ``r``: round(sqrt((d + k)·r)), even for rotation.
+
+    Rounding follows peft-mora (int(x + 0.5)); rotation pairs features, so r̂ is rounded down to even there.
+    """
+    rank = int(math.sqrt((in_features + out_features) * r) + 0.5)
+    if compression == "rotation":
+        rank = max(2, rank - rank % 2)
+    return rank
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the operator
+
+
+@dataclass(eq=False)
+class MoraOperator:
+    """The fixed maps of one MoRA layer: ``h = W0 x + decompress(W · compress(x))``.
+
+    Args:
+        in_features: k, the layer's input width.
+        out_features: d, the layer's output width.
+        rank: r̂, the side of the square matrix M.
+        compression: ``sharing``, ``rotation``, ``decouple`` or ``truncation``.
+        input_grouping: for ``sharing``, how input features are summed into r̂ groups: ``strided`` (feature i goes
+            to group i mod r̂; peft-mora type 1) or ``contiguous`` (consecutive features share a group).
+        output_grouping: for ``sharing``, how the r̂ outputs fill d: ``strided`` (tiled) or ``contiguous``
+            (each output repeated in place).
+        peft_mora_compat: reproduce peft-mora exactly where it differs: when the block outputs are longer than d
+            (rotation with k > d), truncate them to d instead of folding them in, and truncate sharing's r̂ outputs
+            when r̂ > d. Only set for checkpoints converted from peft-mora.
+    """
+
+    in_features: int
+    out_features: int
+    rank: int
+    compression: str = "sharing"
+    input_grouping: str = "strided"
+    output_grouping: str = "strided"
+    peft_mora_compat: bool = False
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        for name in ("input_grouping", "output_grouping"):
+            if getattr(self, name) not in GROUPINGS:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(GROUPINGS)}")
+        if self.rank < 1 or (self.compression == "rotation" and self.rank % 2):
+            kind = "an even integer >= 2" if self.compression == "rotation" else "an integer >= 1"
+            raise ValueError(f"r̂={self.rank} is invalid for compression={self.compression!r}: it must be {kind}")
+        k, rank = self.in_features, self.rank
+        # input length after cyclic padding to whole blocks of r̂
+        self.padded_in = -(-k // rank) * rank
+
+    # -- shape facts ----------------------------------------------------------------------------------------------
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether the input is cut into blocks that are multiplied separately (decouple, rotation)."""
+        return self.compression in ("decouple", "rotation")
+
+    @property
+    def num_blocks(self) -> int:
+        """nb: how many r̂-blocks ``compress`` returns."""
+        return self.padded_in // self.rank if self.blockwise else 1
+
+    @property
+    def is_low_rank(self) -> bool:
+        """Whether ΔW = D·M·C with C: r̂×k, D: d×r̂ (an exact LoRA of rank r̂)."""
+        return self.num_blocks == 1
+
+    # -- the pieces ------------------------------------------------------------------------------------------------
+
+    def _index(self, name: str, n: int, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._cache:
+            self._cache[key] = contiguous_groups(n, self.rank, device)
+        return self._cache[key]
+
+    def _rope(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("rope", device, dtype)
+        if key not in self._cache:
+            cos, sin = rope_angles(self.num_blocks, self.rank)
+            self._cache[key] = (cos.to(device, dtype), sin.to(device, dtype))
+        return self._cache[key]
+
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        """f_comp: (..., k) -> (..., nb, r̂)."""
+        rank = self.rank
+        if self.compression == "truncation":
+            z = crop(x, rank)
+        elif self.blockwise:
+            return tile(x, self.padded_in).unflatten(-1, (self.num_blocks, rank))
+        elif self.input_grouping == "strided":
+            z = fold(tile(x, self.padded_in), rank)
+        else:
+            index = self._index("in", self.in_features, x.device)
+            z = x.new_zeros(*x.shape[:-1], rank).index_add_(-1, index, x)
+        return z.unsqueeze(-2)
+
+    def compress_t(self, z: torch.Tensor) -> torch.Tensor:
+        """The transpose of ``compress``: (..., nb, r̂) -> (..., k)."""
+        k = self.in_features
+        if self.blockwise:
+            return fold(z.flatten(-2), k)
+        z = z.squeeze(-2)
+        if self.compression == "truncation":
+            return crop(z, k)
+        if self.input_grouping == "strided":
+            return fold(tile(z, self.padded_in), k)
+        return z.index_select(-1, self._index("in", k, z.device))
+
+    def decompress(self, y: torch.Tensor) -> torch.Tensor:
+        """f_decomp: (..., nb, r̂) -> (..., d)."""
+        d = self.out_features
+        if self.compression == "truncation":
+            return crop(y.squeeze(-2), d)
+        if not self.blockwise and self.output_grouping == "contiguous":
+            return y.squeeze(-2).index_select(-1, self._index("out", d, y.device))
+        y = y.flatten(-2)
+        return tile(y, d) if self.peft_mora_compat else resize(y, d)
+
+    def decompress_t(self, g: torch.Tensor) -> torch.Tensor:
+        """The transpose of ``decompress``: (..., d) -> (..., nb, r̂)."""
+        rank, length = self.rank, self.num_blocks * self.rank
+        if self.compression == "truncation":
+            y = crop(g, rank)
+        elif not self.blockwise and self.output_grouping == "contiguous":
+            index = self._index("out", self.out_features, g.device)
+            y = g.new_zeros(*g.shape[:-1], rank).index_add_(-1, index, g)
+        else:
+            y = fold(g, length) if self.peft_mora_compat else resize(g, length)
+        return y.unflatten(-1, (self.num_blocks, rank))
+
+    def block_weights(self, m: torch.Tensor) -> torch.Tensor:
+        """The matrices applied to each block: (1, r̂, r̂) when shared, (nb, r̂, r̂) for rotation (W_i = M·R_i).
+
+        Rotating the input block by R_i and then multiplying by M equals multiplying the unrotated block by M·R_i,
+        so the rotation costs r̂² work per block on the weights instead of a pass over every activation.
+        R_i x = x·cos_i + rotate_half(x)·sin_i, and M·rotate_half = [M[:, h:], -M[:, :h]] with h = r̂/2.
+        """
+        if self.compression != "rotation":
+            return m.unsqueeze(0)
+        cos, sin = self._rope(m.device, m.dtype)  # (nb, r̂)
+        half = self.rank // 2
+        m_rot = torch.cat((m[:, half:], -m[:, :half]), dim=-1)
+        return m.unsqueeze(0) * cos.unsqueeze(1) + m_rot.unsqueeze(0) * sin.unsqueeze(1)  # (nb, r̂, r̂)
+
+    # -- what the layer uses -------------------------------------------------------------------------------------
+
+    def apply(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``decompress(W · compress(x))`` for x: (..., k), M: (r̂, r̂). Differentiable in x and M.
+
+        Saves only x and the block weights for the backward pass (the compressed activations are recomputed),
+        so training memory matches LoRA's.
+        """
+        weights = self.block_weights(m)
+        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
+            return MoraFunction.apply(x, weights, self)
+        return self.decompress(block_matmul(self.compress(x), weights))
+
+    @torch.no_grad()
+    def delta_weight(self, m: torch.Tensor) -> torch.Tensor:
+        """ΔW (d, k) with ``W0 + ΔW`` equal to the adapted layer, in M's dtype.
+
+        Computed by pushing an identity through the same operators as the forward: through the forward maps when
+        k <= d (ΔWᵀ = apply(I_k)), else through their transposes (ΔW = compress_t(Wᵀ·decompress_t(I_d))), so the
+        largest intermediate is min(d, k)² + d·k·(padding) and nothing loops over rows or columns.
+        """
+        k, d = self.in_features, self.out_features
+        weights = self.block_weights(m)
+        if k <= d:
+            eye = torch.eye(k, device=m.device, dtype=m.dtype)
+            return self.decompress(block_matmul(self.compress(eye), weights)).T
+        eye = torch.eye(d, device=m.device, dtype=m.dtype)
+        return self.compress_t(block_matmul_t(self.decompress_t(eye), weights))
+
+    def warn_if_wasteful(self, module_name: str = "") -> None:
+        """Warn when training the layer fully would take no more parameters than M (r̂² >= d·k)."""
+        if self.rank * self.rank >= self.in_features * self.out_features:
+            where = f" for {module_name}" if module_name else ""
+            warnings.warn(
+                f"MoRA r̂={self.rank}{where}: M has {self.rank**2} parameters, at least as many as the full "
+                f"{self.out_features}x{self.in_features} weight ({self.out_features * self.in_features}); "
+                "training that layer fully (modules_to_save) or a smaller r would take fewer parameters.",
+                stacklevel=3,
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# block matmuls and the autograd function
+
+
+def block_matmul(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """y_i = W_i z_i for every block: z (..., nb, r̂), W (1 or nb, r̂, r̂) -> (..., nb, r̂)."""
+    if weights.shape[0] == 1:
+        return F.linear(z, weights[0])
+    lead, (nb, rank) = z.shape[:-2], z.shape[-2:]
+    zt = z.reshape(-1, nb, rank).transpose(0, 1)  # (nb, T, r̂)
+    y = torch.bmm(zt, weights.transpose(1, 2))  # (nb, T, r̂)
+    return y.transpose(0, 1).reshape(*lead, nb, rank)
+
+
+def block_matmul_t(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """z_i = W_iᵀ y_i, the transpose of ``block_matmul`` in z."""
+    if weights.shape[0] == 1:
+        return y @ weights[0]
+    return block_matmul(y, weights.transpose(1, 2))
+
+
+def block_weight_grad(gy: torch.Tensor, z: torch.Tensor, shared: bool) -> torch.Tensor:
+    """dL/dW from gy, z (..., nb, r̂): Σ_tokens gy_i z_iᵀ per block, also summed over blocks when shared."""
+    rank = z.shape[-1]
+    if shared:
+        return (gy.reshape(-1, rank).T @ z.reshape(-1, rank)).unsqueeze(0)
+    nb = z.shape[-2]
+    gyt = gy.reshape(-1, nb, rank).permute(1, 2, 0)  # (nb, r̂, T)
+    zt = z.reshape(-1, nb, rank).transpose(0, 1)  # (nb, T, r̂)
+    return torch.bmm(gyt, zt)
+
+
+class MoraFunction(torch.autograd.Function):
+    """decompress(W · compress(x)) that saves x and W only and recomputes compress(x) in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, op: MoraOperator) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weights)
+        ctx.op = op
+        return op.decompress(block_matmul(op.compress(x), weights))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, weights = ctx.saved_tensors
+        op: MoraOperator = ctx.op
+        gy = op.decompress_t(grad_out)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = block_weight_grad(gy, op.compress(x), shared=weights.shape[0] == 1)
+        if ctx.needs_input_grad[0]:
+            grad_x = op.compress_t(block_matmul_t(gy, weights))
+        return grad_x, grad_w, None
