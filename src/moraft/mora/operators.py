@@ -100,8 +100,8 @@ def contiguous_groups(n: int, rank: int, device: torch.device | None = None) -> 
 
 def rope_angles(num_blocks: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the RoPE-style angles i·θ_j (θ_j = 10000^(-2j/r̂)) in half-split layout: (nb, r̂) each."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rank, 2, dtype=torch.float32) / rank))
-    angles = torch.outer(torch.arange(num_blocks, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rank, 2, dtype=torch.float64) / rank))
+    angles = torch.outer(torch.arange(num_blocks, dtype=torch.float64), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -306,9 +306,9 @@ class MoraOperator:
 
 def block_matmul(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """y_i = W_i z_i for every block: z (..., nb, r̂), W (1 or nb, r̂, r̂) -> (..., nb, r̂)."""
-    if weights.shape[0] == 1:
-        return F.linear(z, weights[0])
     lead, (nb, rank) = z.shape[:-2], z.shape[-2:]
+    if weights.shape[0] == 1:  # one 2-D GEMM over every token and block (same kernel on every path)
+        return F.linear(z.reshape(-1, rank), weights[0]).reshape(*lead, nb, rank)
     zt = z.reshape(-1, nb, rank).transpose(0, 1)  # (nb, T, r̂)
     y = torch.bmm(zt, weights.transpose(1, 2))  # (nb, T, r̂)
     return y.transpose(0, 1).reshape(*lead, nb, rank)
@@ -316,8 +316,6 @@ def block_matmul(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def block_matmul_t(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """z_i = W_iᵀ y_i, the transpose of ``block_matmul`` in z."""
-    if weights.shape[0] == 1:
-        return y @ weights[0]
     return block_matmul(y, weights.transpose(1, 2))
 
 
