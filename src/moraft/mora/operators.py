@@ -205,11 +205,23 @@ class MoraOperator:
         elif self.blockwise:
             return tile(x, self.padded_in).unflatten(-1, (self.num_blocks, rank))
         elif self.input_grouping == "strided":
-            z = fold(tile(x, self.padded_in), rank)
+            z = self._strided_sum(x)
         else:
             index = self._index("in", self.in_features, x.device)
             z = x.new_zeros(*x.shape[:-1], rank).index_add_(-1, index, x)
         return z.unsqueeze(-2)
+
+    def _strided_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """fold(tile(x, padded_in), r̂) without materializing the padded input: the whole chunks are summed as a
+        view of x, and only the last, wrapped chunk (r̂ features) is built."""
+        rank = self.rank
+        full = self.in_features // rank
+        if full * rank == self.in_features:
+            return x.unflatten(-1, (full, rank)).sum(-2)
+        last = tile(torch.cat((x[..., full * rank :], x[..., :rank]), dim=-1), rank)
+        if full == 0:
+            return last
+        return x[..., : full * rank].unflatten(-1, (full, rank)).sum(-2) + last
 
     def compress_t(self, z: torch.Tensor) -> torch.Tensor:
         """The transpose of ``compress``: (..., nb, r̂) -> (..., k)."""
@@ -264,13 +276,12 @@ class MoraOperator:
     def apply(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """``decompress(W · compress(x))`` for x: (..., k), M: (r̂, r̂). Differentiable in x and M.
 
-        Saves only x and the block weights for the backward pass (the compressed activations are recomputed),
-        so training memory matches LoRA's.
+        Saves only x and M for the backward pass (the compressed activations and the block weights are
+        recomputed), so training memory matches LoRA's.
         """
-        weights = self.block_weights(m)
-        if torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad):
-            return MoraFunction.apply(x, weights, self)
-        return self.decompress(block_matmul(self.compress(x), weights))
+        if torch.is_grad_enabled() and (x.requires_grad or m.requires_grad):
+            return MoraFunction.apply(x, m, self)
+        return self.decompress(block_matmul(self.compress(x), self.block_weights(m)))
 
     @torch.no_grad()
     def delta_weight(self, m: torch.Tensor) -> torch.Tensor:
@@ -331,22 +342,28 @@ def block_weight_grad(gy: torch.Tensor, z: torch.Tensor, shared: bool) -> torch.
 
 
 class MoraFunction(torch.autograd.Function):
-    """decompress(W · compress(x)) that saves x and W only and recomputes compress(x) in backward."""
+    """decompress(W(M) · compress(x)) that saves only x and M: compress(x) and the block weights W(M) are
+    recomputed in backward (both cheap), so nothing activation-sized is kept beyond the input the base layer keeps."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, op: MoraOperator) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weights)
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor, op: MoraOperator) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, m)
         ctx.op = op
-        return op.decompress(block_matmul(op.compress(x), weights))
+        return op.decompress(block_matmul(op.compress(x), op.block_weights(m)))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x, weights = ctx.saved_tensors
+        x, m = ctx.saved_tensors
         op: MoraOperator = ctx.op
         gy = op.decompress_t(grad_out)
-        grad_x = grad_w = None
+        grad_x = grad_m = None
+        with torch.enable_grad():
+            m_ = m.detach().requires_grad_(ctx.needs_input_grad[1])
+            weights = op.block_weights(m_)
         if ctx.needs_input_grad[1]:
             grad_w = block_weight_grad(gy, op.compress(x), shared=weights.shape[0] == 1)
+            # through W(M): the identity for shared weights, the rotation's transpose otherwise
+            (grad_m,) = torch.autograd.grad(weights, m_, grad_w.to(weights.dtype))
         if ctx.needs_input_grad[0]:
-            grad_x = op.compress_t(block_matmul_t(gy, weights))
-        return grad_x, grad_w, None
+            grad_x = op.compress_t(block_matmul_t(gy, weights.detach()))
+        return grad_x, grad_m, None
