@@ -209,3 +209,32 @@ def test_registration_is_visible_to_peft():
     assert PEFT_TYPE_TO_CONFIG_MAPPING["MORA"] is MoraConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING["MORA"] is moraft.MoraModel
     assert MoraConfig().peft_type.value == "MORA"
+
+
+def test_target_selection_and_rank_patterns():
+    config = MoraConfig(
+        r=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        exclude_modules=["model.layers.0.self_attn.v_proj"],
+        layers_to_transform=[0],
+        layers_pattern="layers",
+        rank_pattern={"q_proj": 2},
+        mora_rank_pattern={"down_proj": 10},
+        dropout=0.1,
+    )
+    model = get_peft_model(base_model("llama"), config)
+    adapted = {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, MoraLayer)}
+    assert set(adapted) == {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"}
+    assert adapted["model.layers.0.self_attn.q_proj"].mora_operator["default"].rank == 18  # sqrt(160 * 2) = 17.9
+    assert adapted["model.layers.0.mlp.down_proj"].mora_operator["default"].rank == 10
+    assert isinstance(adapted["model.layers.0.mlp.down_proj"].mora_dropout["default"], torch.nn.Dropout)
+
+
+def test_fp16_base_merges_in_fp32():
+    model = base_model("llama").half()
+    model = get_peft_model(model, MoraConfig(r=8, compression="sharing", target_modules=["up_proj"], init_weights=False))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    assert layer.mora_M["default"].dtype == torch.float32
+    expected = (layer.get_base_layer().weight.float() + layer.get_delta_weight("default")).half()
+    model.merge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, expected)
