@@ -80,7 +80,7 @@ def resolve_base_dir(base: PathLike) -> Path:
         return Path(snapshot_download(str(base), local_files_only=True))
     except Exception:  # not a valid repo id, or not cached: both mean "no such model here"
         raise UserError(
-            f"base model {base!r} is not a local directory (nor a model in the local Hugging Face cache); "
+            f"base model {base} is not a local directory (nor a model in the local Hugging Face cache); "
             "pass the directory holding its config.json and weights"
         ) from None
 
