@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
@@ -149,13 +148,18 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
         key = _find(specs, f"{module}.weight", model)
         if key is None:
             raise missing("adapts", f"{module}.weight")
-        delta = layer.get_delta_weight(loaded.adapter_name).float()  # in the base weight's layout
-        if tuple(delta.shape) != specs[key].shape:
+        shape = tuple(layer.get_base_layer().weight.shape)  # the meta model's: the layout ΔW comes in
+        if shape != specs[key].shape:
             raise UserError(
-                f"{loaded.weights_file}: module {module}: ΔW is {tuple(delta.shape)} but the base checkpoint's "
-                f"{key} is {specs[key].shape}"
+                f"{loaded.weights_file}: module {module}: the base model's config gives its weight the shape {shape}, "
+                f"but the base checkpoint's {key} is {specs[key].shape}"
             )
-        changes[key] = lambda w, delta=delta: w.float() + delta
+
+        # ΔW is computed when its tensor is written, so only one exists at a time
+        def add_delta(w: torch.Tensor, layer=layer) -> torch.Tensor:
+            return w.float() + layer.get_delta_weight(loaded.adapter_name).float()
+
+        changes[key] = add_delta
     for name, tensor in loaded.replaced.items():
         key = _find(specs, name, model)
         if key is None:
@@ -235,27 +239,23 @@ def merge_adapter(
     changes = _plan_changes(loaded, specs, base_dir)
 
     out_dtype = DTYPES[dtype]
-    planned = [
-        TensorSpec(s.name, s.shape, out_dtype if out_dtype and s.dtype.is_floating_point else s.dtype, s.source_file,
-                   s.source_name)
-        for s in specs.values()
-    ]
+    planned = [replace(s, dtype=out_dtype) if out_dtype and s.dtype.is_floating_point else s for s in specs.values()]
     shards = _shards(planned, max_bytes)
     names = (
         [WEIGHTS_FILE]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    with ExitStack() as stack, staged_output_dir(out_dir, overwrite) as staging:
-        readers: dict[Path, object] = {}
-        bar = stack.enter_context(
-            tqdm(total=sum(s.nbytes for s in planned), desc="merge", unit="B", unit_scale=True, disable=None)
-        )
+    total = sum(s.nbytes for s in planned)
+    with tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=None) as bar, staged_output_dir(
+        out_dir, overwrite
+    ) as staging:
 
         def produce(spec: TensorSpec) -> torch.Tensor:
-            if spec.source_file not in readers:
-                readers[spec.source_file] = stack.enter_context(safe_open(str(spec.source_file), "pt"))
-            tensor = readers[spec.source_file].get_tensor(spec.source_name)
+            # safetensors maps the file into memory, and every page read stays resident while the file is open:
+            # opening it per tensor releases each tensor's pages once it is written
+            with safe_open(str(spec.source_file), "pt") as reader:
+                tensor = reader.get_tensor(spec.source_name)
             change = changes.get(spec.name)
             if change is not None:
                 tensor = change(tensor)
@@ -268,7 +268,7 @@ def merge_adapter(
             write_safetensors(staging / name, shard, produce, {"format": "pt"})
         if len(shards) > 1:
             index = {
-                "metadata": {"total_size": sum(s.nbytes for s in planned)},
+                "metadata": {"total_size": total},
                 "weight_map": {spec.name: name for shard, name in zip(shards, names) for spec in shard},
             }
             (staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
