@@ -138,9 +138,10 @@ def main() -> None:
         workdir = Path(tmp)
         start = time.perf_counter()
         size = build(workdir, args)
+        seconds = time.perf_counter() - start
         print(
             f"model: LLaMA hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
-            f"{args.vocab}, {args.dtype}: {size / 2**30:.2f} GiB on disk (built in {time.perf_counter() - start:.0f}s); "
+            f"{args.vocab}, {args.dtype}: {size / 2**30:.2f} GiB on disk (built in {seconds:.0f}s); "
             f"adapter: MoRA {args.compression} r={args.r} on all linear layers"
         )
         modes = ["moraft"] + ([] if args.no_baseline else ["baseline"])

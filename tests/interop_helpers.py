@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -55,6 +56,15 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
+def save_adapter(model: torch.nn.Module, config, path: Path):
+    """``get_peft_model(model, config)`` saved to ``path``; returns the PEFT model."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(path)
+    return peft_model
+
+
 def leftovers(parent: Path) -> list[str]:
     """Staging directories left beside an output (there must be none)."""
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and ("partial" in p.name or "replaced" in p.name))
+    return sorted(p.name for p in parent.iterdir() if re.match(r"\..*\.(partial|replaced)$", p.name))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interop_helpers import input_ids, leftovers, logits, tiny_gpt2, tiny_llama
+from interop_helpers import input_ids, leftovers, logits, save_adapter, tiny_gpt2, tiny_llama
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -32,7 +32,9 @@ EXACT = {
     ),
     "truncation": (tiny_llama, dict(r=8, compression="truncation", target_modules="all-linear"), None),
     # r̂ = 64 >= every input width adapted here: one block, an exact rank-64 LoRA
-    "decouple_one_block": (tiny_llama, dict(mora_rank=64, compression="decouple", target_modules=["q_proj", "up_proj"]), None),
+    "decouple_one_block": (
+        tiny_llama, dict(mora_rank=64, compression="decouple", target_modules=["q_proj", "up_proj"]), None
+    ),
     "gpt2_sharing": (tiny_gpt2, dict(r=8, compression="sharing", target_modules="all-linear"), None),
     # rank 128 >= min(d, k) of every layer: the truncated SVD keeps everything
     "rotation_full": (tiny_llama, dict(r=8, compression="rotation", target_modules="all-linear"), 128),
@@ -78,13 +80,14 @@ def exported(tmp_path_factory):
         rows[name] = dict(result=result, mora_logits=logits(mora.eval(), ids), base=base_dir, mora=mora)
         jobs[name] = {"base": str(base_dir), "adapter": str(result.path)}
     spec = root / "jobs.json"
-    spec.write_text(json.dumps({"input_ids": ids.tolist(), "adapters": jobs, "output": str(root / "vanilla.safetensors")}))
+    output = root / "vanilla.safetensors"
+    spec.write_text(json.dumps({"input_ids": ids.tolist(), "adapters": jobs, "output": str(output)}))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
         [sys.executable, "-c", VANILLA, str(spec)], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    vanilla = load_file(root / "vanilla.safetensors")
+    vanilla = load_file(output)
     for name in rows:
         rows[name]["lora_logits"] = vanilla[name]
     return rows
@@ -120,7 +123,8 @@ def test_exact_rank_is_the_largest_mora_rank(exported):
     # sharing r=8 on 64x64 attention (r̂ 32) and 64<->128 MLP (r̂ 39): one rank, 39, the smaller modules zero-padded
     result = exported["sharing"]["result"]
     assert result.rank == 39
-    a = load_file(result.path / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    tensors = load_file(result.path / "adapter_model.safetensors")
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     assert a[32:].abs().max() == 0 and a[:32].abs().max() > 0
 
 
@@ -172,8 +176,10 @@ def test_full_rank_without_rank_is_an_error_saying_why(tmp_path):
     base.save_pretrained(tmp_path / "base")
     for compression, kwargs in (("rotation", {}), ("decouple", {"mora_rank": 16})):
         adapter = tmp_path / compression
-        get_peft_model(tiny_llama(), MoraConfig(r=8, compression=compression, target_modules=["q_proj"], **kwargs)).save_pretrained(adapter)
-        with pytest.raises(UserError, match=rf"full-rank ΔW.*compression='{compression}'.*Pass --rank N.*truncated SVD"):
+        config = MoraConfig(r=8, compression=compression, target_modules=["q_proj"], **kwargs)
+        save_adapter(tiny_llama(), config, adapter)
+        why = rf"full-rank ΔW.*compression='{compression}'.*Pass --rank N.*truncated SVD"
+        with pytest.raises(UserError, match=why):
             export_lora(adapter, tmp_path / "out", base=tmp_path / "base")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -199,7 +205,8 @@ def test_modules_to_save_and_missing_base_are_errors(tmp_path):
 def test_cli_prints_each_module_error(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # records where it came from
-    get_peft_model(base, MoraConfig(r=8, compression="rotation", target_modules=["q_proj", "down_proj"], init_weights=False)).save_pretrained(tmp_path / "rot")
+    config = MoraConfig(r=8, compression="rotation", target_modules=["q_proj", "down_proj"], init_weights=False)
+    save_adapter(base, config, tmp_path / "rot")
     main(["export-lora", str(tmp_path / "rot"), str(tmp_path / "out"), "--rank", "16"])  # base from the adapter
     lines = [line for line in capsys.readouterr().out.splitlines() if "relative Frobenius error" in line]
     assert len(lines) == 4 and all(line.split(": rank 16")[0].endswith(("q_proj", "down_proj")) for line in lines)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interop_helpers import VOCAB, input_ids, leftovers, logits, tiny_gpt2, tiny_llama
+from interop_helpers import VOCAB, input_ids, leftovers, logits, save_adapter, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -21,14 +21,16 @@ from moraft.interop.merge import TensorSpec, write_safetensors
 
 def _adapter(name: str, model):
     """The adapter rows: every one random and non-zero, so a merge cannot pass by doing nothing."""
+    everywhere = dict(r=8, target_modules="all-linear", init_weights=False)
     if name == "mora_rotation":
-        return get_peft_model(model, MoraConfig(r=8, compression="rotation", target_modules="all-linear", init_weights=False))
+        return get_peft_model(model, MoraConfig(compression="rotation", **everywhere))
     if name == "mora_sharing_gpt2":
-        return get_peft_model(model, MoraConfig(r=8, compression="sharing", target_modules="all-linear", init_weights=False))
+        return get_peft_model(model, MoraConfig(compression="sharing", **everywhere))
     if name == "mora_modules_to_save":
-        peft_model = get_peft_model(
-            model, MoraConfig(r=4, compression="rotation", target_modules=["q_proj"], modules_to_save=["lm_head"], init_weights=False)
+        config = MoraConfig(
+            r=4, compression="rotation", target_modules=["q_proj"], modules_to_save=["lm_head"], init_weights=False
         )
+        peft_model = get_peft_model(model, config)
         with torch.no_grad():
             peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(-2)
         return peft_model
@@ -75,7 +77,7 @@ def test_sharded_base_to_sharded_output_with_side_files(tmp_path):
     adapted = _adapter("mora_rotation", AutoModelForCausalLM.from_pretrained(tmp_path / "base")).eval()
     adapted.save_pretrained(tmp_path / "adapter")
 
-    main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"), "--max_shard_size", "150KB"])
+    main(["merge", *(str(tmp_path / p) for p in ("base", "adapter", "merged")), "--max_shard_size=150KB"])
     out = tmp_path / "merged"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -136,8 +138,11 @@ def test_streaming_writer_matches_safetensors(tmp_path):
 
 def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
-    get_peft_model(tiny_llama(hidden=40, intermediate=100), MoraConfig(r=8, target_modules=["q_proj"])).save_pretrained(tmp_path / "other")
-    with pytest.raises(UserError, match=r"other/adapter_model\.safetensors: .*q_proj\.mora_M has shape \(25, 25\), but on this base model \(the base's layer is 64x64\)"):
+    other = tiny_llama(hidden=40, intermediate=100)
+    save_adapter(other, MoraConfig(r=8, target_modules=["q_proj"]), tmp_path / "other")
+    # trained on 40x40 layers (r̂ 25); this base has 64x64 ones (r̂ 32)
+    mismatch = r"other/adapter_model\.safetensors: .*q_proj\.mora_M has shape \(25, 25\), but on this base model"
+    with pytest.raises(UserError, match=mismatch + r" \(the base's layer is 64x64\)"):
         merge_adapter(tmp_path / "base", tmp_path / "other", tmp_path / "out")
     with pytest.raises(UserError, match=r"base model \S*nowhere is not a local directory"):
         merge_adapter(tmp_path / "nowhere", tmp_path / "other", tmp_path / "out")
@@ -148,9 +153,12 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path):
     with pytest.raises(UserError, match=r"no model\.safetensors .*pytorch_model\.bin: re-save"):
         merge_adapter(tmp_path / "bin_base", tmp_path / "other", tmp_path / "out")
 
-    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(tmp_path / "dora")
-    with pytest.raises(UserError, match=r"DoRA"):
+    save_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), tmp_path / "dora")
+    with pytest.raises(UserError, match=r"dora/adapter_config\.json: use_dora=True: DoRA adapters are not supported"):
         merge_adapter(tmp_path / "base", tmp_path / "dora", tmp_path / "out")
+    save_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), tmp_path / "bias")
+    with pytest.raises(UserError, match=r"lora_bias=True"):
+        merge_adapter(tmp_path / "base", tmp_path / "bias", tmp_path / "out")
     with pytest.raises(UserError, match=r"dtype='int8' is not one of auto, float32, bfloat16, float16"):
         merge_adapter(tmp_path / "base", tmp_path / "dora", tmp_path / "out", dtype="int8")
     with pytest.raises(UserError, match=r"max_shard_size='lots' is invalid"):
@@ -159,7 +167,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path):
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine").write_text("x")
-    get_peft_model(tiny_llama(), MoraConfig(r=8, target_modules=["q_proj"])).save_pretrained(tmp_path / "ok")
+    save_adapter(tiny_llama(), MoraConfig(r=8, target_modules=["q_proj"]), tmp_path / "ok")
     with pytest.raises(UserError, match=r"already exists"):
         merge_adapter(tmp_path / "base", tmp_path / "ok", tmp_path / "out")
     assert (tmp_path / "out" / "mine").read_text() == "x"

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import moraft
 from moraft.cli import UserError, main
-from moraft.interop import convert_peft_mora, merge_adapter
+from moraft.interop import convert_peft_mora, export_lora, merge_adapter
 
 TOL = 1e-5
 
@@ -69,6 +69,15 @@ def test_moraft_merge_of_converted_fixture_matches_peft_mora_merge(converted, mo
     torch.testing.assert_close(
         logits(model, expected["input_ids"]), expected[f"type{mora_type}_merged_logits"], atol=TOL, rtol=0
     )
+
+
+def test_converted_sharing_exports_as_lora_with_peft_mora_logits(converted, tmp_path):
+    """Type 1 is a rank-r̂ LoRA: converted, then exported, plain PEFT LoRA gives peft-mora's own logits."""
+    result = export_lora(converted[1], tmp_path / "lora", base=FIXTURE / "base")
+    assert result.rank == 49  # r̂ of the 80<->216 MLP layers; the 80x80 ones (36) are zero-padded
+    model = PeftModel.from_pretrained(fixture_base(), result.path).eval()
+    expected = fixture_expected()
+    torch.testing.assert_close(logits(model, expected["input_ids"]), expected["type1_logits"], atol=TOL, rtol=0)
 
 
 def test_cli_converts_without_base_and_gives_the_same_adapter(converted, tmp_path, capsys):
@@ -195,7 +204,8 @@ def _fork_copy(tmp_path: Path, mora_type: int = 1) -> Path:
     src.mkdir()
     config = json.loads((FIXTURE / f"adapter_type{mora_type}" / "adapter_config.json").read_text())
     (src / "adapter_config.json").write_text(json.dumps(config))
-    save_file(load_file(FIXTURE / f"adapter_type{mora_type}" / "adapter_model.safetensors"), src / "adapter_model.safetensors")
+    weights = load_file(FIXTURE / f"adapter_type{mora_type}" / "adapter_model.safetensors")
+    save_file(weights, src / "adapter_model.safetensors")
     return src
 
 

@@ -29,6 +29,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+# LoRA options whose adapters are more than a ΔW per weight matrix
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA adapters are",
+    "lora_bias": "LoRA with a trained bias on B is",
+    "trainable_token_indices": "trainable token embeddings are",
+    "target_parameters": "LoRA on raw parameters is",
+    "layer_replication": "layer replication is",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,10 +63,10 @@ def staged_output_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Pa
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if out.exists() and (out.is_file() or any(out.iterdir())):
-        retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        os.replace(out, retired)
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
+        os.replace(out, retired / out.name)
         os.replace(staging, out)
-        shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+        shutil.rmtree(retired)
     else:
         os.replace(staging, out)
 
@@ -109,7 +117,9 @@ def meta_base_model(base: PathLike, adapter_config: dict | None = None) -> nn.Mo
 
     base_dir = resolve_base_dir(base)
     if not (base_dir / "config.json").is_file():
-        raise UserError(f"base model {base}: {base_dir / 'config.json'} not found; expected a transformers model directory")
+        raise UserError(
+            f"base model {base}: {base_dir / 'config.json'} not found; expected a transformers model directory"
+        )
     try:
         config = AutoConfig.from_pretrained(base_dir)
         with torch.device("meta"):
@@ -205,8 +215,10 @@ def load_adapter_on_meta(
             f"{adapter_dir / ADAPTER_CONFIG}: peft_type={peft_type!r} is not supported here; accepted: "
             f"{', '.join(accepted)}"
         )
-    if raw_config.get("use_dora"):
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: DoRA adapters (use_dora=true) are not supported here")
+    for option, what in UNSUPPORTED_OPTIONS.items():
+        if raw_config.get(option):
+            value = raw_config[option]
+            raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: {option}={value!r}: {what} not supported here")
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
     except (ValueError, TypeError) as err:

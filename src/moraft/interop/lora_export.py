@@ -69,7 +69,7 @@ def export_lora(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     overwrite: bool = False,
 ) -> LoraExport:
-    """Export a MoRA adapter as a plain PEFT LoRA adapter of rank r̂ (256 for r=8 on a 4096-wide model; vLLM takes <=512).
+    """Export a MoRA adapter as a plain LoRA adapter of rank r̂ (256 for r=8 on a 4096-wide model; vLLM takes <=512).
 
     The result is adapter_config.json + adapter_model.safetensors that vanilla PEFT (without moraft) and multi-LoRA
     servers such as vLLM load: one LoRA rank for every module (smaller modules zero-padded), lora_alpha equal to that

@@ -105,8 +105,8 @@ def _inventory(base_dir: Path) -> dict[str, TensorSpec]:
         files = [WEIGHTS_FILE]
     else:
         other = sorted(p.name for p in base_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        hint = f" (it has {', '.join(other)}: re-save the model with save_pretrained to get safetensors)" if other else ""
-        raise UserError(f"base model {base_dir} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}{hint}")
+        hint = f" (it has {', '.join(other)}: re-save the model with save_pretrained to get safetensors)"
+        raise UserError(f"base model {base_dir} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}{hint if other else ''}")
     specs = {}
     for file in files:
         path = base_dir / file
@@ -233,7 +233,7 @@ def merge_adapter(
     config = read_json(base_dir / "config.json", "expected a transformers model directory")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
-        raise UserError(f"{base_dir / 'config.json'}: the base is quantized ({method}); merge needs unquantized weights")
+        raise UserError(f"{base_dir / 'config.json'}: the base is quantized ({method}); merge needs plain weights")
     specs = _inventory(base_dir)
     loaded = load_adapter_on_meta(adapter, base_dir)
     changes = _plan_changes(loaded, specs, base_dir)
