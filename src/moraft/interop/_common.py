@@ -238,8 +238,7 @@ def load_adapter_on_meta(
 def _load_adapter_tensors(loaded: LoadedAdapter, state: dict[str, torch.Tensor]) -> None:
     """Put the file's tensors into the injected layers (float32) and collect whole-tensor replacements."""
     name, model, path = loaded.adapter_name, loaded.model, loaded.weights_file
-    tag = f".{name}"
-    params = {}
+    params = {}  # file key (PEFT saves without the adapter name) -> (parameter name in the model, parameter)
     for module_name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):
             loaded.layers[_strip_peft_prefix(module_name)] = module
@@ -250,12 +249,11 @@ def _load_adapter_tensors(loaded: LoadedAdapter, state: dict[str, torch.Tensor])
                 for sub, param in (
                     holder[name].named_parameters() if isinstance(holder, nn.ModuleDict) else [("", holder[name])]
                 ):
-                    full = ".".join(p for p in (module_name, param_name, name, sub) if p)
-                    params[full] = param
+                    key = ".".join(p for p in (module_name, param_name, sub) if p)
+                    params[key] = (".".join(p for p in (module_name, param_name, name, sub) if p), param)
     assign = {}
     used = set()
-    for full, param in params.items():
-        key = full.replace(tag, "", 1)  # PEFT saves without the adapter name
+    for key, (full, param) in params.items():
         if key not in state:
             raise UserError(f"{path} lacks {key}: the adapter does not fit the base model (no weights for that module)")
         tensor = state[key]
