@@ -151,8 +151,8 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
         shape = tuple(layer.get_base_layer().weight.shape)  # the meta model's: the layout ΔW comes in
         if shape != specs[key].shape:
             raise UserError(
-                f"{loaded.weights_file}: module {module}: the base model's config gives its weight the shape {shape}, "
-                f"but the base checkpoint's {key} is {specs[key].shape}"
+                f"{base_dir}: module {module}: config.json gives its weight the shape {shape}, but the checkpoint's "
+                f"{key} is {specs[key].shape}"
             )
 
         # ΔW is computed when its tensor is written, so only one exists at a time
