@@ -9,5 +9,18 @@ from .mora import COMPRESSIONS, MoraConfig, MoraLayer, MoraLinear, MoraModel, Mo
 
 _peft_hook.register(MoraConfig, MoraModel, MoraModel.prefix)
 
+from .interop import convert_peft_mora, export_lora, merge_adapter  # noqa: E402  (needs MoRA registered)
+
 __version__ = "0.1.0"
-__all__ = ["COMPRESSIONS", "MoraConfig", "MoraLayer", "MoraLinear", "MoraModel", "MoraOperator", "mora_rank"]
+__all__ = [
+    "COMPRESSIONS",
+    "MoraConfig",
+    "MoraLayer",
+    "MoraLinear",
+    "MoraModel",
+    "MoraOperator",
+    "convert_peft_mora",
+    "export_lora",
+    "merge_adapter",
+    "mora_rank",
+]

@@ -13,7 +13,11 @@ import sys
 from typing import Callable
 
 # name -> "module:function"; imported when the CLI starts
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "convert-peft-mora": "moraft.interop.peft_mora:convert_peft_mora",
+    "export-lora": "moraft.interop.lora_export:export_lora",
+    "merge": "moraft.interop.merge:merge_adapter",
+}
 
 
 class UserError(ValueError):

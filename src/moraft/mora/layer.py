@@ -52,6 +52,15 @@ class MoraLayer(BaseTunerLayer):
         """Add adapter ``adapter_name`` with r̂ = ``rank`` (or derived from ``r``)."""
         if rank is None:
             rank = mora_rank(self.in_features, self.out_features, r, config.compression)
+        elif config.peft_mora_compat and rank != mora_rank(self.in_features, self.out_features, r, config.compression):
+            # a checkpoint converted from peft-mora, which derived r̂ from the layer's shape: another r̂ means the
+            # adapter was trained on a base model with other layer shapes
+            expected = mora_rank(self.in_features, self.out_features, r, config.compression)
+            raise ValueError(
+                f"{module_name or 'a layer'}: this adapter (converted from peft-mora) has a {rank}x{rank} M, but "
+                f"peft-mora gives this {self.out_features}x{self.in_features} layer (r={r}) a {expected}x{expected} "
+                "M: the adapter was trained on a base model with other layer shapes"
+            )
         op = MoraOperator(
             self.in_features,
             self.out_features,

@@ -1,0 +1,279 @@
+"""Plumbing shared by the interop commands: staged output directories, base models on the meta device, and adapters
+loaded onto them.
+
+A "meta" base model has every module with its real shape but no weights, so an adapter can be injected into it by
+PEFT (which runs moraft's own layer code: the same operators, the same r̂ per module as a real load) at no memory
+cost. The adapter's own tensors are then put in place, on the CPU, so that ``get_delta_weight`` and the operators work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..cli import UserError
+
+PathLike = Union[str, os.PathLike]
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_BIN = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+# LoRA options whose adapters are more than a ΔW per weight matrix
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA adapters are",
+    "lora_bias": "LoRA with a trained bias on B is",
+    "trainable_token_indices": "trainable token embeddings are",
+    "target_parameters": "LoRA on raw parameters is",
+    "layer_replication": "layer replication is",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output directories: written whole or not at all
+
+
+@contextmanager
+def staged_output_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh directory beside ``out_dir``; rename it to ``out_dir`` only when the body finishes.
+
+    On any error the staging directory is removed, so ``out_dir`` is either the complete result or untouched.
+    """
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise UserError(f"output {out} already exists; choose another path or pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
+        os.replace(out, retired / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# base models
+
+
+def resolve_base_dir(base: PathLike) -> Path:
+    """A local model directory, or the snapshot of a Hugging Face model id already in the local cache."""
+    path = Path(base)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"base model {base} is a file; expected a model directory (config.json + *.safetensors)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(base), local_files_only=True))
+    except Exception:  # not a valid repo id, or not cached: both mean "no such model here"
+        raise UserError(
+            f"base model {base} is not a local directory (nor a model in the local Hugging Face cache); "
+            "pass the directory holding its config.json and weights"
+        ) from None
+
+
+def _model_class(adapter_config: dict | None):
+    """The transformers class whose module names the adapter's keys use (PEFT records it as auto_mapping)."""
+    import transformers
+
+    adapter_config = adapter_config or {}
+    class_name = (adapter_config.get("auto_mapping") or {}).get("base_model_class")
+    if class_name and hasattr(transformers, class_name):
+        return getattr(transformers, class_name)
+    by_task = {
+        "SEQ_CLS": "AutoModelForSequenceClassification",
+        "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+        "TOKEN_CLS": "AutoModelForTokenClassification",
+        "QUESTION_ANS": "AutoModelForQuestionAnswering",
+        "FEATURE_EXTRACTION": "AutoModel",
+    }
+    return getattr(transformers, by_task.get(adapter_config.get("task_type") or "", "AutoModelForCausalLM"))
+
+
+def meta_base_model(base: PathLike, adapter_config: dict | None = None) -> nn.Module:
+    """The base model with its real module shapes and no weights (on the meta device); only config.json is read."""
+    from transformers import AutoConfig
+
+    base_dir = resolve_base_dir(base)
+    if not (base_dir / "config.json").is_file():
+        raise UserError(
+            f"base model {base}: {base_dir / 'config.json'} not found; expected a transformers model directory"
+        )
+    try:
+        config = AutoConfig.from_pretrained(base_dir)
+        with torch.device("meta"):
+            cls = _model_class(adapter_config)
+            return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)  # Auto* vs concrete
+    except (ValueError, KeyError, OSError) as err:
+        raise UserError(f"base model {base}: cannot build the model from {base_dir / 'config.json'}: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# adapter files
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path} not found: {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, expected a JSON object")
+    return data
+
+
+def adapter_weights_path(adapter_dir: Path) -> Path:
+    """The adapter's weight file: adapter_model.safetensors, else adapter_model.bin."""
+    for name in (ADAPTER_SAFETENSORS, ADAPTER_BIN):
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise UserError(f"{adapter_dir} has no {ADAPTER_SAFETENSORS} (or {ADAPTER_BIN}): not a saved PEFT adapter")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors or torch pickle file, on the CPU."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a dict of tensors")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# an adapter on a meta base
+
+
+@dataclass
+class LoadedAdapter:
+    """A PEFT adapter injected into a meta base model, with its own tensors real (on the CPU).
+
+    ``layers`` maps each adapted module's name (as in the base model, e.g. ``model.layers.0.mlp.up_proj``) to its
+    tuner layer; ``replaced`` holds tensors the adapter stores whole (``modules_to_save``, trained biases) under the
+    base model's parameter names.
+    """
+
+    config: PeftConfig
+    model: PeftModel
+    weights_file: Path
+    layers: dict[str, BaseTunerLayer] = field(default_factory=dict)
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapter_name: str = "default"
+
+
+def _strip_peft_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def load_adapter_on_meta(
+    adapter_dir: PathLike, base: PathLike, accepted: tuple[str, ...] = ("MORA", "LORA")
+) -> LoadedAdapter:
+    """Inject the adapter saved in ``adapter_dir`` into a meta copy of ``base`` and load its tensors.
+
+    Raises ``UserError`` naming the file, the module and the shapes when the adapter does not fit the base.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"adapter {adapter_dir} is not a directory; expected a saved PEFT adapter")
+    raw_config = read_json(adapter_dir / ADAPTER_CONFIG, "expected a saved PEFT adapter directory")
+    if raw_config.get("use_mora"):
+        raise UserError(
+            f"{adapter_dir / ADAPTER_CONFIG} was written by the authors' peft-mora (use_mora=true); convert it first: "
+            f"moraft convert-peft-mora {adapter_dir} OUT"
+        )
+    peft_type = str(raw_config.get("peft_type"))
+    if peft_type not in accepted:
+        raise UserError(
+            f"{adapter_dir / ADAPTER_CONFIG}: peft_type={peft_type!r} is not supported here; accepted: "
+            f"{', '.join(accepted)}"
+        )
+    for option, what in UNSUPPORTED_OPTIONS.items():
+        if raw_config.get(option):
+            value = raw_config[option]
+            raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: {option}={value!r}: {what} not supported here")
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: {err}") from None
+    config.inference_mode = True
+    weights_file = adapter_weights_path(adapter_dir)
+    model = meta_base_model(base, raw_config)
+    try:
+        peft_model = PeftModel(model, config)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"adapter {adapter_dir} does not fit the base model: {err}") from None
+    loaded = LoadedAdapter(config=config, model=peft_model, weights_file=weights_file)
+    _load_adapter_tensors(loaded, load_tensors(weights_file))
+    return loaded
+
+
+def _load_adapter_tensors(loaded: LoadedAdapter, state: dict[str, torch.Tensor]) -> None:
+    """Put the file's tensors into the injected layers (float32) and collect whole-tensor replacements."""
+    name, model, path = loaded.adapter_name, loaded.model, loaded.weights_file
+    params = {}  # file key (PEFT saves without the adapter name) -> (parameter name in the model, parameter)
+    for module_name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            loaded.layers[_strip_peft_prefix(module_name)] = module
+            for param_name in module.adapter_layer_names:
+                holder = getattr(module, param_name, None)
+                if not isinstance(holder, (nn.ModuleDict, nn.ParameterDict)) or name not in holder:
+                    continue
+                for sub, param in (
+                    holder[name].named_parameters() if isinstance(holder, nn.ModuleDict) else [("", holder[name])]
+                ):
+                    key = ".".join(p for p in (module_name, param_name, sub) if p)
+                    params[key] = (".".join(p for p in (module_name, param_name, name, sub) if p), param)
+    assign = {}
+    used = set()
+    for key, (full, param) in params.items():
+        if key not in state:
+            raise UserError(f"{path} lacks {key}: the adapter does not fit the base model (no weights for that module)")
+        tensor = state[key]
+        if tuple(tensor.shape) != tuple(param.shape):
+            module_name = key.rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+            layer = loaded.layers.get(_strip_peft_prefix(module_name))
+            where = f" (the base's layer is {layer.out_features}x{layer.in_features})" if layer is not None else ""
+            raise UserError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, but on this base model{where} the adapter config "
+                f"gives {tuple(param.shape)}: the adapter was trained on a base model with other layer shapes"
+            )
+        assign[full] = tensor.float()
+        used.add(key)
+    model.load_state_dict(assign, strict=False, assign=True)
+    prefix = model.base_model.prefix
+    for key, tensor in state.items():
+        if key in used:
+            continue
+        if prefix in key:
+            raise UserError(f"{path}: {key} matches no module this adapter's config adapts in the base model")
+        # modules_to_save and trained biases are saved whole, under the base parameter's name
+        base_key = _strip_peft_prefix(key).replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+        loaded.replaced[base_key] = tensor

@@ -1,0 +1,183 @@
+"""Export a moraft MoRA adapter as a plain PEFT LoRA adapter (for vanilla PEFT and multi-LoRA servers such as vLLM).
+
+For sharing, truncation and single-block decouple, ΔW = D·M·C with C: r̂×k and D: d×r̂ fixed 0/1 matrices, so the
+adapter is exactly a LoRA of rank r̂ with A = C and B = D·M (scaling 1). C and D are read off the operator itself by
+pushing identities through its compression (transposed) and decompression. Rotation, and decouple with several
+blocks, give a ΔW of rank up to min(d, k); they export only as a truncated SVD of ΔW at an explicit rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..cli import UserError
+from ..mora import MoraLayer, MoraOperator
+from ._common import ADAPTER_SAFETENSORS, PEFT_PREFIX, PathLike, load_adapter_on_meta, staged_output_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraExport:
+    """What ``export_lora`` wrote: the directory, the common LoRA rank, and each module's relative Frobenius
+    error ||ΔW - B·A|| / ||ΔW|| (0 where the export is exact)."""
+
+    path: Path
+    rank: int
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def lora_factors(op: MoraOperator, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r̂, k) and B (d, r̂) with B·A = ``op.delta_weight(m)``, for operators where ``op.is_low_rank``."""
+    if not op.is_low_rank:
+        raise ValueError(f"{op} has {op.num_blocks} blocks: its ΔW is not a rank-r̂ product")
+    eye = torch.eye(op.rank, dtype=m.dtype, device=m.device).unsqueeze(-2)  # (r̂, 1, r̂): one unit vector per row
+    c = op.compress_t(eye)  # (r̂, k): row i is Cᵀe_i, i.e. row i of C
+    d = op.decompress(eye).T  # (d, r̂): column i is D e_i
+    return c, d @ m
+
+
+def truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A (≤rank, k), B (d, ≤rank) minimising ||ΔW - B·A||_F, and that error relative to ||ΔW||_F."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    keep = min(rank, s.numel())
+    root = s[:keep].sqrt()
+    total = s.square().sum()
+    error = (s[keep:].square().sum() / total).sqrt().item() if total > 0 else 0.0
+    return (root.unsqueeze(1) * vh[:keep]).float(), (u[:, :keep] * root).float(), error
+
+
+def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows of A and columns of B up to ``rank``: the same product, one rank for every module."""
+    extra = rank - a.shape[0]
+    return torch.nn.functional.pad(a, (0, 0, 0, extra)), torch.nn.functional.pad(b, (0, extra))
+
+
+def export_lora(
+    adapter_dir: PathLike,
+    out_dir: PathLike,
+    rank: Optional[int] = None,
+    base: Optional[PathLike] = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    overwrite: bool = False,
+) -> LoraExport:
+    """Export a MoRA adapter as a plain LoRA adapter of rank r̂ (256 for r=8 on a 4096-wide model; vLLM takes <=512).
+
+    The result is adapter_config.json + adapter_model.safetensors that vanilla PEFT (without moraft) and multi-LoRA
+    servers such as vLLM load: one LoRA rank for every module (smaller modules zero-padded), lora_alpha equal to that
+    rank (scaling 1), no bias and no modules_to_save.
+
+    sharing, truncation and single-block decouple export exactly, at the largest r̂ among the adapted modules
+    (r̂ = round(sqrt((d + k)·r)): r=8 gives 256 on a 4096x4096 projection and 348 on LLaMA-2-7B's 4096<->11008 MLP,
+    so an all-linear r=8 adapter on LLaMA-2-7B exports at rank 348). vLLM accepts LoRA ranks up to 512 (serve with
+    --max-lora-rank at or above the exported rank). rotation (and decouple with several blocks) has a full-rank ΔW
+    that no low-rank LoRA represents: it exports only with an explicit --rank N, as the truncated SVD of each
+    module's ΔW, and the relative Frobenius error of every module is printed.
+
+    Args:
+        adapter_dir: the moraft MoRA adapter directory.
+        out_dir: where to write the LoRA adapter (written whole or not at all).
+        rank: the LoRA rank N to export at. Without it the export is exact, at the largest r̂ of the adapted modules
+            (r̂ = round(sqrt((d + k)·r)): 256 for r=8 on a 4096-wide model, 348 with LLaMA-2-7B's MLP; vLLM accepts
+            ranks up to 512), and only for sharing, truncation and single-block decouple. rotation and multi-block
+            decouple have a full-rank ΔW and need --rank: each module becomes the truncated SVD of its ΔW and its
+            relative Frobenius error is printed. Modules with r̂ <= N stay exact (zero-padded).
+        base: the base model directory (only its config.json is read, for the layer shapes). Defaults to the
+            adapter's base_model_name_or_path when that is a local directory or cached model.
+        dtype: dtype of the written LoRA weights: float32, bfloat16 or float16.
+        overwrite: replace ``out_dir`` if it exists.
+
+    Returns:
+        A ``LoraExport`` with the output path, the rank and each module's relative error.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise UserError(f"rank={rank!r} is invalid; expected an integer >= 1 (or no --rank for an exact export)")
+    base = _base_or_default(adapter_dir, base)
+    loaded = load_adapter_on_meta(adapter_dir, base, accepted=("MORA",))
+    if loaded.config.modules_to_save or loaded.replaced:
+        raise UserError(
+            f"{adapter_dir}: the adapter trains whole modules (modules_to_save={loaded.config.modules_to_save}), "
+            "which a LoRA adapter for vLLM cannot carry; merge it into the base model instead (moraft merge)"
+        )
+    name = loaded.adapter_name
+    modules = {
+        module: (layer.mora_operator[name], layer.mora_M[name].detach().float(), layer.fan_in_fan_out)
+        for module, layer in loaded.layers.items()
+        if isinstance(layer, MoraLayer) and name in layer.mora_M
+    }
+    full_rank = {module: op for module, (op, _, _) in modules.items() if not op.is_low_rank}
+    if rank is None and full_rank:
+        module, op = next(iter(full_rank.items()))
+        raise UserError(
+            f"{len(full_rank)} of {len(modules)} modules have a full-rank ΔW that no LoRA represents exactly (e.g. "
+            f"{module}: compression={op.compression!r}, {op.num_blocks} blocks of r̂={op.rank}, ΔW {op.out_features}"
+            f"x{op.in_features} of rank up to {min(op.in_features, op.out_features)}). Pass --rank N to export the "
+            "truncated SVD of each ΔW at rank N (the error of each module is printed), or merge the adapter into "
+            "the base model instead (moraft merge)"
+        )
+    common_rank = rank if rank is not None else max(op.rank for op, _, _ in modules.values())
+
+    tensors, errors = {}, {}
+    bar = tqdm(modules.items(), desc="export-lora", unit="module", disable=None)
+    for module, (op, m, _) in bar:
+        if op.is_low_rank and op.rank <= common_rank:
+            a, b = lora_factors(op, m)
+            errors[module] = 0.0
+        else:
+            a, b, errors[module] = truncated_svd(op.delta_weight(m), common_rank)
+        if rank is not None:
+            bar.write(f"{module}: rank {common_rank}, relative Frobenius error {errors[module]:.3e}")
+        a, b = _pad_rank(a, b, common_rank)
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(DTYPES[dtype]).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(DTYPES[dtype]).contiguous()
+
+    config = LoraConfig(
+        r=common_rank,
+        lora_alpha=common_rank,  # scaling = alpha / r = 1: MoRA has no scaling
+        target_modules=_target_modules(loaded.model.base_model.model, set(modules)),
+        fan_in_fan_out=all(fan for _, _, fan in modules.values()),  # Conv1D models (GPT-2); PEFT fixes mixed ones
+        bias="none",
+        lora_dropout=0.0,
+        task_type=loaded.config.task_type,
+        base_model_name_or_path=loaded.config.base_model_name_or_path,
+        revision=loaded.config.revision,
+        inference_mode=True,
+    )
+    with staged_output_dir(out_dir, overwrite) as staging:
+        config.save_pretrained(str(staging))
+        save_file(tensors, str(staging / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+    return LoraExport(path=Path(out_dir), rank=common_rank, errors=errors)
+
+
+def _base_or_default(adapter_dir: PathLike, base: Optional[PathLike]) -> PathLike:
+    """``base``, else the adapter's recorded base_model_name_or_path."""
+    if base is not None:
+        return base
+    from ._common import ADAPTER_CONFIG, read_json
+
+    recorded = read_json(Path(adapter_dir) / ADAPTER_CONFIG, "expected a saved moraft adapter").get(
+        "base_model_name_or_path"
+    )
+    if not recorded:
+        raise UserError(
+            f"{adapter_dir}: the layer shapes come from the base model, and the adapter records none "
+            "(base_model_name_or_path is empty): pass --base DIR"
+        )
+    return recorded
+
+
+def _target_modules(model: nn.Module, adapted: set[str]) -> list[str]:
+    """The short names (``q_proj``) when they select exactly the adapted modules, else the full names."""
+    suffixes = {name.rsplit(".", 1)[-1] for name in adapted}
+    selected = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in suffixes}
+    return sorted(suffixes) if selected == adapted else sorted(adapted)

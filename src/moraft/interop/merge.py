@@ -1,0 +1,291 @@
+"""Merge a MoRA (or plain LoRA) adapter into its base model and write a standard transformers checkpoint.
+
+The merge never holds the model: it reads one tensor at a time from the base's safetensors files, adds ΔW to the
+adapted weights (computed in float32 by the adapter's own layer, ``get_delta_weight``, then cast back), and streams
+each tensor straight into the output files. Output shard headers are written first (every tensor's shape and dtype
+is known up front), so not even one output shard is buffered: peak memory is about one weight matrix plus ΔW.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Literal, Optional, Union
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..cli import UserError
+from ._common import LoadedAdapter, PathLike, load_adapter_on_meta, read_json, resolve_base_dir, staged_output_dir
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS_FILE = "model.safetensors"
+# files never copied from the base directory: its weights (rewritten) in any format
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format section)
+_CODES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_CODE_OF = {dtype: code for code, dtype in _CODES.items()}
+
+
+@dataclass
+class TensorSpec:
+    """One output tensor: its name, shape and dtype, and where its source lives."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    source_file: Path
+    source_name: str
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+def write_safetensors(
+    path: Path, specs: list[TensorSpec], produce: Callable[[TensorSpec], torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file tensor by tensor: header from ``specs``, then each ``produce(spec)`` in turn.
+
+    The format is an 8-byte little-endian header length, a JSON header (padded with spaces to a multiple of 8)
+    giving each tensor's dtype, shape and byte range, then the raw little-endian bytes with no gaps. Tensors go in
+    order of decreasing item size, as safetensors itself writes them, so every tensor stays aligned.
+    """
+    ordered = sorted(specs, key=lambda s: (-s.dtype.itemsize, s.name))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in ordered:
+        header[spec.name] = {
+            "dtype": _CODE_OF[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for spec in ordered:
+            tensor = produce(spec)
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:  # pragma: no cover - a bug guard
+                raise RuntimeError(f"{spec.name}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {spec}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _inventory(base_dir: Path) -> dict[str, TensorSpec]:
+    """Every tensor of the base checkpoint (name -> spec with the stored dtype), in checkpoint order."""
+    if (base_dir / WEIGHTS_INDEX).is_file():
+        weight_map = read_json(base_dir / WEIGHTS_INDEX, "the base checkpoint index").get("weight_map") or {}
+        files = list(dict.fromkeys(weight_map.values()))
+    elif (base_dir / WEIGHTS_FILE).is_file():
+        files = [WEIGHTS_FILE]
+    else:
+        other = sorted(p.name for p in base_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (it has {', '.join(other)}: re-save the model with save_pretrained to get safetensors)"
+        raise UserError(f"base model {base_dir} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX}{hint if other else ''}")
+    specs = {}
+    for file in files:
+        path = base_dir / file
+        if not path.is_file():
+            raise UserError(f"{base_dir / WEIGHTS_INDEX} names {file}, which is missing")
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                sliced = f.get_slice(key)
+                code = sliced.get_dtype()
+                if code not in _CODES:
+                    raise UserError(f"{path}: tensor {key} has dtype {code}, which merge cannot rewrite")
+                specs[key] = TensorSpec(key, tuple(sliced.get_shape()), _CODES[code], path, key)
+    return specs
+
+
+def _find(specs: dict[str, TensorSpec], name: str, model: nn.Module) -> Optional[str]:
+    """The checkpoint name of parameter ``name``: itself, or without the base-model prefix (older checkpoints)."""
+    if name in specs:
+        return name
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and name.startswith(prefix) and name[len(prefix) :] in specs:
+        return name[len(prefix) :]
+    return None
+
+
+def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir: Path) -> dict[str, Callable]:
+    """Checkpoint tensor name -> function giving its merged float32 value from the stored one."""
+    model = loaded.model.base_model.model
+    changes: dict[str, Callable] = {}
+
+    def missing(what: str, name: str) -> UserError:
+        sample = ", ".join(list(specs)[:3])
+        return UserError(
+            f"{base_dir}: the adapter {what} {name}, but the base checkpoint has no tensor of that name (it holds "
+            f"e.g. {sample}); if it is a tied weight, untie it first"
+        )
+
+    for module, layer in loaded.layers.items():
+        key = _find(specs, f"{module}.weight", model)
+        if key is None:
+            raise missing("adapts", f"{module}.weight")
+        shape = tuple(layer.get_base_layer().weight.shape)  # the meta model's: the layout ΔW comes in
+        if shape != specs[key].shape:
+            raise UserError(
+                f"{base_dir}: module {module}: config.json gives its weight the shape {shape}, but the checkpoint's "
+                f"{key} is {specs[key].shape}"
+            )
+
+        # ΔW is computed when its tensor is written, so only one exists at a time
+        def add_delta(w: torch.Tensor, layer=layer) -> torch.Tensor:
+            return w.float() + layer.get_delta_weight(loaded.adapter_name).float()
+
+        changes[key] = add_delta
+    for name, tensor in loaded.replaced.items():
+        key = _find(specs, name, model)
+        if key is None:
+            raise missing("replaces", name)
+        if tuple(tensor.shape) != specs[key].shape:
+            raise UserError(
+                f"{loaded.weights_file}: {name} is {tuple(tensor.shape)} but the base checkpoint's {key} is "
+                f"{specs[key].shape}"
+            )
+        changes[key] = lambda w, tensor=tensor: tensor
+    return changes
+
+
+def _shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive tensors grouped so that each group stays under ``max_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size)
+    except ValueError:
+        value = None
+    if not isinstance(value, int) or value < 1:
+        raise UserError(f"max_shard_size={size!r} is invalid; expected bytes or a size such as '5GB' or '500MB'")
+    return value
+
+
+def merge_adapter(
+    base: PathLike,
+    adapter: PathLike,
+    out_dir: PathLike,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    max_shard_size: Union[int, str] = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Merge a MoRA (or plain PEFT LoRA) adapter into its base model: a standard transformers checkpoint.
+
+    The output (safetensors, sharded above ``max_shard_size``, with model.safetensors.index.json; config, generation
+    config and tokenizer files copied from the base) loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` and
+    needs neither moraft nor PEFT. ΔW is computed in float32 and added to the float32 weight, then cast to the output
+    dtype. The merge reads and writes one tensor at a time, so it never holds two copies of the model in memory.
+
+    Args:
+        base: the base model directory (config.json + model.safetensors or a sharded index), or a model id already
+            in the local Hugging Face cache.
+        adapter: the adapter directory: a moraft MoRA adapter, or a plain PEFT LoRA adapter (DoRA excluded).
+        out_dir: where to write the merged model (written whole or not at all).
+        dtype: dtype of the floating-point tensors written: ``auto`` keeps each tensor's stored dtype (a bfloat16
+            model stays bfloat16), or float32, bfloat16, float16.
+        max_shard_size: largest size of one weights file, in bytes or as '5GB', '500MB'.
+        overwrite: replace ``out_dir`` if it exists.
+
+    Returns:
+        The output directory.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    max_bytes = _parse_size(max_shard_size)
+    base_dir = resolve_base_dir(base)
+    config = read_json(base_dir / "config.json", "expected a transformers model directory")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise UserError(f"{base_dir / 'config.json'}: the base is quantized ({method}); merge needs plain weights")
+    specs = _inventory(base_dir)
+    loaded = load_adapter_on_meta(adapter, base_dir)
+    changes = _plan_changes(loaded, specs, base_dir)
+
+    out_dtype = DTYPES[dtype]
+    planned = [replace(s, dtype=out_dtype) if out_dtype and s.dtype.is_floating_point else s for s in specs.values()]
+    shards = _shards(planned, max_bytes)
+    names = (
+        [WEIGHTS_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    total = sum(s.nbytes for s in planned)
+    with tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=None) as bar, staged_output_dir(
+        out_dir, overwrite
+    ) as staging:
+
+        def produce(spec: TensorSpec) -> torch.Tensor:
+            # safetensors maps the file into memory, and every page read stays resident while the file is open:
+            # opening it per tensor releases each tensor's pages once it is written
+            with safe_open(str(spec.source_file), "pt") as reader:
+                tensor = reader.get_tensor(spec.source_name)
+            change = changes.get(spec.name)
+            if change is not None:
+                tensor = change(tensor)
+                if not torch.isfinite(tensor).all():
+                    raise UserError(f"merging {adapter} into {spec.name} gives NaN or infinite values")
+            bar.update(spec.nbytes)
+            return tensor.to(spec.dtype)
+
+        for shard, name in zip(shards, names):
+            write_safetensors(staging / name, shard, produce, {"format": "pt"})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {spec.name: name for shard, name in zip(shards, names) for spec in shard},
+            }
+            (staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(base_dir, staging, config, dtype)
+    return Path(out_dir)
+
+
+def _copy_side_files(base_dir: Path, out: Path, config: dict, dtype: str) -> None:
+    """config.json (with the new dtype), generation config, tokenizer and any other non-weight top-level files."""
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and path.name != "config.json" and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, out / path.name)
+    if dtype != "auto":
+        config["dtype"] = dtype
+        if "torch_dtype" in config:  # transformers < 5 reads this name
+            config["torch_dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = ["merge_adapter", "write_safetensors"]
