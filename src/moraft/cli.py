@@ -13,7 +13,9 @@ import sys
 from typing import Callable
 
 # name -> "module:function"; imported when the CLI starts
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "serve": "moraft.serve.server:serve",
+}
 
 
 class UserError(ValueError):
