@@ -270,7 +270,10 @@ class MoraOperator:
             return z
         cos, sin = self._rope(z.device, z.dtype)  # (nb, r̂)
         half = self.rank // 2
-        return z * cos + torch.cat((-z[..., half:], z[..., :half]), dim=-1) * sin
+        key = ("rope_half_sign", z.device, z.dtype)
+        if key not in self._cache:  # rotate_half(z)·sin = roll(z, r̂/2)·[-sin[:h], sin[h:]]: one copy, no cat
+            self._cache[key] = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return torch.addcmul(z * cos, z.roll(half, -1), self._cache[key])
 
     # -- what the layer uses -------------------------------------------------------------------------------------
 
