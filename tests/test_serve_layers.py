@@ -245,3 +245,74 @@ def test_sampling_greedy_seeded_and_top_p():
     draws = {tuple(sample(logits[1:2].repeat(1, 1), [SamplingParams(temperature=2.0)],
                           [SamplingParams(temperature=2.0).generator(torch.device("cpu"))])) for _ in range(20)}
     assert len(draws) > 1  # unseeded sampling varies
+
+
+# -- the engine's KV cache as rows join and leave -------------------------------------------------------------------
+
+
+def test_engine_logits_equal_full_recompute_while_rows_join_and_leave(env):
+    """Drive the engine step by step: rows of different prompt lengths and adapters join a running batch (shorter
+    and longer than its cache) and leave it; every row's logits at every step equal a no-cache forward of that row's
+    whole sequence with PEFT."""
+    from moraft.serve.engine import Delta, Engine, Finished, Request
+    from moraft.serve.metrics import ServeMetrics
+
+    base, adapters = env
+    model, tokenizer = load_base(base)
+    rows, shapes = wrap_model(model)
+    store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30)
+    engine = Engine(model, tokenizer, rows, store.release, ServeMetrics(), context_length=128)
+    seen: dict[int, list[torch.Tensor]] = {}
+    forward = engine._forward
+
+    def recording_forward(ids, mask, positions, cache, row_adapters):
+        logits = forward(ids, mask, positions, cache, row_adapters)
+        for row, seq_id in enumerate(current):
+            seen.setdefault(seq_id, []).append(logits[row].clone())
+        return logits
+
+    engine._forward = recording_forward
+    torch.manual_seed(1)
+    plan = [("rotation", 9, 12), ("lora", 3, 4), ("sharing", 20, 6), (None, 2, 7), ("truncation", 30, 5)]
+    requests = []
+    for name, prompt_len, n in plan:
+        prompt = torch.randint(4, 100, (prompt_len,)).tolist()
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        requests.append(Request(prompt, params, store.acquire(name) if name else None, lambda e: None))
+    with torch.inference_mode():
+        current = [r.id for r in requests[:2]]
+        engine._prefill(requests[:2])
+        for step in range(30):  # bounded: the longest request needs 11 decoding steps
+            if step == 2:  # a longer and a shorter prompt join the running batch
+                current = [r.id for r in requests[2:4]]
+                engine._prefill(requests[2:4])
+            if step == 5:  # the longest prompt joins after the 3-token row has left
+                current = [requests[4].id]
+                engine._prefill(requests[4:])
+            current = [s.request.id for s in engine._rows]
+            if current:
+                engine._decode()
+    assert not engine._rows and all(r.done for r in requests)
+    for (name, _, n), request in zip(plan, requests):
+        logits = seen[request.id]
+        assert len(logits) == n, name
+        tokens = [int(l.argmax()) for l in logits]
+        reference_model = load_base(base)[0]
+        if name:
+            reference_model = PeftModel.from_pretrained(reference_model, adapters / name).eval()
+        with torch.no_grad():
+            full = reference_model(input_ids=torch.tensor([request.prompt_ids + tokens])).logits[0]
+        expected = full[len(request.prompt_ids) - 1 : len(request.prompt_ids) - 1 + n]
+        torch.testing.assert_close(torch.stack(logits), expected, atol=5e-5, rtol=1e-5, msg=f"adapter {name}")
+
+
+@pytest.mark.parametrize("compression", moraft.COMPRESSIONS)
+@pytest.mark.parametrize("k,d", [(64, 64), (96, 40), (40, 96)])
+def test_rotate_blocks_is_the_rotation_block_weights_fold_into_m(compression, k, d):
+    """The identity the served layers rely on: block_weights(M) applied to z == M applied to rotate_blocks(z)."""
+    from moraft.mora.operators import MoraOperator, block_matmul
+
+    op = MoraOperator(k, d, 16, compression=compression)
+    torch.manual_seed(0)
+    z, m = op.compress(torch.randn(3, 5, k)), torch.randn(16, 16)
+    torch.testing.assert_close(op.rotate_blocks(z) @ m.T, block_matmul(z, op.block_weights(m)), atol=1e-5, rtol=1e-5)
