@@ -41,7 +41,7 @@ def live(env):
     # a batching window so that requests sent together start decoding in the same step
     server = build_server(model, tokenizer, adapters, base_name="tiny-base", batch_window_ms=300)
     with LiveServer(server.app) as live:
-        live.tokenizer = tokenizer
+        live.tokenizer, live.moraft = tokenizer, server
         with httpx.Client(base_url=live.url, timeout=60) as client:
             live.client = client
             yield live
@@ -54,11 +54,14 @@ def expected_text(env, tokenizer, model: str, prompt_ids: list[int], n: int, ign
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def metric(client: httpx.Client, name: str) -> float:
+def metric(client: httpx.Client, name: str, default: float | None = None) -> float:
+    """A value from /metrics: ``name`` may include labels, e.g. 'x_total{reason="stop"}'."""
     for line in client.get("/metrics").text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    if default is None:
+        raise KeyError(name)
+    return default
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -79,6 +82,8 @@ def test_models_lists_base_and_every_adapter(live):
     ids = [m["id"] for m in r.json()["data"]]
     assert ids[0] == "tiny-base" and set(ids[1:]) == {"share", "rot", "lora"}
     assert all(m["object"] == "model" for m in r.json()["data"])
+    assert live.client.get("/v1/models/rot").json()["parent"] == "tiny-base"
+    assert live.client.get("/v1/models/nope").status_code == 404
 
 
 def test_concurrent_requests_for_different_adapters_match_offline_and_share_a_batch(live, env):
@@ -210,9 +215,30 @@ def test_sampling_options(live, env):
         texts = list(pool.map(lambda b: c.post("/v1/completions", json=b).json()["choices"][0]["text"],
                               [body, body, {**body, "seed": 12}]))
     assert texts[0] == texts[1] != texts[2]
+    # a prompt given as token ids is the same prompt
+    as_ids = c.post("/v1/completions", json={"model": "rot", "prompt": tok("xyz")["input_ids"], "max_tokens": 20,
+                                             "temperature": 0, "ignore_eos": True}).json()["choices"][0]["text"]
+    assert as_ids == full
     nucleus = c.post("/v1/completions", json={**body, "top_p": 1e-6}).json()["choices"][0]["text"]
     greedy = c.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
     assert nucleus == greedy  # top_p that keeps one token is greedy
+
+
+def test_client_disconnect_cancels_its_request(live):
+    """A client that goes away mid-stream frees its batch row and its adapter."""
+    before = metric(live.client, 'moraft_finished_requests_total{reason="cancelled"}', 0)
+    body = {"model": "rot", "prompt": "abc", "max_tokens": CONTEXT - 5, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(base_url=live.url, timeout=60) as other:
+        with other.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one chunk, then hang up
+    deadline = time.monotonic() + 30
+    while metric(live.client, 'moraft_finished_requests_total{reason="cancelled"}', 0) < before + 1:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.05)
+    assert live.moraft.store.in_use() == []
 
 
 # -- adapters come and go ------------------------------------------------------------------------------------------
@@ -330,6 +356,7 @@ def test_broken_adapter_fails_only_its_requests(live, env):
 
 def test_health_and_metrics(live):
     c = live.client
+    assert c.post("/v1/completions", json={"model": "share", "prompt": "hi", "max_tokens": 2}).status_code == 200
     assert c.get("/health").json() == {"status": "ok"}
     r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")

@@ -316,3 +316,44 @@ def test_rotate_blocks_is_the_rotation_block_weights_fold_into_m(compression, k,
     torch.manual_seed(0)
     z, m = op.compress(torch.randn(3, 5, k)), torch.randn(16, 16)
     torch.testing.assert_close(op.rotate_blocks(z) @ m.T, block_matmul(z, op.block_weights(m)), atol=1e-5, rtol=1e-5)
+
+
+def test_engine_survives_a_failing_forward(env):
+    """A forward that raises fails the requests in that step (with a message) and the next request is served."""
+    import threading
+
+    from moraft.serve.engine import Engine, Failed, Finished, Request
+    from moraft.serve.metrics import ServeMetrics
+
+    base, adapters = env
+    model, tokenizer = load_base(base)
+    rows, shapes = wrap_model(model)
+    store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30)
+    engine = Engine(model, tokenizer, rows, store.release, ServeMetrics(), context_length=128).start()
+    forward, calls = engine._forward, []
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return forward(*args)
+
+    engine._forward = flaky
+    try:
+        outcomes = []
+        for _ in range(2):
+            done = threading.Event()
+
+            def on_event(event, done=done):
+                if isinstance(event, (Failed, Finished)):
+                    outcomes.append(event)
+                    done.set()
+
+            engine.submit(Request([1, 5, 6], SamplingParams(max_tokens=3, temperature=0), store.acquire("lora"),
+                                  on_event))
+            assert done.wait(30)
+        assert isinstance(outcomes[0], Failed) and "out of memory (simulated)" in outcomes[0].message
+        assert isinstance(outcomes[1], Finished) and outcomes[1].completion_tokens == 3
+        assert store.in_use() == [] and engine.alive
+    finally:
+        engine.stop()

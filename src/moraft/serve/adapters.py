@@ -248,6 +248,7 @@ class AdapterStore:
         self.max_bytes = int(max_bytes)
         self.wait_timeout = wait_timeout
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        self._loading: dict[str, threading.Event] = {}
         self._cond = threading.Condition()
         self.loads = 0
         self.evictions = 0
@@ -281,8 +282,16 @@ class AdapterStore:
         with self._cond:
             return list(self._resident)
 
+    def in_use(self) -> list[str]:
+        """Names of the resident adapters pinned by running requests."""
+        with self._cond:
+            return [n for n, a in self._resident.items() if a.pins > 0]
+
     def acquire(self, name: str) -> LoadedAdapter:
         """The adapter ``name``, loaded if needed, pinned until ``release``; marks it most recently used.
+
+        Loading happens outside the store's lock, so the engine keeps decoding (and releasing adapters) meanwhile;
+        concurrent requests for an adapter being loaded wait for that one load.
 
         Raises:
             UnknownAdapter, AdapterLoadError, AdapterTooLarge, AdapterBusy
@@ -290,29 +299,44 @@ class AdapterStore:
         if not self.exists(name):
             raise UnknownAdapter(name)
         directory = self.root / name
-        with self._cond:
-            adapter = self._resident.get(name)
-            if adapter is not None and adapter.stamp != _files_stamp(directory):
-                del self._resident[name]  # re-trained on disk: running requests keep the old weights
-                self._cond.notify_all()
-                adapter = None
-            if adapter is None:
-                try:
-                    adapter = load_adapter(name, directory, self.modules, self.device)
-                except AdapterLoadError:
+        while True:
+            with self._cond:
+                adapter = self._resident.get(name)
+                if adapter is not None and adapter.stamp != _files_stamp(directory):
+                    del self._resident[name]  # re-trained on disk: running requests keep the old weights
+                    self._cond.notify_all()
+                    adapter = None
+                if adapter is not None:
+                    self._resident.move_to_end(name)
+                    adapter.pins += 1
+                    return adapter
+                loading = self._loading.get(name)
+                if loading is None:
+                    loading = self._loading[name] = threading.Event()
+                    break  # this thread loads it
+            loading.wait()  # another request is loading it; then look again
+        try:
+            try:
+                adapter = load_adapter(name, directory, self.modules, self.device)
+            except AdapterLoadError:
+                with self._cond:
                     self.load_failures += 1
-                    raise
+                raise
+            if adapter.nbytes > self.max_bytes:
+                raise AdapterTooLarge(
+                    f"adapter {name!r} needs {adapter.nbytes / 2**20:.2f} MiB, more than the server's adapter "
+                    f"memory bound of {self.max_bytes / 2**20:.2f} MiB (--max_adapter_memory_mb)"
+                )
+            with self._cond:
                 self.loads += 1
-                if adapter.nbytes > self.max_bytes:
-                    raise AdapterTooLarge(
-                        f"adapter {name!r} needs {adapter.nbytes / 2**20:.1f} MiB, more than the server's adapter "
-                        f"memory bound of {self.max_bytes / 2**20:.1f} MiB (--max_adapter_memory_mb)"
-                    )
                 self._make_room(adapter.nbytes)
                 self._resident[name] = adapter
-            self._resident.move_to_end(name)
-            adapter.pins += 1
+                adapter.pins += 1
             return adapter
+        finally:
+            with self._cond:
+                del self._loading[name]
+            loading.set()
 
     def release(self, adapter: LoadedAdapter) -> None:
         """Unpin an adapter acquired earlier."""

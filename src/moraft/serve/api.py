@@ -153,7 +153,7 @@ class _EventQueue:
             pass
 
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")  # metric labels
 
 
 class _CountRequests:
@@ -210,15 +210,22 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def card(name: str) -> dict:
+        parent = None if name == state.base_name else state.base_name
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "moraft",
+                "root": state.base_name, "parent": parent}
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        def card(name: str, parent: Optional[str]) -> dict:
-            return {"id": name, "object": "model", "created": state.created, "owned_by": "moraft",
-                    "root": state.base_name, "parent": parent}
-
         adapters = await run_in_threadpool(state.store.available)
-        data = [card(state.base_name, None)] + [card(n, state.base_name) for n in adapters if n != state.base_name]
+        data = [card(state.base_name)] + [card(n) for n in adapters if n != state.base_name]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> JSONResponse:
+        if name != state.base_name and not state.store.exists(name):
+            raise await _unknown_model(state, name)
+        return JSONResponse(card(name))
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -288,9 +295,7 @@ async def _generate(state: ServerState, http: HTTPRequest, body: _Sampling, prom
     # which model
     name = body.model
     if name != state.base_name and not state.store.exists(name):
-        available = [state.base_name, *await run_in_threadpool(state.store.available)]
-        raise APIError(404, f"The model {name!r} does not exist. Available models: {', '.join(available)}",
-                       type="not_found_error", param="model", code="model_not_found")
+        raise await _unknown_model(state, name)
     # how long
     context, n_prompt = state.context_length, len(prompt_ids)
     if n_prompt == 0:
@@ -359,6 +364,12 @@ async def _generate(state: ServerState, http: HTTPRequest, body: _Sampling, prom
     choice = {"index": 0, "text": "".join(text), "logprobs": None, "finish_reason": end.reason}
     return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": name,
                          "choices": [choice], "usage": usage})
+
+
+async def _unknown_model(state: ServerState, name: str) -> APIError:
+    available = [state.base_name, *await run_in_threadpool(state.store.available)]
+    return APIError(404, f"The model {name!r} does not exist. Available models: {', '.join(available)}",
+                    type="not_found_error", param="model", code="model_not_found")
 
 
 def _usage(end: Finished) -> dict:

@@ -194,8 +194,8 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request; its events arrive through ``request.on_event``."""
         with self._cond:
-            if self._stopping:
-                raise RuntimeError("the engine is shutting down")
+            if self._stopping or not self.alive:
+                raise RuntimeError("the decoding engine is not running")
             self._waiting.append(request)
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify_all()

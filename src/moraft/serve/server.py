@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from fastapi import FastAPI
 
 from ..cli import UserError
 from .adapters import AdapterStore
-from .api import ServerState, create_app
 from .engine import Engine
 from .layers import wrap_model
 from .metrics import Gauge, ServeMetrics
@@ -24,12 +22,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Server:
-    """A ready server: ``app`` is the ASGI application; ``close()`` stops the engine thread."""
+    """A ready server: ``app`` is the ASGI (FastAPI) application; ``close()`` stops the engine thread."""
 
-    app: FastAPI
+    app: Any
     engine: Engine
     store: AdapterStore
-    state: ServerState
+    state: Any  # api.ServerState
 
     def close(self) -> None:
         self.engine.stop()
@@ -62,6 +60,10 @@ def build_server(model: torch.nn.Module, tokenizer: Any, adapters: str | Path, *
         batch_window_ms: how long an idle server waits after a request for others to start with it.
         context_length: the context window; default from the model's config.
     """
+    try:  # the HTTP side is the optional "serve" extra; `moraft --help` must work without it
+        from .api import ServerState, create_app
+    except ImportError as err:
+        raise UserError(f"moraft serve needs FastAPI and uvicorn: pip install 'moraft[serve]' ({err})") from None
     context = context_length or context_length_of(model, tokenizer)
     if context is None:
         raise UserError("cannot tell the base model's context length from its config; pass --context_length")
@@ -146,8 +148,10 @@ def serve(
         dtype: the base model's dtype ("auto": as saved). Adapter math is always float32.
         log_level: the server's log level.
     """
-    import uvicorn
-
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise UserError(f"moraft serve needs FastAPI and uvicorn: pip install 'moraft[serve]' ({err})") from None
     if not base or not adapters:
         raise UserError("both --base MODEL and --adapters DIR are required (see moraft serve --help)")
     adapters_dir = Path(adapters)
