@@ -281,14 +281,14 @@ def test_engine_logits_equal_full_recompute_while_rows_join_and_leave(env):
         requests.append(Request(prompt, params, store.acquire(name) if name else None, lambda e: None))
     with torch.inference_mode():
         current = [r.id for r in requests[:2]]
-        engine._prefill(requests[:2])
+        engine._admit(requests[:2])
         for step in range(30):  # bounded: the longest request needs 11 decoding steps
             if step == 2:  # a longer and a shorter prompt join the running batch
                 current = [r.id for r in requests[2:4]]
-                engine._prefill(requests[2:4])
+                engine._admit(requests[2:4])
             if step == 5:  # the longest prompt joins after the 3-token row has left
                 current = [requests[4].id]
-                engine._prefill(requests[4:])
+                engine._admit(requests[4:])
             current = [s.request.id for s in engine._rows]
             if current:
                 engine._decode()

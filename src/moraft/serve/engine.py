@@ -207,23 +207,40 @@ class Engine:
             joiners = self._take_waiting()
             if joiners is None:
                 break
-            try:
+            if joiners:
+                self._admit(joiners)
+            try:  # a failed forward (out of memory, say) fails the requests in it, not the server
                 with torch.inference_mode():
-                    if joiners:
-                        self._prefill(joiners)
-                    joiners = []
                     self._drop_cancelled()
                     if self._rows:
                         self._decode()
-            except Exception as err:  # a failed forward fails the requests in it, not the server
-                logger.exception("decoding step failed")
-                message = f"decoding failed: {type(err).__name__}: {err}"
-                for request in [*joiners, *(s.request for s in self._rows)]:
-                    self._finish(request, Failed(message))
-                self._rows, self._cache, self._mask = [], None, None
+            except Exception as err:
+                self._fail([s.request for s in self._rows], "decoding", err)
             self.metrics.running.set(len(self._rows))
         for request in [*self._waiting, *(s.request for s in self._rows)]:
             self._finish(request, Failed("the server is shutting down"))
+
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` and add those not finished by their first token to the running batch."""
+        try:
+            with torch.inference_mode():
+                sequences, cache, mask = self._prefill(requests)
+        except Exception as err:  # the running batch was not touched: only these requests fail
+            self._fail(requests, "prefill", err)
+            return
+        if sequences:
+            try:
+                with torch.inference_mode():
+                    self._join(sequences, cache, mask)
+            except Exception as err:
+                self._fail([*requests, *(s.request for s in self._rows)], "joining the batch", err)
+
+    def _fail(self, requests: list[Request], stage: str, err: Exception) -> None:
+        logger.exception("%s failed", stage)
+        for request in requests:
+            self._finish(request, Failed(f"{stage} failed: {type(err).__name__}: {err}"))
+        if any(s.request in requests for s in self._rows):
+            self._rows, self._cache, self._mask = [], None, None
 
     def _take_waiting(self) -> Optional[list[Request]]:
         """Requests to prefill now (maybe none); None when stopping. Blocks while there is nothing to do."""
@@ -266,7 +283,8 @@ class Engine:
                          use_cache=True, **kwargs)
         return out.logits[:, -1].float()
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def _prefill(self, requests: list[Request]) -> tuple[list[_Sequence], DynamicCache, torch.Tensor]:
+        """Run the prompts (left-padded, one row each) and take each first token; return the rows that go on."""
         longest = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(requests), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), longest), dtype=torch.long)
@@ -287,11 +305,10 @@ class Engine:
         tokens = sample(logits, [s.params for s in sequences], [s.generator for s in sequences])
         self.metrics.generation_tokens.inc(len(tokens))
         keep = [row for row, (s, t) in enumerate(zip(sequences, tokens)) if not s.accept(t)]
-        if keep:
-            index = torch.tensor(keep, device=self.device)
-            if len(keep) < len(requests):
-                cache.batch_select_indices(index)
-            self._join([sequences[i] for i in keep], cache, mask.index_select(0, index))
+        index = torch.tensor(keep, device=self.device, dtype=torch.long)
+        if keep and len(keep) < len(requests):
+            cache.batch_select_indices(index)
+        return [sequences[i] for i in keep], cache, mask.index_select(0, index)
 
     def _join(self, sequences: list[_Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         if not self._rows:
