@@ -121,16 +121,21 @@ class _Sequence:
             elif self.count >= params.max_tokens or self.cache_len + 1 >= engine.context_length:
                 reason = "length"
         if reason is None:
-            text = self.tracker.take()
-            if text:
-                self.request.on_event(Delta(text))
+            self._emit(self.tracker.take())
             return False
         self.tracker.flush()
-        text = self.tracker.take(final=True)
-        if text:
-            self.request.on_event(Delta(text))
+        self._emit(self.tracker.take(final=True))
         engine._finish(self.request, Finished(reason, len(self.request.prompt_ids), self.count))
         return True
+
+    def _emit(self, text: str) -> None:
+        if not text:
+            return
+        try:
+            self.request.on_event(Delta(text))
+        except Exception:  # a consumer that fails is dropped at the next step; the rest of the batch goes on
+            logger.exception("delivering text of request %s failed", self.request.id)
+            self.request.cancel()
 
 
 class Engine:
