@@ -10,8 +10,8 @@ by adapter, so that 64 adapters trained with one config cost a few batched kerne
         y = z @ M_rowᵀ                         per-row M (G, r̂, r̂), one batched matmul
         delta = op.decompress(y)               (G, T, d)
     This is ``op.apply(x, M)`` row by row, since ``block_weights(M)`` is M·R_i (``rotate_blocks``' docstring). A
-    group with a single adapter calls ``op.apply`` itself; a group with few adapters for many rows multiplies each
-    adapter's rows together (``_Group``), reading each M once.
+    group with one adapter, or few adapters for many rows, multiplies each adapter's rows together (``_Group``),
+    reading each M once.
 
     LoRA, rows G:  delta = ((x @ A_rowᵀ) @ B_rowᵀ) · scaling_row, with A, B zero-padded to the largest rank in the
     batch (exact: the padded rank components are zero); one adapter, or few: PEFT's B(A(x))·scaling per adapter.
@@ -79,10 +79,10 @@ class _MoraGroup(_Group):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         op = self.op
-        if self.mode == "single":
-            return op.apply(x, self.m[0])
         z = op.rotate_blocks(op.compress(x))  # (G, T, nb, r̂)
-        if self.mode == "segments":
+        if self.mode == "single":  # op.apply(x, M), with the rotation on z: one matmul instead of nb
+            y = z @ self.m[0].T
+        elif self.mode == "segments":
             y = self.by_segment(z, lambda zs, slot: zs @ self.m[slot].T)
         else:
             g, rank = z.shape[0], z.shape[-1]
