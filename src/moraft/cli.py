@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "convert-peft-mora": "moraft.interop.peft_mora:convert_peft_mora",
     "export-lora": "moraft.interop.lora_export:export_lora",
     "merge": "moraft.interop.merge:merge_adapter",
+    "serve": "moraft.serve.server:serve",
 }
 
 

@@ -271,6 +271,22 @@ class MoraOperator:
         m_rot = torch.cat((m[:, half:], -m[:, :half]), dim=-1)
         return m.unsqueeze(0) * cos.unsqueeze(1) + m_rot.unsqueeze(0) * sin.unsqueeze(1)  # (nb, r̂, r̂)
 
+    def rotate_blocks(self, z: torch.Tensor) -> torch.Tensor:
+        """R_i z_i for every block of z (..., nb, r̂): the rotation that ``block_weights`` folds into M (identity
+        unless compression is rotation), so ``block_matmul(z, block_weights(M)) == rotate_blocks(z) @ Mᵀ``.
+
+        Rows with different M can then share one elementwise rotation (``moraft serve``'s mixed-adapter batches)
+        instead of each needing its own (nb, r̂, r̂) block weights. R_i z = z·cos_i + rotate_half(z)·sin_i.
+        """
+        if self.compression != "rotation":
+            return z
+        cos, sin = self._rope(z.device, z.dtype)  # (nb, r̂)
+        half = self.rank // 2
+        key = ("rope_half_sign", z.device, z.dtype)
+        if key not in self._cache:  # rotate_half(z)·sin = roll(z, r̂/2)·[-sin[:h], sin[h:]]: one copy, no cat
+            self._cache[key] = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return torch.addcmul(z * cos, z.roll(half, -1), self._cache[key])
+
     # -- what the layer uses -------------------------------------------------------------------------------------
 
     def apply(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

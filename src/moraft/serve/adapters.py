@@ -1,0 +1,363 @@
+"""The adapter store of ``moraft serve``: every sub-directory of the adapters folder is an adapter, named by the
+directory; it is loaded on first use and kept in memory under a byte bound, least recently used first out.
+
+A loaded adapter is a dict ``module path -> per-module weights`` that the served layers (``layers.py``) read:
+
+    MoRA   ``MoraWeights(op, M)``           delta(x) = op.apply(x, M)              M: (r̂, r̂) float32
+    LoRA   ``LoraWeights(A, B, scaling)``   delta(x) = B(A(x)) · scaling           A: (r, k), B: (d, r) float32
+
+Adapters in use by running requests are pinned and never evicted; when the bound cannot be met because every
+resident adapter is pinned, ``acquire`` waits for requests to finish. An adapter whose files change on disk is
+reloaded on its next request; one whose files cannot be loaded fails its own requests (``AdapterLoadError``) and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from peft import PeftConfig
+from peft.utils.other import get_pattern_key
+from peft.utils.save_and_load import load_peft_weights
+
+from ..mora.operators import MoraOperator
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+
+
+class AdapterError(Exception):
+    """Base class of the errors that fail one adapter's requests."""
+
+
+class UnknownAdapter(AdapterError):
+    """No adapter directory of that name."""
+
+
+class AdapterLoadError(AdapterError):
+    """The adapter's files could not be read or do not fit the base model."""
+
+
+class AdapterTooLarge(AdapterError):
+    """The adapter alone needs more memory than the store's bound."""
+
+
+class AdapterBusy(AdapterError):
+    """Every resident adapter is in use, so no memory could be freed in time."""
+
+
+@dataclass(frozen=True)
+class MoraWeights:
+    """One module of a MoRA adapter: the operator and M (float32, on the base model's device)."""
+
+    op: MoraOperator
+    m: torch.Tensor
+
+    @property
+    def group_key(self) -> tuple:
+        """Adapters with equal keys share compress/decompress, so their rows can be compressed together."""
+        op = self.op
+        return ("mora", op.in_features, op.out_features, op.rank, op.compression, op.input_grouping,
+                op.output_grouping, op.peft_mora_compat)
+
+    @property
+    def nbytes(self) -> int:
+        return self.m.nbytes
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One module of a LoRA adapter: A (r, k), B (d, r) in float32 and PEFT's scaling (alpha/r or alpha/sqrt(r))."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+    @property
+    def group_key(self) -> tuple:
+        return ("lora",)
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes
+
+
+ModuleWeights = Union[MoraWeights, LoraWeights]
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """An adapter in memory: its per-module weights, keyed by module path in the base model."""
+
+    name: str
+    kind: str  # "mora" or "lora"
+    modules: dict[str, ModuleWeights]
+    stamp: tuple  # the files' (mtime_ns, size), to notice a re-trained adapter
+    pins: int = 0
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(w.nbytes for w in self.modules.values())
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """What the store needs to know of a base-model module it may adapt."""
+
+    in_features: int
+    out_features: int
+
+
+def _files_stamp(directory: Path) -> tuple:
+    stamp = []
+    for name in (CONFIG_NAME, *WEIGHT_NAMES):
+        try:
+            st = (directory / name).stat()
+        except FileNotFoundError:
+            continue
+        stamp.append((name, st.st_mtime_ns, st.st_size))
+    return tuple(stamp)
+
+
+def _lora_unsupported(config) -> list[str]:
+    """The options of a LoraConfig that change LoRA's forward beyond B(A(x))·scaling (DoRA, aLoRA, ...)."""
+    found = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name, None)
+        if f.name == "init_lora_weights":
+            if value in f.metadata.get("lora_variants", ()):
+                found.append(f"init_lora_weights={value!r}")
+        elif f.metadata.get("is_lora_variant") and value:
+            found.append(f.name)
+    for name in ("layer_replication", "target_parameters", "trainable_token_indices"):
+        if getattr(config, name, None):
+            found.append(name)
+    if getattr(config, "bias", "none") != "none":
+        found.append(f"bias={config.bias!r}")
+    return found
+
+
+def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], device: torch.device) -> LoadedAdapter:
+    """Read one adapter directory into per-module weights, checking every tensor against the base model.
+
+    Raises:
+        AdapterLoadError: naming the file and what is wrong with it.
+    """
+    stamp = _files_stamp(directory)
+    where = f"adapter {name!r} ({directory})"
+    if not any(n in WEIGHT_NAMES for n, *_ in stamp):
+        raise AdapterLoadError(f"{where} has no {' or '.join(WEIGHT_NAMES)}")
+    try:
+        config = PeftConfig.from_pretrained(str(directory))
+    except Exception as err:  # a broken or unknown adapter_config.json
+        raise AdapterLoadError(f"{where}: cannot read {CONFIG_NAME}: {err}") from None
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type not in ("MORA", "LORA"):
+        raise AdapterLoadError(f"{where} is a {peft_type} adapter; moraft serve serves MORA and LORA adapters")
+    if peft_type == "LORA":
+        unsupported = _lora_unsupported(config)
+        if unsupported:
+            raise AdapterLoadError(
+                f"{where} uses LoRA options moraft serve cannot apply per request: {', '.join(unsupported)}. "
+                "Merge it into the base (merge_and_unload) and serve the merged model instead."
+            )
+    try:
+        state = load_peft_weights(str(directory), device="cpu")
+    except Exception as err:  # truncated or corrupt weights
+        raise AdapterLoadError(f"{where}: cannot read its weights: {type(err).__name__}: {err}") from None
+
+    suffixes = (".mora_M",) if peft_type == "MORA" else (".lora_A.weight", ".lora_B.weight")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None or not key.startswith(PREFIX):
+            raise AdapterLoadError(
+                f"{where} holds {key!r}, which moraft serve cannot apply per request (only {', '.join(suffixes)} "
+                "weights of Linear/Conv1D layers; modules_to_save and trained biases need a merged model)"
+            )
+        path = key[len(PREFIX) : -len(suffix)]
+        if path not in modules:
+            raise AdapterLoadError(
+                f"{where} adapts {path!r}, which is not a Linear/Conv1D layer of the base model "
+                "(was it trained on another base?)"
+            )
+        tensors.setdefault(path, {})[suffix] = tensor
+    if not tensors:
+        raise AdapterLoadError(f"{where} has no adapter weights")
+
+    weights: dict[str, ModuleWeights] = {}
+    for path, parts in tensors.items():
+        shape = modules[path]
+        k, d = shape.in_features, shape.out_features
+        if peft_type == "MORA":
+            m = parts[".mora_M"]
+            if m.dim() != 2 or m.shape[0] != m.shape[1]:
+                raise AdapterLoadError(f"{where}: M of {path!r} has shape {tuple(m.shape)}; expected square (r̂, r̂)")
+            try:
+                op = MoraOperator(k, d, m.shape[0], compression=config.compression,
+                                  input_grouping=config.input_grouping, output_grouping=config.output_grouping,
+                                  peft_mora_compat=config.peft_mora_compat)
+            except ValueError as err:
+                raise AdapterLoadError(f"{where}: {path!r}: {err}") from None
+            weights[path] = MoraWeights(op, m.to(device=device, dtype=torch.float32).contiguous())
+        else:
+            if set(parts) != set(suffixes):
+                raise AdapterLoadError(f"{where}: {path!r} has {sorted(parts)} but needs both lora_A and lora_B")
+            a, b = parts[".lora_A.weight"], parts[".lora_B.weight"]
+            r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
+            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)
+            if a.shape != (r, k) or b.shape != (d, r):
+                raise AdapterLoadError(
+                    f"{where}: {path!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the base layer "
+                    f"({d}x{k}) and r={r} need ({r}, {k}) and ({d}, {r})"
+                )
+            scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
+            weights[path] = LoraWeights(
+                a.to(device=device, dtype=torch.float32).contiguous(),
+                b.to(device=device, dtype=torch.float32).contiguous(),
+                float(scaling),
+            )
+    return LoadedAdapter(name, peft_type.lower(), weights, stamp)
+
+
+class AdapterStore:
+    """Adapters of one folder, loaded on first use and evicted least-recently-used under ``max_bytes``.
+
+    Args:
+        root: the folder; each sub-directory with an ``adapter_config.json`` is an adapter named by the directory.
+        modules: the adaptable modules of the base model, by path (from ``layers.wrap_model``).
+        device: where the adapter weights live (the base model's device).
+        max_bytes: the bound on the bytes of resident adapter weights.
+        wait_timeout: seconds ``acquire`` waits for in-use adapters to be released before giving up.
+    """
+
+    def __init__(self, root: Union[str, Path], modules: dict[str, ModuleShape], device: torch.device,
+                 max_bytes: int, wait_timeout: float = 60.0) -> None:
+        self.root = Path(root)
+        self.modules = modules
+        self.device = torch.device(device)
+        self.max_bytes = int(max_bytes)
+        self.wait_timeout = wait_timeout
+        self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        self._loading: dict[str, threading.Event] = {}
+        self._cond = threading.Condition()
+        self.loads = 0
+        self.evictions = 0
+        self.load_failures = 0
+
+    # -- discovery -----------------------------------------------------------------------------------------------
+
+    def available(self) -> list[str]:
+        """Names of the adapter directories present now (the folder is read on every call)."""
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        return [e.name for e in entries if e.is_dir() and (Path(e.path) / CONFIG_NAME).is_file()]
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is an adapter directory (names with path separators never are)."""
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+            return False
+        return (self.root / name / CONFIG_NAME).is_file()
+
+    # -- residency -----------------------------------------------------------------------------------------------
+
+    @property
+    def resident_bytes(self) -> int:
+        with self._cond:
+            return sum(a.nbytes for a in self._resident.values())
+
+    def resident(self) -> list[str]:
+        """Names of the loaded adapters, least recently used first."""
+        with self._cond:
+            return list(self._resident)
+
+    def in_use(self) -> list[str]:
+        """Names of the resident adapters pinned by running requests."""
+        with self._cond:
+            return [n for n, a in self._resident.items() if a.pins > 0]
+
+    def acquire(self, name: str) -> LoadedAdapter:
+        """The adapter ``name``, loaded if needed, pinned until ``release``; marks it most recently used.
+
+        Loading happens outside the store's lock, so the engine keeps decoding (and releasing adapters) meanwhile;
+        concurrent requests for an adapter being loaded wait for that one load.
+
+        Raises:
+            UnknownAdapter, AdapterLoadError, AdapterTooLarge, AdapterBusy
+        """
+        if not self.exists(name):
+            raise UnknownAdapter(name)
+        directory = self.root / name
+        while True:
+            with self._cond:
+                adapter = self._resident.get(name)
+                if adapter is not None and adapter.stamp != _files_stamp(directory):
+                    del self._resident[name]  # re-trained on disk: running requests keep the old weights
+                    self._cond.notify_all()
+                    adapter = None
+                if adapter is not None:
+                    self._resident.move_to_end(name)
+                    adapter.pins += 1
+                    return adapter
+                loading = self._loading.get(name)
+                if loading is None:
+                    loading = self._loading[name] = threading.Event()
+                    break  # this thread loads it
+            loading.wait()  # another request is loading it; then look again
+        try:
+            try:
+                adapter = load_adapter(name, directory, self.modules, self.device)
+            except AdapterLoadError:
+                with self._cond:
+                    self.load_failures += 1
+                raise
+            if adapter.nbytes > self.max_bytes:
+                raise AdapterTooLarge(
+                    f"adapter {name!r} needs {adapter.nbytes / 2**20:.2f} MiB, more than the server's adapter "
+                    f"memory bound of {self.max_bytes / 2**20:.2f} MiB (--max_adapter_memory_mb)"
+                )
+            with self._cond:
+                self.loads += 1
+                self._make_room(adapter.nbytes)
+                self._resident[name] = adapter
+                adapter.pins += 1
+            return adapter
+        finally:
+            with self._cond:
+                del self._loading[name]
+            loading.set()
+
+    def release(self, adapter: LoadedAdapter) -> None:
+        """Unpin an adapter acquired earlier."""
+        with self._cond:
+            adapter.pins -= 1
+            if adapter.pins == 0:
+                self._cond.notify_all()
+
+    def _make_room(self, nbytes: int) -> None:
+        """Evict unpinned adapters, least recently used first, until ``nbytes`` more fit; wait if all are pinned."""
+        deadline = time.monotonic() + self.wait_timeout
+        while sum(a.nbytes for a in self._resident.values()) + nbytes > self.max_bytes:
+            victim = next((n for n, a in self._resident.items() if a.pins == 0), None)
+            if victim is not None:
+                del self._resident[victim]
+                self.evictions += 1
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AdapterBusy(
+                    f"the adapters in use fill the adapter memory bound ({self.max_bytes / 2**20:.1f} MiB); "
+                    "try again when requests finish, or raise --max_adapter_memory_mb"
+                )
+            self._cond.wait(left)
