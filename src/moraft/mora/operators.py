@@ -98,6 +98,12 @@ def contiguous_groups(n: int, rank: int, device: torch.device | None = None) -> 
     return torch.repeat_interleave(torch.arange(rank), sizes).to(device)
 
 
+def rope_rotate(v: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotation in half-split layout: pairs (j, j + r̂/2) turned by the angles behind ``cos``/``signed_sin``
+    (see ``MoraOperator._rope``); with the sine negated it is the inverse (transposed) rotation."""
+    return torch.addcmul(v * cos, v.roll(v.shape[-1] // 2, -1), signed_sin)
+
+
 def rope_angles(num_blocks: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the RoPE-style angles i·θ_j (θ_j = 10000^(-2j/r̂)) in half-split layout: (nb, r̂) each."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rank, 2, dtype=torch.float64) / rank))
@@ -191,10 +197,14 @@ class MoraOperator:
         return self._cache[key]
 
     def _rope(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (nb, r̂) with ``R_i z = z·cos_i + roll(z, r̂/2)·signed_sin_i``."""
         key = ("rope", device, dtype)
         if key not in self._cache:
             cos, sin = rope_angles(self.num_blocks, self.rank)
-            self._cache[key] = (cos.to(device, dtype), sin.to(device, dtype))
+            half = self.rank // 2
+            # rotate_half(z)·sin = [-z[h:], z[:h]]·sin = roll(z, h)·[-sin[:h], sin[h:]]: one copy, no cat
+            signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            self._cache[key] = (cos.to(device, dtype), signed_sin.to(device, dtype))
         return self._cache[key]
 
     def compress(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,31 +271,25 @@ class MoraOperator:
         """The matrices applied to each block: (1, r̂, r̂) when shared, (nb, r̂, r̂) for rotation (W_i = M·R_i).
 
         Rotating the input block by R_i and then multiplying by M equals multiplying the unrotated block by M·R_i,
-        so the rotation costs r̂² work per block on the weights instead of a pass over every activation.
-        R_i x = x·cos_i + rotate_half(x)·sin_i, and M·rotate_half = [M[:, h:], -M[:, :h]] with h = r̂/2.
+        so in training the rotation costs r̂² work per block on the weights instead of a pass over every
+        activation. Row a of M·R_i is R_iᵀ applied to row a of M, and R_iᵀ is R_i with the sine negated.
         """
         if self.compression != "rotation":
             return m.unsqueeze(0)
-        cos, sin = self._rope(m.device, m.dtype)  # (nb, r̂)
-        half = self.rank // 2
-        m_rot = torch.cat((m[:, half:], -m[:, :half]), dim=-1)
-        return m.unsqueeze(0) * cos.unsqueeze(1) + m_rot.unsqueeze(0) * sin.unsqueeze(1)  # (nb, r̂, r̂)
+        cos, signed_sin = self._rope(m.device, m.dtype)  # (nb, r̂)
+        return rope_rotate(m.unsqueeze(0), cos.unsqueeze(1), -signed_sin.unsqueeze(1))  # (nb, r̂, r̂)
 
     def rotate_blocks(self, z: torch.Tensor) -> torch.Tensor:
         """R_i z_i for every block of z (..., nb, r̂): the rotation that ``block_weights`` folds into M (identity
         unless compression is rotation), so ``block_matmul(z, block_weights(M)) == rotate_blocks(z) @ Mᵀ``.
 
         Rows with different M can then share one elementwise rotation (``moraft serve``'s mixed-adapter batches)
-        instead of each needing its own (nb, r̂, r̂) block weights. R_i z = z·cos_i + rotate_half(z)·sin_i.
+        instead of each needing its own (nb, r̂, r̂) block weights.
         """
         if self.compression != "rotation":
             return z
-        cos, sin = self._rope(z.device, z.dtype)  # (nb, r̂)
-        half = self.rank // 2
-        key = ("rope_half_sign", z.device, z.dtype)
-        if key not in self._cache:  # rotate_half(z)·sin = roll(z, r̂/2)·[-sin[:h], sin[h:]]: one copy, no cat
-            self._cache[key] = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        return torch.addcmul(z * cos, z.roll(half, -1), self._cache[key])
+        cos, signed_sin = self._rope(z.device, z.dtype)  # (nb, r̂)
+        return rope_rotate(z, cos, signed_sin)
 
     # -- what the layer uses -------------------------------------------------------------------------------------
 
