@@ -8,6 +8,7 @@ print one line and exit with status 2; set ``MORAFT_DEBUG=1`` for the traceback.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Callable
@@ -30,22 +31,52 @@ def _load(spec: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
+def _description(func: Callable) -> str:
+    """The docstring up to its ``Args:`` section: jsonargparse shows only the first line, we show all of it."""
+    doc = inspect.getdoc(func) or ""
+    return doc.split("\nArgs:", 1)[0].strip()
+
+
+def build_parser(commands: dict[str, Callable]):
+    """The ``moraft`` parser: a subcommand per function, flags from its signature, help from its docstring."""
+    import argparse
+
+    from jsonargparse import DefaultHelpFormatter, auto_parser
+
+    class Formatter(DefaultHelpFormatter):
+        def _fill_text(self, text, width, indent):  # keep the docstring's paragraphs and lists as written
+            return argparse.RawDescriptionHelpFormatter._fill_text(self, text, width, indent)
+
+    parser = auto_parser(
+        commands,
+        as_positional=True,
+        fail_untyped=True,
+        parser_mode="yaml",
+        prog="moraft",
+        description="moraft: MoRA fine-tuning, conversion, merging and serving. `moraft COMMAND --help` for more.",
+    )
+    for name, sub in parser._subcommands_action._name_parser_map.items():
+        sub.description = _description(commands[name])
+        sub.formatter_class = Formatter
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``moraft`` command."""
-    from jsonargparse import CLI
-
     argv = sys.argv[1:] if argv is None else argv
     commands = {name: _load(spec) for name, spec in COMMANDS.items()}
-    if not commands:
-        print("moraft: no subcommands are installed", file=sys.stderr)
-        raise SystemExit(2)
+    parser = build_parser(commands)
+    cfg = parser.parse_args(argv)  # bad flags: argparse prints usage and exits 2
     try:
-        CLI(commands, args=argv, as_positional=True, fail_untyped=True, parser_mode="yaml")
+        init = parser.instantiate(cfg)
+        name = init.subcommand
+        kwargs = dict(init[name])
+        kwargs.pop("config", None)
+        commands[name](**kwargs)
     except (UserError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         if os.environ.get("MORAFT_DEBUG"):
             raise
-        cmd = argv[0] if argv else ""
-        print(f"moraft {cmd}: error: {err}".replace("  ", " "), file=sys.stderr)
+        print(f"moraft {argv[0] if argv else ''}: error: {err}".replace("  ", " "), file=sys.stderr)
         raise SystemExit(2) from None
 
 
