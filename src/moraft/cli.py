@@ -17,6 +17,9 @@ COMMANDS: dict[str, str] = {
     "convert-peft-mora": "moraft.interop.peft_mora:convert_peft_mora",
     "export-lora": "moraft.interop.lora_export:export_lora",
     "merge": "moraft.interop.merge:merge_adapter",
+    "train": "moraft.train.commands:train_command",
+    "eval": "moraft.train.evaluate:eval_command",
+    "demo": "moraft.train.demo:demo",
 }
 
 
