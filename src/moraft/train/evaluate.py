@@ -153,7 +153,7 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
 
 
 def eval_command(
-    path: str = BUILTIN_MODEL,
+    path: str,
     base: Optional[str] = None,
     text: Optional[str] = None,
     num_pairs: Optional[int] = None,

@@ -49,6 +49,8 @@ class TrainResult:
         runtime_s: wall time of the training loop.
         world_size: how many processes trained.
         ranks_in_sync: whether every rank ended with identical trainable parameters.
+        model: the trained model, in memory (a ``PeftModel`` unless method=full).
+        tokenizer: its tokenizer.
     """
 
     output_dir: Path
@@ -59,6 +61,8 @@ class TrainResult:
     runtime_s: float = 0.0
     world_size: int = 1
     ranks_in_sync: bool = True
+    model: Optional[torch.nn.Module] = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
 
     def curve(self, key: str) -> list[tuple[int, float]]:
         """(step, value) for every entry that has ``key``, e.g. ``result.curve("char_accuracy")``."""
@@ -98,6 +102,12 @@ def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
             "or another --output_dir"
         )
     return None
+
+
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def _digest(model: torch.nn.Module) -> str:
@@ -167,8 +177,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         max_steps=options.max_steps,
         max_grad_norm=options.max_grad_norm,
         bf16=options.bf16,
-        gradient_checkpointing=options.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        activation_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
         seed=options.seed,
         data_seed=options.seed,
         save_strategy="steps" if options.save_steps else "no",
@@ -180,6 +190,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         remove_unused_columns=False,
         disable_tqdm=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        use_cpu=not _has_accelerator(),  # accelerate treats torchrun on CPU as distributed (gloo) only with use_cpu
     )
     is_main = args.process_index == 0
     if options.overwrite and is_main and out.is_dir():
@@ -225,6 +237,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         runtime_s=runtime,
         world_size=len(digests),
         ranks_in_sync=len(set(digests)) == 1,
+        model=model,
+        tokenizer=tokenizer,
     )
     if is_main:
         _save_outputs(trainer, tokenizer, options, result, digests)

@@ -1,0 +1,102 @@
+"""Short training runs: every method (a row each) and every data format, checking what a run must guarantee:
+only the method's parameters change, the outputs are written, and what was saved reloads to the same model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from moraft.cli import main
+from moraft.train import apply_method, load_trained, tiny_llama, train
+from moraft.train.methods import count_parameters
+
+from _train_helpers import logits, tiny_options
+
+METHODS = {
+    "mora-sharing": dict(method="mora", compression="sharing"),
+    "mora-rotation": dict(method="mora", compression="rotation"),
+    "lora": dict(method="lora"),
+    "dora": dict(method="dora"),
+    "full": dict(method="full", learning_rate=1e-3),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method_trains_saves_and_reloads(tmp_path, name):
+    options = tiny_options(tmp_path / name, eval_steps=2, **METHODS[name])
+    base, _ = tiny_llama(0, options.builtin_hidden_size, options.builtin_num_layers)
+    result = train(options)
+    out = result.output_dir
+
+    for file in ("train_config.yaml", "metrics.jsonl", "loss.png", "train_summary.json", "tokenizer.json"):
+        assert (out / file).is_file() and (out / file).stat().st_size > 0, file
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["method"] == options.method
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+    assert all("learning_rate" in e and "tokens_per_second" in e for e in history if "loss" in e)
+    assert [e["step"] for e in history if "char_accuracy" in e] == [2, 3]  # every eval_steps, and at the end
+    assert result.curve("char_accuracy") == [(e["step"], e["char_accuracy"]) for e in history if "char_accuracy" in e]
+
+    trained = load_file(out / ("model.safetensors" if name == "full" else "adapter_model.safetensors"))
+    if name == "full":
+        assert not (out / "adapter_config.json").exists()
+        assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"], base.model.layers[0].self_attn.q_proj.weight)
+    else:
+        # the adapter only, never a copy of the base; and it moved away from its (zero) initialisation
+        assert not any(key.endswith("q_proj.weight") and "lora" not in key for key in trained)
+        assert all(t.abs().sum() > 0 for key, t in trained.items() if "mora_M" in key or "lora_B" in key)
+        assert result.trainable_parameters == sum(t.numel() for t in trained.values())
+
+    # what was saved reloads into the model that was trained
+    reloaded, tokenizer, _ = load_trained(str(out))
+    ids = torch.tensor([tokenizer("0123-abcd:ffff").input_ids])
+    torch.testing.assert_close(logits(reloaded, ids), logits(result.model, ids), rtol=0, atol=1e-5)
+    assert not torch.allclose(logits(reloaded, ids), logits(base, ids), atol=1e-4)  # and it differs from the base
+
+
+@pytest.mark.parametrize("r", [2, 8])
+def test_same_rank_same_budget(tmp_path, r):
+    counts = {}
+    for method in ("lora", "mora"):
+        model, _ = tiny_llama(0, 64, 1)
+        counts[method] = count_parameters(apply_method(model, tiny_options(tmp_path, method=method, r=r)))[0]
+    assert abs(counts["mora"] / counts["lora"] - 1) < 0.05
+
+
+CHAT = [
+    {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+    for w in ("red", "green", "blue", "cyan")
+]
+PROMPTS = [{"prompt": f"{a}+{a}=", "completion": str(2 * a)} for a in range(6)]
+
+
+@pytest.mark.parametrize("data_format", ["chat", "prompt-completion", "text"])
+def test_data_formats_through_the_cli_with_yaml_and_flags(tmp_path, capsys, data_format):
+    if data_format == "text":
+        data = tmp_path / "corpus.txt"
+        data.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    else:
+        data = tmp_path / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in (CHAT if data_format == "chat" else PROMPTS)))
+    out = tmp_path / "out"
+    config = tmp_path / "run.yaml"
+    options = {**vars(tiny_options(out)), "data": str(data), "seq_length": 64, "max_steps": 5, "method": "lora"}
+    config.write_text(yaml.safe_dump(options))
+    main(["train", "--config", str(config), "--max_steps", "2", "--method", "mora"])  # flags win over the file
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["method"] == "mora"
+    assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
+    resolved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert resolved["data"] == str(data) and resolved["max_steps"] == 2 and resolved["seq_length"] == 64
+
+
+def test_eval_data_logs_perplexity(tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text("abc " * 100)
+    result = train(tiny_options(tmp_path / "run", data=str(text), eval_data=str(text), seq_length=32, eval_steps=2))
+    ppl = result.curve("eval_perplexity")
+    assert [step for step, _ in ppl] == [2, 3] and all(1 < p < 200 for _, p in ppl)
