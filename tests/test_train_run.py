@@ -100,3 +100,40 @@ def test_eval_data_logs_perplexity(tmp_path):
     result = train(tiny_options(tmp_path / "run", data=str(text), eval_data=str(text), seq_length=32, eval_steps=2))
     ppl = result.curve("eval_perplexity")
     assert [step for step, _ in ppl] == [2, 3] and all(1 < p < 200 for _, p in ppl)
+
+
+def test_training_options_bf16_checkpointing_accumulation_schedule(tmp_path):
+    options = tiny_options(
+        tmp_path / "run", method="mora", compression="rotation", bf16=True, gradient_checkpointing=True,
+        gradient_accumulation_steps=2, warmup_steps=1, lr_scheduler="cosine", max_steps=-1, epochs=2, eval_steps=0,
+    )
+    result = train(options)
+    # 8 pairs, 4 per forward pass, 2 passes per step: one step per epoch
+    losses = result.curve("loss")
+    assert [step for step, _ in losses] == [1, 2] and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
+    lrs = [lr for _, lr in result.curve("learning_rate")]
+    assert lrs[0] == pytest.approx(options.learning_rate)  # the warmup step reached the peak; cosine then decays
+    assert lrs[1] < lrs[0]
+
+
+def test_local_gpt2_directory(tmp_path):
+    """A model directory on disk (here a GPT-2, whose projections are Conv1D) with its own tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moraft.train import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tokenizer), n_positions=128,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    for method in ("mora", "lora"):
+        result = train(tiny_options(tmp_path / method, model=str(tmp_path / "gpt2"), data=str(data), method=method,
+                                    target_modules=["c_attn", "c_proj", "c_fc"], max_steps=2))
+        reloaded, tok, described = load_trained(str(result.output_dir))
+        assert str(tmp_path / "gpt2") in described
+        ids = torch.tensor([tok("1+1=").input_ids])
+        torch.testing.assert_close(logits(reloaded, ids), logits(result.model, ids), rtol=0, atol=1e-5)
