@@ -137,3 +137,20 @@ def test_local_gpt2_directory(tmp_path):
         assert str(tmp_path / "gpt2") in described
         ids = torch.tensor([tok("1+1=").input_ids])
         torch.testing.assert_close(logits(reloaded, ids), logits(result.model, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("compression", ["sharing", "rotation"])
+def test_mora_backward_under_bf16_autocast(compression):
+    """What --bf16 does to a MoRA layer: the forward runs in bf16 and the backward must not mix dtypes."""
+    from moraft.mora.operators import MoraOperator
+
+    op = MoraOperator(64, 48, 16, compression=compression)
+    x = torch.randn(3, 64, requires_grad=True)
+    m = torch.randn(16, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = op.apply(x, m)
+    assert y.dtype == torch.bfloat16
+    (y.float() * torch.linspace(-1, 1, 48)).sum().backward()
+    reference_m = torch.autograd.grad((op.apply(x.detach(), m.detach().requires_grad_()) * torch.linspace(-1, 1, 48)).sum(), m)[0]
+    assert m.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(m.grad, reference_m, rtol=0.05, atol=0.05 * reference_m.abs().max().item())
