@@ -13,6 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from moraft.cli import UserError
 from moraft.train import apply_method, load_trained, merge_and_restart, tiny_llama, train
 from moraft.train.callbacks import MergeEvery, restarting_schedule
 
@@ -103,6 +104,8 @@ def test_resume_equals_uninterrupted_and_run_reloads_whole(tmp_path, case):
     whole = train(tiny_options(tmp_path / "whole", **common))
     train(tiny_options(tmp_path / "split", **common), callbacks=[StopAt(3)])
     assert (tmp_path / "split" / "checkpoint-3").is_dir()
+    with pytest.raises(UserError, match=r"learning_rate \(0.005 before, 0.001 now\)"):
+        train(tiny_options(tmp_path / "split", resume=True, **{**common, "learning_rate": 1e-3}))
     resumed = train(tiny_options(tmp_path / "split", resume=True, **common))
 
     a = load_file(whole.output_dir / "adapter_model.safetensors")

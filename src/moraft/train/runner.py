@@ -27,12 +27,15 @@ from ..cli import UserError
 from .builtin import BUILTIN_MODEL
 from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
 from .data import UUID_MEMORY, Collator, ExampleDataset, load_examples, uuid_pairs
-from .evaluate import CONFIG_FILE, mean_loss, merge_dirs, uuid_accuracy
+from .evaluate import CONFIG_FILE, mean_loss, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_base, merge_and_restart
 from .options import TrainOptions
 from .plot import plot_run
 
 SUMMARY_FILE = "train_summary.json"
+# options a resumed run may change: what is saved and logged, and how long it trains
+RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "save_steps", "save_total_limit", "logging_steps",
+                     "eval_steps", "max_steps", "epochs"}
 
 
 @dataclass
@@ -95,6 +98,17 @@ def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
         checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
         if checkpoint is None:
             raise UserError(f"resume: {str(out)!r} has no checkpoint-N directory to resume from")
+        saved = read_train_config(out)
+        differ = [
+            f"{key} ({saved[key]!r} before, {value!r} now)"
+            for key, value in options.to_dict().items()
+            if key in saved and key not in RESUMABLE_CHANGES and saved[key] != value
+        ]
+        if differ:
+            raise UserError(
+                f"resume: these options differ from the run in {str(out)!r}: {', '.join(differ)}; resume with "
+                f"--config {out / CONFIG_FILE} --resume true"
+            )
         return checkpoint
     if occupied and not options.overwrite:
         raise UserError(
@@ -223,10 +237,11 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     runtime = time.perf_counter() - started
     state = trainer.state
     final = {"train_loss": output.training_loss}
-    if pairs is not None or eval_examples is not None:
-        final.update(evaluate(model) if is_main else {})
-        if is_main and not (options.eval_steps and state.global_step % options.eval_steps == 0):
-            recorder.record(state, {k: v for k, v in final.items() if k != "train_loss"})
+    if is_main and (pairs is not None or eval_examples is not None):
+        keys = ("char_accuracy", "eval_loss")
+        done = [e for e in state.log_history if e["step"] == state.global_step and any(k in e for k in keys)]
+        last = done[-1] if done else recorder.record(state, evaluate(model))  # no second evaluation of the last step
+        final.update({k: v for k, v in last.items() if k != "step"})
     digests = _gather(_digest(model))
     result = TrainResult(
         output_dir=out,
@@ -286,7 +301,7 @@ def _save_outputs(trainer: Trainer, tokenizer, options: TrainOptions, result: Tr
         "rank_digests": digests,
         "merges": [d.name for d in merge_dirs(out)],
     }
-    (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_run(result.history, tmp / "loss.png", title=f"{options.method} r={options.r} on {options.data}")
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
