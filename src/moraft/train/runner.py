@@ -142,6 +142,38 @@ def _gather(value: str) -> list[str]:
     return [value]
 
 
+def _training_arguments(options: TrainOptions) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run (creating them also sets up the process group under torchrun)."""
+    return TrainingArguments(
+        output_dir=options.output_dir,
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        max_grad_norm=options.max_grad_norm,
+        bf16=options.bf16,
+        activation_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        seed=options.seed,
+        data_seed=options.seed,
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
+        save_total_limit=options.save_total_limit,
+        logging_steps=options.logging_steps,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        use_cpu=not _has_accelerator(),  # accelerate treats torchrun on CPU as distributed (gloo) only with use_cpu
+    )
+
+
 def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
     """Fine-tune ``options.model`` on ``options.data`` with ``options.method``; see `TrainOptions`.
 
@@ -179,34 +211,7 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
 
     # -- everything is checked: from here on the run writes to output_dir -------------------------------------
     out = Path(options.output_dir)
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        learning_rate=options.learning_rate,
-        lr_scheduler_type=options.lr_scheduler,
-        warmup_steps=options.warmup_steps,
-        weight_decay=options.weight_decay,
-        num_train_epochs=options.epochs,
-        max_steps=options.max_steps,
-        max_grad_norm=options.max_grad_norm,
-        bf16=options.bf16,
-        activation_checkpointing=options.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
-        seed=options.seed,
-        data_seed=options.seed,
-        save_strategy="steps" if options.save_steps else "no",
-        save_steps=options.save_steps or 500,
-        save_total_limit=options.save_total_limit,
-        logging_steps=options.logging_steps,
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        remove_unused_columns=False,
-        disable_tqdm=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        use_cpu=not _has_accelerator(),  # accelerate treats torchrun on CPU as distributed (gloo) only with use_cpu
-    )
+    args = _training_arguments(options)
     is_main = args.process_index == 0
     if options.overwrite and is_main and out.is_dir():
         shutil.rmtree(out)
