@@ -24,7 +24,7 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path):
              for arg in (f"--{key}", str(value))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "moraft.cli", "train", *flags, "--output_dir", str(out)]
+               "-m", "moraft", "train", *flags, "--output_dir", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
