@@ -9,7 +9,7 @@ import json
 import pytest
 
 from moraft.cli import COMMANDS, main
-from moraft.train import TrainOptions, train
+from moraft.train import TrainOptions, load_trained, train
 
 from _train_helpers import TINY, tiny_options
 
@@ -118,6 +118,14 @@ def test_eval_command_on_a_run_the_base_and_text(tmp_path, capsys):
     metrics = json.loads(out.strip().splitlines()[-1])
     # the random base model is about as good as uniform guessing over the 105-token vocabulary
     assert status == 0 and metrics["task"] == "perplexity" and 40 < metrics["perplexity"] < 400
+
+    # the same adapter merged into its base and saved as a plain model directory evaluates the same
+    model, tokenizer, _ = load_trained(str(result.output_dir))
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    status, out, _ = run_cli(["eval", str(tmp_path / "merged"), "--num_pairs", "8"], capsys)
+    merged = json.loads(out.strip().splitlines()[-1])
+    assert status == 0 and merged["char_accuracy"] == pytest.approx(result.final["char_accuracy"])
 
     status, _, err = run_cli(["eval", str(tmp_path / "nothing")], capsys)
     assert status == 2 and "is not a directory" in err

@@ -66,9 +66,9 @@ class Recorder(TrainerCallback):
             self.postfix["lr"] = f"{entry['learning_rate']:.3g}"
         if entry.get("tokens_per_second"):
             self.postfix["tok/s"] = f"{entry['tokens_per_second']:.0f}"
-        for key in ("char_accuracy", "eval_perplexity"):
+        for key, short in (("char_accuracy", "acc"), ("eval_perplexity", "ppl")):
             if key in entry:
-                self.postfix[key.replace("char_accuracy", "acc").replace("eval_perplexity", "ppl")] = f"{entry[key]:.3g}"
+                self.postfix[short] = f"{entry[key]:.3g}"
         if not self.is_main:
             return
         with self.path.open("a") as handle:
