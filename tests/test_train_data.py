@@ -90,7 +90,8 @@ def test_text_packed_to_seq_length(tok, tmp_path):
 
 
 def test_collator_pads_right_and_masks(tok):
-    batch = Collator(tok.pad_token_id)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4], "labels": [IGNORE]}])
+    examples = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4], "labels": [IGNORE]}]
+    batch = Collator(tok.pad_token_id)(examples)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, tok.pad_token_id, tok.pad_token_id]]
     assert batch["labels"].tolist() == [[1, 2, 3], [IGNORE] * 3]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -101,7 +102,7 @@ def test_collator_pads_right_and_masks(tok):
     [
         (['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "completion": '], "line 2: not valid JSON"),
         (['{"prompt": "a", "completion": "b"}', '[1, 2]'], "line 2: expected a JSON object, got list"),
-        (['{"prompt": "a", "completion": "b"}', '{"prompt": "a"}'], "line 2: 'completion' must be a string, but it is missing"),
+        (['{"prompt": "a", "completion": "b"}', '{"prompt": "a"}'], "line 2: 'completion' must be a string, but it is"),
         (['{"messages": [{"role": "user", "content": "hi"}]}'], "line 1: no 'assistant' message"),
         (['{"messages": [{"role": "user"}]}'], "line 1: message 0 must be an object with string 'role' and 'content'"),
         (['', '{"text": "x"}'], "line 2: cannot tell the data format from keys ['text']"),

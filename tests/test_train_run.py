@@ -44,7 +44,8 @@ def test_method_trains_saves_and_reloads(tmp_path, name):
     trained = load_file(out / ("model.safetensors" if name == "full" else "adapter_model.safetensors"))
     if name == "full":
         assert not (out / "adapter_config.json").exists()
-        assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"], base.model.layers[0].self_attn.q_proj.weight)
+        q_proj = trained["model.layers.0.self_attn.q_proj.weight"]
+        assert not torch.equal(q_proj, base.model.layers[0].self_attn.q_proj.weight)
     else:
         # the adapter only, never a copy of the base; and it moved away from its (zero) initialisation
         assert not any(key.endswith("q_proj.weight") and "lora" not in key for key in trained)

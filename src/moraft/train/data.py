@@ -3,9 +3,9 @@
 | format | input | loss on |
 | --- | --- | --- |
 | ``uuid-memory`` | N random UUID pairs ``key:value`` made from a seed (the paper's memory task) | the whole sequence |
-| ``chat`` | JSONL, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line, rendered with the tokenizer's chat template | the assistant turns |
+| ``chat`` | JSONL, ``{"messages": [{"role", "content"}, ...]}`` per line, through the chat template | assistant turns |
 | ``prompt-completion`` | JSONL, one ``{"prompt": ..., "completion": ...}`` per line | the completion |
-| ``text`` | plain text files (or a directory of ``*.txt``), concatenated and cut into ``seq_length`` blocks | every token |
+| ``text`` | text files (or a directory of ``*.txt``), concatenated, cut into ``seq_length`` blocks | every token |
 
 Every example is a dict of ``input_ids`` and ``labels`` (``-100`` where no loss is taken); `Collator` pads a batch.
 """
@@ -187,10 +187,8 @@ def text_examples(path: Path, tokenizer, seq_length: int) -> list[Example]:
     blocks = len(stream) // seq_length
     if blocks == 0:
         raise UserError(f"{path}: {len(stream)} tokens, fewer than one block of seq_length={seq_length}")
-    return [
-        {"input_ids": stream[i * seq_length : (i + 1) * seq_length], "labels": stream[i * seq_length : (i + 1) * seq_length]}
-        for i in range(blocks)
-    ]
+    chunks = [stream[i * seq_length : (i + 1) * seq_length] for i in range(blocks)]
+    return [{"input_ids": chunk, "labels": list(chunk)} for chunk in chunks]
 
 
 def _truncate(example: Example, max_length: int) -> Example:

@@ -31,8 +31,8 @@ def demo(
     """Train LoRA and MoRA at the same rank on the uuid-memory task and compare their character accuracy.
 
     With no options (what scripts/demo.sh runs): the built-in random-init tiny LLaMA (hidden 128, 4 layers), 128
-    random UUID pairs "key:value", every linear layer adapted, batch 32, constant learning rate 1e-3, 400 steps; LoRA r=8
-    (lora_alpha 16) and MoRA r=8 (sharing), which train the same number of parameters. Every eval_steps, each
+    random UUID pairs "key:value", every linear layer adapted, batch 32, constant learning rate 1e-3, 400 steps;
+    LoRA r=8 (lora_alpha 16) and MoRA r=8 (sharing), which train the same number of parameters. Every eval_steps, each
     value is generated greedily from its key and compared character by character. Prints the accuracy table and
     writes output_dir/demo.png, output_dir/demo.json and the two adapters (output_dir/lora-r8, output_dir/mora-r8;
     these two directories are replaced on every run). Each adapter directory also holds metrics.jsonl, loss.png

@@ -164,7 +164,8 @@ class TrainOptions:
 
         def integer(name: str, minimum: int) -> None:
             value = getattr(self, name)
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, f"an integer >= {minimum}")
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+            check(ok, name, f"an integer >= {minimum}")
 
         check(self.method in METHODS, "method", f"one of {', '.join(METHODS)}")
         check(self.data_format in FORMATS, "data_format", f"one of {', '.join(FORMATS)}")
@@ -172,9 +173,8 @@ class TrainOptions:
         check(self.input_grouping in GROUPINGS, "input_grouping", f"one of {', '.join(GROUPINGS)}")
         check(self.output_grouping in GROUPINGS, "output_grouping", f"one of {', '.join(GROUPINGS)}")
         check(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"one of {', '.join(SCHEDULERS)}")
-        for name in ("r", "builtin_hidden_size", "builtin_num_layers", "seq_length", "num_pairs", "batch_size"):
-            integer(name, 1)
-        for name in ("gradient_accumulation_steps", "logging_steps"):
+        for name in ("r", "builtin_hidden_size", "builtin_num_layers", "seq_length", "num_pairs", "batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
             integer(name, 1)
         for name in ("warmup_steps", "merge_every", "save_steps", "eval_steps"):
             integer(name, 0)
@@ -192,15 +192,15 @@ class TrainOptions:
             self.merge_warmup_steps is None or self.merge_warmup_steps >= 1, "merge_warmup_steps", "None or >= 1"
         )
         for name in ("rank_pattern", "mora_rank_pattern"):
-            check(all(isinstance(v, int) and v >= 1 for v in getattr(self, name).values()), name, "{pattern: int >= 1}")
+            ok = all(isinstance(v, int) and v >= 1 for v in getattr(self, name).values())
+            check(ok, name, "{pattern: int >= 1}")
         if self.method != "mora":
             for name in ("compression", "mora_rank", "mora_rank_pattern", "input_grouping", "output_grouping"):
-                default = TrainOptions.__dataclass_fields__[name]
-                value = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
-                if getattr(self, name) != value:
+                if getattr(self, name) != _default(name):
                     raise UserError(f"{name} is a mora option; it does nothing with method={self.method!r}")
         if self.merge_every:
-            check(self.method in ("mora", "lora"), "merge_every", "0 with method dora or full (ReMoRA/ReLoRA merge mora or lora adapters)")
+            expected = "0 with method dora or full (ReMoRA/ReLoRA merge mora or lora adapters)"
+            check(self.method in ("mora", "lora"), "merge_every", expected)
             check(self.max_steps > 0, "max_steps", "a step count (> 0) when merge_every is set")
         if self.overwrite and self.resume:
             raise UserError("overwrite and resume contradict each other; pass one")
@@ -216,6 +216,11 @@ class TrainOptions:
     def to_dict(self) -> dict:
         """The options as plain YAML-ready values (what train_config.yaml holds)."""
         return dataclasses.asdict(self)
+
+
+def _default(name: str):
+    f = TrainOptions.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def command(options_cls: type, run: Callable, name: str) -> Callable:
