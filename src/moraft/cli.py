@@ -19,6 +19,9 @@ COMMANDS: dict[str, str] = {
     "export-lora": "moraft.interop.lora_export:export_lora",
     "merge": "moraft.interop.merge:merge_adapter",
     "serve": "moraft.serve.server:serve",
+    "train": "moraft.train.commands:train_command",
+    "eval": "moraft.train.evaluate:eval_command",
+    "demo": "moraft.train.demo:demo",
 }
 
 
@@ -61,11 +64,35 @@ def build_parser(commands: dict[str, Callable]):
     return parser
 
 
+def normalize_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]:
+    """Accept ``--merge-every`` for ``--merge_every``, and a bare ``--resume`` for ``--resume true``."""
+    if not argv or argv[0] not in commands:
+        return argv
+    params = inspect.signature(commands[argv[0]]).parameters
+    booleans = {name for name, p in params.items() if p.annotation in (bool, "bool")}
+    out = argv[:1]
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            name = name.replace("-", "_")
+            arg = f"--{name}{eq}{value}"
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            if name in booleans and not eq and (following is None or following.lower() not in BOOL_WORDS):
+                out += [arg, "true"]
+                continue
+        out.append(arg)
+    return out
+
+
+BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``moraft`` command."""
     argv = sys.argv[1:] if argv is None else argv
     commands = {name: _load(spec) for name, spec in COMMANDS.items()}
     parser = build_parser(commands)
+    argv = normalize_flags(argv, commands)
     cfg = parser.parse_args(argv)  # bad flags: argparse prints usage and exits 2
     try:
         init = parser.instantiate(cfg)

@@ -375,7 +375,9 @@ class MoraFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x, m = ctx.saved_tensors
         op: MoraOperator = ctx.op
-        gy = op.decompress_t(grad_out)
+        # under autocast (Trainer's bf16/fp16) the forward ran in half precision but backward runs outside autocast:
+        # compute it in the dtype of the saved x and M, so the matmuls below never mix dtypes
+        gy = op.decompress_t(grad_out.to(x.dtype))
         grad_x = grad_m = None
         with torch.enable_grad():
             m_ = m.detach().requires_grad_(ctx.needs_input_grad[1])

@@ -1,0 +1,146 @@
+"""Trainer callbacks: the progress bar, metrics.jsonl, evaluation during training, and ReMoRA/ReLoRA's merge
+every N steps (with the learning-rate schedule that restarts after each merge)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from .evaluate import MERGES_DIR
+from .methods import merge_and_restart
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Recorder(TrainerCallback):
+    """Writes every logged entry to ``metrics.jsonl`` and shows a progress bar with loss, learning rate, tokens/s
+    (and the latest evaluation). Only the main process writes or draws; other ranks keep the entries in memory."""
+
+    def __init__(self, output_dir: Path, description: str, is_main: bool) -> None:
+        self.path = Path(output_dir) / METRICS_FILE
+        self.description = description
+        self.is_main = is_main
+        self.bar: Optional[tqdm] = None
+        self.postfix: dict[str, str] = {}
+        self._last_tokens: Optional[tuple[float, int]] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # a resumed run restarts metrics.jsonl from the checkpoint's history, so entries logged after that
+        # checkpoint by the interrupted run are not kept twice
+        if self.is_main:
+            self.path.write_text("".join(json.dumps(entry) + "\n" for entry in state.log_history))
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.description, unit="step")
+        self._last_tokens = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        entry = state.log_history[-1] if state.log_history else {}
+        if "loss" in entry and state.num_input_tokens_seen and self._last_tokens is not None:
+            now = time.perf_counter()
+            seconds, tokens = now - self._last_tokens[0], state.num_input_tokens_seen - self._last_tokens[1]
+            entry["tokens_per_second"] = round(tokens / seconds, 1) if seconds > 0 else None
+            self._last_tokens = (now, state.num_input_tokens_seen)
+        self.write(entry)
+
+    def record(self, state, values: dict) -> dict:
+        """Add an entry (e.g. evaluation results) to the run's history at the current step, and write it."""
+        entry = {**values, "step": state.global_step}
+        state.log_history.append(entry)
+        self.write(entry)
+        return entry
+
+    def write(self, entry: dict) -> None:
+        if "loss" in entry:
+            self.postfix["loss"] = f"{entry['loss']:.4g}"
+        if "learning_rate" in entry:
+            self.postfix["lr"] = f"{entry['learning_rate']:.3g}"
+        if entry.get("tokens_per_second"):
+            self.postfix["tok/s"] = f"{entry['tokens_per_second']:.0f}"
+        for key, short in (("char_accuracy", "acc"), ("eval_perplexity", "ppl")):
+            if key in entry:
+                self.postfix[short] = f"{entry[key]:.3g}"
+        if not self.is_main:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Evaluator(TrainerCallback):
+    """Runs ``evaluate(model) -> dict`` every ``every`` steps on the main process and records the result."""
+
+    def __init__(self, evaluate: Callable, every: int, recorder: Recorder, is_main: bool) -> None:
+        self.evaluate = evaluate
+        self.every = every
+        self.recorder = recorder
+        self.is_main = is_main
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and self.is_main:
+            self.recorder.record(state, self.evaluate(model))
+
+
+class MergeEvery(TrainerCallback):
+    """ReMoRA / ReLoRA: every ``every`` steps (not at the last), merge the adapter into the base, restart it and
+    reset its optimizer state. The main process first saves the adapter being merged to ``merges/step-N`` (so the
+    run can be reloaded and resumed); every rank then merges the same way, so the ranks stay identical."""
+
+    def __init__(self, every: int, output_dir: Path, switch_grouping: bool, seed: int, is_main: bool) -> None:
+        self.every = every
+        self.output_dir = Path(output_dir)
+        self.switch_grouping = switch_grouping
+        self.seed = seed
+        self.is_main = is_main
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step = state.global_step
+        if step % self.every or step >= state.max_steps:
+            return
+        if self.is_main:
+            save_merged_adapter(model, self.output_dir, step)
+        restarted = merge_and_restart(model, switch_grouping=self.switch_grouping, seed=self.seed + step)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        for param in restarted:
+            inner.state.pop(param, None)  # AdamW starts this parameter's moments afresh at its next step
+
+
+def save_merged_adapter(model, output_dir: Path, step: int) -> Path:
+    """Write the adapter about to be merged to ``output_dir/merges/step-N`` (whole or not at all)."""
+    final = Path(output_dir) / MERGES_DIR / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def restarting_schedule(scheduler: LambdaLR, every: int, warmup: int) -> LambdaLR:
+    """``scheduler``'s schedule times a linear re-warmup of ``warmup`` steps after every ``every`` steps (ReLoRA's
+    jagged schedule): right after a merge the fresh adapter starts with a small learning rate."""
+    base = list(scheduler.lr_lambdas)
+
+    def restarted(index: int) -> Callable[[int], float]:
+        def factor(step: int) -> float:
+            since = step % every if step >= every else warmup
+            return base[index](step) * min(1.0, (since + 1) / warmup)
+
+        return factor
+
+    return LambdaLR(scheduler.optimizer, [restarted(i) for i in range(len(base))])

@@ -1,0 +1,198 @@
+"""Evaluation: the uuid-memory task (character accuracy and exact match of greedily generated values) and
+perplexity on text, for a training run's adapter, a merged or fully fine-tuned model, or a base model.
+
+``moraft eval PATH`` is `eval_command`; `uuid_accuracy` and `perplexity` are what training calls every
+``eval_steps``; `load_trained` rebuilds what a run produced (including ReMoRA/ReLoRA's merged updates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+from torch import nn
+
+from ..cli import UserError
+from .builtin import BUILTIN_MODEL
+from .data import Collator, text_examples, uuid_pairs, uuid_prompt
+
+CONFIG_FILE = "train_config.yaml"
+MERGES_DIR = "merges"
+
+
+@torch.no_grad()
+def uuid_accuracy(
+    model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 128
+) -> dict[str, float]:
+    """Greedy-generate each value from ``key:`` and compare it with the true value.
+
+    Returns ``char_accuracy`` (the fraction of the value's characters generated correctly at their position,
+    averaged over pairs, as in the paper's memory task) and ``exact_match`` (the fraction of values generated
+    exactly).
+    """
+    was_training = model.training
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    max_new = max(len(tokenizer(value, add_special_tokens=False).input_ids) for _, value in pairs) + 1
+    chars = exact = 0.0
+    try:
+        for start in range(0, len(pairs), batch_size):
+            batch = pairs[start : start + batch_size]
+            encoded = tokenizer([uuid_prompt(key) for key, _ in batch], return_tensors="pt", padding=True)
+            encoded = encoded.to(next(model.parameters()).device)
+            out = model.generate(
+                **encoded,
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            for text, (_, value) in zip(texts, batch):
+                chars += sum(a == b for a, b in zip(text, value)) / len(value)
+                exact += text[: len(value)] == value
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return {"char_accuracy": chars / len(pairs), "exact_match": exact / len(pairs)}
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, path: str | Path, seq_length: int = 512, batch_size: int = 8) -> dict:
+    """Mean token negative log-likelihood (``loss``) and ``perplexity`` = exp(loss) on a text file or directory."""
+    examples = text_examples(Path(path), tokenizer, seq_length)
+    return mean_loss(model, examples, tokenizer.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, examples: list, pad_token_id: int, batch_size: int = 8) -> dict:
+    """Token-weighted mean loss and perplexity of ``model`` over tokenized examples (their ``labels``)."""
+    was_training = model.training
+    model.eval()
+    collate = Collator(pad_token_id)
+    device = next(model.parameters()).device
+    total = count = 0.0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+            n = (batch["labels"][:, 1:] != -100).sum().item()  # the model shifts labels by one
+            total += model(**batch).loss.float().item() * n
+            count += n
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
+
+
+def read_train_config(path: str | Path) -> dict:
+    """The options a run was trained with (its ``train_config.yaml``), or {} when ``path`` has none."""
+    file = Path(path) / CONFIG_FILE
+    return yaml.safe_load(file.read_text()) if file.is_file() else {}
+
+
+def merge_dirs(run_dir: str | Path) -> list[Path]:
+    """The adapters ReMoRA/ReLoRA merged into the base during a run, in order (``merges/step-N``)."""
+    root = Path(run_dir) / MERGES_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int] = None):
+    """What ``path`` holds, ready to run: (model, tokenizer, description).
+
+    ``path`` may be a training run's output directory or any PEFT adapter directory (its base comes from ``base``,
+    else the run's train_config.yaml, else the adapter's base_model_name_or_path), a full model directory (merged,
+    fully fine-tuned, or a base), or ``builtin:tiny-llama``. For a run trained with merge_every, the merged adapters
+    in ``merges/`` are first merged into the base in order (the final adapter alone is only the last segment).
+    """
+    from peft import PeftModel
+
+    from .methods import load_base
+
+    config = read_train_config(path) if path != BUILTIN_MODEL else {}
+    builtin = {
+        "hidden_size": config.get("builtin_hidden_size", 128),
+        "num_layers": config.get("builtin_num_layers", 4),
+        "model_seed": config.get("model_seed", 0),
+    }
+    if path == BUILTIN_MODEL:
+        model, tokenizer = load_base(BUILTIN_MODEL, **builtin)
+        return model, tokenizer, f"base model {BUILTIN_MODEL}"
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{path!r} is not a directory (expected a run, an adapter or a model directory)")
+    if not (directory / "adapter_config.json").is_file():
+        if not (directory / "config.json").is_file():
+            raise UserError(f"{path!r} holds neither adapter_config.json (an adapter) nor config.json (a model)")
+        model, tokenizer = load_base(str(directory))
+        return model, tokenizer, f"model {path}"
+    base_name = base or config.get("model")
+    if base_name is None:
+        base_name = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{path!r}: cannot tell its base model; pass --base")
+    model, tokenizer = load_base(base_name, **builtin)
+    if (directory / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    merges = [d for d in merge_dirs(directory) if up_to_step is None or int(d.name.split("-")[1]) <= up_to_step]
+    for merged in merges:
+        model = PeftModel.from_pretrained(model, merged).merge_and_unload()
+    model = PeftModel.from_pretrained(model, directory)
+    described = f"adapter {path} on {base_name}" + (f" after {len(merges)} merged adapters" if merges else "")
+    return model, tokenizer, described
+
+
+def eval_command(
+    path: str,
+    base: Optional[str] = None,
+    text: Optional[str] = None,
+    num_pairs: Optional[int] = None,
+    data_seed: Optional[int] = None,
+    seq_length: int = 512,
+    batch_size: int = 64,
+    output: Optional[str] = None,
+) -> dict:
+    """Evaluate a trained adapter, a merged or fully fine-tuned model, or a base model.
+
+    Without --text: the uuid-memory task: each value is generated greedily from "key:" and compared with the true
+    value (char_accuracy: fraction of characters right at their position; exact_match: fraction of values exactly
+    right). With --text FILE: loss and perplexity on that text (a file or a directory of *.txt), cut into blocks of
+    seq_length tokens. Prints the metrics as one JSON object.
+
+    Args:
+        path: a `moraft train` output directory, a PEFT adapter directory (MoRA, LoRA or DoRA), a model directory
+            (merged, fully fine-tuned, or a base), or "builtin:tiny-llama".
+        base: the base model under an adapter (default: the run's train_config.yaml, else the adapter's
+            base_model_name_or_path).
+        text: evaluate perplexity on this text file or directory instead of the uuid-memory task.
+        num_pairs: uuid-memory: how many pairs (default: the run's num_pairs, else 128).
+        data_seed: uuid-memory: seed of the pairs (default: the run's data_seed, else 0).
+        seq_length: text: block length in tokens.
+        batch_size: sequences per forward pass.
+        output: also write the metrics to this JSON file.
+    """
+    model, tokenizer, described = load_trained(path, base)
+    config = read_train_config(path) if Path(path).is_dir() else {}
+    if text is not None:
+        metrics = {"task": "perplexity", "text": text, **perplexity(model, tokenizer, text, seq_length, batch_size)}
+    else:
+        pairs = uuid_pairs(
+            num_pairs if num_pairs is not None else config.get("num_pairs", 128),
+            data_seed if data_seed is not None else config.get("data_seed", 0),
+        )
+        metrics = {"task": "uuid-memory", "num_pairs": len(pairs), **uuid_accuracy(model, tokenizer, pairs, batch_size)}
+    metrics = {"evaluated": described, **metrics}
+    print(json.dumps(metrics))
+    if output:
+        Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

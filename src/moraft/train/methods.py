@@ -1,0 +1,166 @@
+"""The model and the method: load the base (a local directory or the built-in tiny LLaMA), wrap it for MoRA, LoRA,
+DoRA or full fine-tuning, and ReMoRA/ReLoRA's merge-and-restart of the adapter.
+
+ReMoRA / ReLoRA (https://arxiv.org/abs/2405.12130 §4.2, https://arxiv.org/abs/2307.05695): every N steps the adapter's
+update ΔW is added to the frozen base weights and the adapter starts again from its initial state, so the sum of
+the successive low-rank (or, for MoRA, block-structured) updates can reach a higher rank than any one of them. For
+MoRA sharing, each restart switches the grouping of the operators (strided ↔ contiguous), so the next update lives
+in a different subspace.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ..cli import UserError
+from ..mora import MoraConfig, MoraLayer, MoraOperator
+from ..mora.model import adaptable_module_names
+from .builtin import BUILTIN_MODEL, tiny_llama
+from .options import TrainOptions
+
+ADAPTER = "default"  # the adapter name PEFT gives the one adapter get_peft_model creates
+
+
+def load_base(
+    model: str, *, hidden_size: int = 128, num_layers: int = 4, model_seed: int = 0, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, object]:
+    """The base causal LM and its tokenizer: ``builtin:tiny-llama`` or a local transformers directory."""
+    if model == BUILTIN_MODEL:
+        return tiny_llama(model_seed, hidden_size, num_layers)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {model!r} is not a directory; expected a local transformers model directory (config.json and "
+            f"weights) or {BUILTIN_MODEL!r} (no downloads are made)"
+        )
+    if not (path / "config.json").is_file():
+        raise UserError(f"model {model!r} has no config.json, so it is not a transformers model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {model!r}: cannot load its tokenizer ({err})") from None
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding positions are masked out of attention and loss
+    return base, tokenizer
+
+
+def peft_config(options: TrainOptions) -> MoraConfig | LoraConfig:
+    """The PEFT config of ``options.method`` (mora, lora or dora)."""
+    common = dict(
+        r=options.r,
+        target_modules=options.target_modules,
+        exclude_modules=options.exclude_modules,
+        layers_to_transform=options.layers_to_transform,
+        layers_pattern=options.layers_pattern,
+        rank_pattern=dict(options.rank_pattern),
+        modules_to_save=options.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    if options.method == "mora":
+        return MoraConfig(
+            **common,
+            dropout=options.dropout,
+            compression=options.compression,
+            mora_rank=options.mora_rank,
+            mora_rank_pattern=dict(options.mora_rank_pattern),
+            input_grouping=options.input_grouping,
+            output_grouping=options.output_grouping,
+            init_weights=options.init_weights,
+            peft_mora_compat=options.peft_mora_compat,
+        )
+    return LoraConfig(
+        **common,
+        lora_alpha=options.effective_lora_alpha,
+        lora_dropout=options.dropout,
+        use_dora=options.method == "dora",
+        init_lora_weights=options.init_weights,
+    )
+
+
+def apply_method(model: nn.Module, options: TrainOptions) -> nn.Module:
+    """``model`` ready to train with ``options.method``: a ``PeftModel``, or the model itself for ``full``."""
+    if options.method == "full":
+        model.requires_grad_(True)
+        return model
+    config = peft_config(options)
+    try:
+        with warnings.catch_warnings():
+            # PEFT 0.21 calls transformers 5's deprecated is_gradient_checkpointing: noise, not the user's concern
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, config)
+    except ValueError as err:
+        if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
+            raise UserError(
+                f"target_modules={options.target_modules!r} matched no module of {type(model).__name__}. Modules "
+                f"that can be adapted: {', '.join(adaptable_module_names(model))}"
+            ) from None
+        raise
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# -- ReMoRA / ReLoRA -----------------------------------------------------------------------------------------------
+
+_OTHER_GROUPING = {"strided": "contiguous", "contiguous": "strided"}
+
+
+@torch.no_grad()
+def merge_and_restart(model: PeftModel, *, switch_grouping: bool = True, seed: int = 0) -> list[nn.Parameter]:
+    """Add the adapter's ΔW to the base weights and put the adapter back to its initial state.
+
+    MoRA: M = 0 and, for sharing with ``switch_grouping``, the operators switch between strided and contiguous
+    grouping (the saved ``adapter_config.json`` follows). LoRA: A gets PEFT's Kaiming init from a generator seeded
+    with ``seed`` (the same on every rank, and without touching the training RNG), B = 0. The model computes the
+    same function before and after (up to rounding). Returns the re-initialized parameters, whose optimizer state
+    the caller resets.
+    """
+    config = model.peft_config[ADAPTER]
+    switch = isinstance(config, MoraConfig) and config.compression == "sharing" and switch_grouping
+    restarted: list[nn.Parameter] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            restarted += _restart_layer(module, switch)
+    if switch:
+        config.input_grouping = _OTHER_GROUPING[config.input_grouping]
+        config.output_grouping = _OTHER_GROUPING[config.output_grouping]
+    return restarted
+
+
+def _restart_layer(module: nn.Module, switch: bool) -> list[nn.Parameter]:
+    """Merge one tuner layer's adapter into its base weight and re-initialize it; its restarted parameters."""
+    if isinstance(module, MoraLayer) and ADAPTER in module.mora_M:
+        module.merge(adapter_names=[ADAPTER])
+        module.merged_adapters.remove(ADAPTER)  # ΔW now belongs to the base weight for good
+        module.mora_M[ADAPTER].zero_()
+        if switch:
+            op = module.mora_operator[ADAPTER]
+            module.mora_operator[ADAPTER] = MoraOperator(
+                op.in_features,
+                op.out_features,
+                op.rank,
+                compression=op.compression,
+                input_grouping=_OTHER_GROUPING[op.input_grouping],
+                output_grouping=_OTHER_GROUPING[op.output_grouping],
+                peft_mora_compat=op.peft_mora_compat,
+            )
+        return [module.mora_M[ADAPTER]]
+    if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+        module.merge(adapter_names=[ADAPTER])
+        module.merged_adapters.remove(ADAPTER)
+        module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
+        return [module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight]
+    return []

@@ -1,0 +1,314 @@
+"""The training loop: `train(options)` checks everything, then fine-tunes with Hugging Face ``Trainer`` and
+writes the run's outputs. ``moraft train`` is this function; benchmarks call it directly.
+
+Every check that can fail on bad input (options, model path, data, target modules) runs before anything is
+written, so a bad command leaves the output directory as it was. Final files are written to a temporary directory
+and moved into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import yaml
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..cli import UserError
+from .builtin import BUILTIN_MODEL
+from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
+from .data import UUID_MEMORY, Collator, ExampleDataset, load_examples, uuid_pairs
+from .evaluate import CONFIG_FILE, mean_loss, merge_dirs, read_train_config, uuid_accuracy
+from .methods import ADAPTER, apply_method, count_parameters, load_base, merge_and_restart
+from .options import TrainOptions
+from .plot import plot_run
+
+SUMMARY_FILE = "train_summary.json"
+# options a resumed run may change: what is saved and logged, and how long it trains
+RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "save_steps", "save_total_limit", "logging_steps",
+                     "eval_steps", "max_steps", "epochs"}
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        output_dir: where the adapter (or the full model) and the other outputs are.
+        history: every logged entry in order (``loss``, ``learning_rate``, ``tokens_per_second``, evaluation
+            results such as ``char_accuracy``), each with its ``step``.
+        final: the last evaluation and the mean training loss.
+        trainable_parameters: parameters the method trained.
+        total_parameters: all parameters of the trained model (base + adapter).
+        runtime_s: wall time of the training loop.
+        world_size: how many processes trained.
+        ranks_in_sync: whether every rank ended with identical trainable parameters.
+        model: the trained model, in memory (a ``PeftModel`` unless method=full).
+        tokenizer: its tokenizer.
+    """
+
+    output_dir: Path
+    history: list[dict] = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    runtime_s: float = 0.0
+    world_size: int = 1
+    ranks_in_sync: bool = True
+    model: Optional[torch.nn.Module] = field(default=None, repr=False)
+    tokenizer: object = field(default=None, repr=False)
+
+    def curve(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) for every entry that has ``key``, e.g. ``result.curve("char_accuracy")``."""
+        return [(entry["step"], entry[key]) for entry in self.history if key in entry]
+
+
+class MoraftTrainer(Trainer):
+    """``Trainer`` with ReLoRA's jagged learning-rate schedule when the adapter is merged every N steps."""
+
+    def __init__(self, *args, merge_every: int = 0, merge_warmup: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.merge_every = merge_every
+        self.merge_warmup = merge_warmup
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+            if self.merge_every:
+                self.lr_scheduler = restarting_schedule(scheduler, self.merge_every, self.merge_warmup)
+        return self.lr_scheduler
+
+
+def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
+    """Check output_dir against overwrite/resume; the checkpoint to resume from (None for a fresh run)."""
+    out = Path(options.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {str(out)!r} is a file, not a directory")
+    occupied = out.is_dir() and any(out.iterdir())
+    if options.resume:
+        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if checkpoint is None:
+            raise UserError(f"resume: {str(out)!r} has no checkpoint-N directory to resume from")
+        saved = read_train_config(out)
+        differ = [
+            f"{key} ({saved[key]!r} before, {value!r} now)"
+            for key, value in options.to_dict().items()
+            if key in saved and key not in RESUMABLE_CHANGES and saved[key] != value
+        ]
+        if differ:
+            raise UserError(
+                f"resume: these options differ from the run in {str(out)!r}: {', '.join(differ)}; resume with "
+                f"--config {out / CONFIG_FILE} --resume true"
+            )
+        return checkpoint
+    if occupied and not options.overwrite:
+        raise UserError(
+            f"output_dir {str(out)!r} is not empty; pass --resume to continue its run, --overwrite to replace it, "
+            "or another --output_dir"
+        )
+    return None
+
+
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def _digest(model: torch.nn.Module) -> str:
+    """A hash of the trainable parameters: equal on every rank when data-parallel training stayed in sync."""
+    sha = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            sha.update(name.encode())
+            sha.update(param.detach().float().cpu().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def _gather(value: str) -> list[str]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(values, value)
+        return values
+    return [value]
+
+
+def _training_arguments(options: TrainOptions) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run (creating them also sets up the process group under torchrun)."""
+    return TrainingArguments(
+        output_dir=options.output_dir,
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        max_grad_norm=options.max_grad_norm,
+        bf16=options.bf16,
+        activation_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        seed=options.seed,
+        data_seed=options.seed,
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
+        save_total_limit=options.save_total_limit,
+        logging_steps=options.logging_steps,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        use_cpu=not _has_accelerator(),  # accelerate treats torchrun on CPU as distributed (gloo) only with use_cpu
+    )
+
+
+def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Fine-tune ``options.model`` on ``options.data`` with ``options.method``; see `TrainOptions`.
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (e.g. to stop early). Returns a `TrainResult`
+    with the logged history and final metrics. In a multi-process run (torchrun, accelerate launch) every process
+    calls this; only the main one writes files.
+    """
+    options.validate()
+    checkpoint = _prepare_output_dir(options)
+    model, tokenizer = load_base(
+        options.model,
+        hidden_size=options.builtin_hidden_size,
+        num_layers=options.builtin_num_layers,
+        model_seed=options.model_seed,
+    )
+    if options.model == BUILTIN_MODEL:
+        model.config._name_or_path = BUILTIN_MODEL  # recorded as the adapter's base_model_name_or_path
+    load = dict(data_format=options.data_format, seq_length=options.seq_length, num_pairs=options.num_pairs,
+                seed=options.data_seed)
+    examples = load_examples(options.data, tokenizer, **load)
+    eval_examples = load_examples(options.eval_data, tokenizer, **load) if options.eval_data else None
+    set_seed(options.seed)  # the adapter's initialization
+    model = apply_method(model, options)
+    trainable, total = count_parameters(model)
+    pairs = uuid_pairs(options.num_pairs, options.data_seed) if options.data == UUID_MEMORY else None
+
+    def evaluate(model) -> dict:
+        metrics = {}
+        if pairs is not None:
+            metrics.update(uuid_accuracy(model, tokenizer, pairs))
+        if eval_examples is not None:
+            result = mean_loss(model, eval_examples, tokenizer.pad_token_id, options.batch_size)
+            metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
+        return metrics
+
+    # -- everything is checked: from here on the run writes to output_dir -------------------------------------
+    out = Path(options.output_dir)
+    args = _training_arguments(options)
+    is_main = args.process_index == 0
+    if options.overwrite and is_main and out.is_dir():
+        shutil.rmtree(out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
+    recorder = Recorder(out, f"{options.method} r={options.r}" if options.method != "full" else "full", is_main)
+    own = [recorder, Evaluator(evaluate, options.eval_steps, recorder, is_main)]
+    if options.merge_every:
+        own.append(MergeEvery(options.merge_every, out, options.switch_grouping, options.seed, is_main))
+    trainer = MoraftTrainer(
+        model=model,
+        args=args,
+        train_dataset=ExampleDataset(examples),
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=own + list(callbacks),
+        merge_every=options.merge_every,
+        merge_warmup=options.effective_merge_warmup,
+    )
+    trainer.remove_callback(ProgressCallback)  # the Recorder draws the bar
+    if checkpoint is not None:
+        _replay_merges(model, options, int(Path(checkpoint).name.split("-")[1]), is_main)
+    started = time.perf_counter()
+    try:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        recorder.close()
+    runtime = time.perf_counter() - started
+    state = trainer.state
+    final = {"train_loss": output.training_loss}
+    if is_main and (pairs is not None or eval_examples is not None):
+        keys = ("char_accuracy", "eval_loss")
+        done = [e for e in state.log_history if e["step"] == state.global_step and any(k in e for k in keys)]
+        last = done[-1] if done else recorder.record(state, evaluate(model))  # no second evaluation of the last step
+        final.update({k: v for k, v in last.items() if k != "step"})
+    digests = _gather(_digest(model))
+    result = TrainResult(
+        output_dir=out,
+        history=list(state.log_history),
+        final=final,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        runtime_s=runtime,
+        world_size=len(digests),
+        ranks_in_sync=len(set(digests)) == 1,
+        model=model,
+        tokenizer=tokenizer,
+    )
+    if is_main:
+        _save_outputs(trainer, tokenizer, options, result, digests)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank returns before the outputs exist
+    if not result.ranks_in_sync:
+        raise RuntimeError(f"the {len(digests)} ranks ended with different parameters: {digests}")
+    return result
+
+
+def _replay_merges(model, options: TrainOptions, step: int, is_main: bool) -> None:
+    """Before resuming at ``step``, merge the adapters that the run merged up to then (the base weights of the
+    checkpoint), and drop those the interrupted run merged after it (they will be merged again)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for directory in merge_dirs(options.output_dir):
+        merged_at = int(directory.name.split("-")[1])
+        if merged_at > step:
+            if is_main:
+                shutil.rmtree(directory)
+            continue
+        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"), ADAPTER)
+        merge_and_restart(model, switch_grouping=options.switch_grouping, seed=options.seed + merged_at)
+
+
+def _save_outputs(trainer: Trainer, tokenizer, options: TrainOptions, result: TrainResult, digests: list) -> None:
+    """The final adapter (or full model), tokenizer, config, summary and plot, moved into output_dir at once."""
+    out = result.output_dir
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainer.model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
+    summary = {
+        "method": options.method,
+        "final": result.final,
+        "steps": trainer.state.global_step,
+        "trainable_parameters": result.trainable_parameters,
+        "total_parameters": result.total_parameters,
+        "runtime_s": round(result.runtime_s, 2),
+        "world_size": result.world_size,
+        "ranks_in_sync": result.ranks_in_sync,
+        "rank_digests": digests,
+        "merges": [d.name for d in merge_dirs(out)],
+    }
+    (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_run(result.history, tmp / "loss.png", title=f"{options.method} r={options.r} on {options.data}")
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+    print(f"moraft train: saved {'the model' if options.method == 'full' else 'the adapter'} and loss.png to {out}")

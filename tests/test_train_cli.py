@@ -1,0 +1,148 @@
+"""``moraft train`` / ``moraft eval`` / ``moraft demo`` from the command line: --help documents every option, and
+every kind of bad input is one line on stderr, exit status 2, and nothing written to the output directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from moraft.cli import COMMANDS, main
+from moraft.train import TrainOptions, load_trained, train
+
+from _train_helpers import TINY, tiny_options
+
+
+def run_cli(argv, capsys):
+    """(exit status, stdout, stderr) of ``moraft ARGV`` run in this process."""
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_commands_registered():
+    assert {"train", "eval", "demo"} <= set(COMMANDS)
+
+
+def test_train_help_documents_every_option(capsys):
+    status, out, _ = run_cli(["train", "--help"], capsys)
+    assert status == 0
+    for f in dataclasses.fields(TrainOptions):
+        assert f"--{f.name} " in out or f"--{f.name}\n" in out, f.name
+    assert "(type: int, default: 0)" in out  # each option shows its type and default
+    assert "Hugging Face Trainer" in " ".join(out.split()) and "--config CONFIG" in out
+
+
+def tiny_flags(out_dir) -> list[str]:
+    flags = []
+    for key, value in TINY.items():
+        flags += [f"--{key}", str(value)]
+    return flags + ["--output_dir", str(out_dir)]
+
+
+BAD = {
+    "missing model": (["--model", "/no/such/model"], "model '/no/such/model' is not a directory"),
+    "rank 0": (["--r", "0"], "r=0 is invalid; expected an integer >= 1"),
+    "negative learning rate": (["--learning_rate=-1e-4"], "learning_rate=-0.0001 is invalid; expected a number > 0"),
+    "mora targets nothing": (
+        ["--target_modules", "[nope, nada]"],
+        "matched no module of LlamaForCausalLM. Modules that can be adapted: down_proj, gate_proj, k_proj, lm_head",
+    ),
+    "lora targets nothing": (
+        ["--method", "lora", "--target_modules", "[nope]"],
+        "target_modules=['nope'] matched no module of LlamaForCausalLM. Modules that can be adapted: down_proj",
+    ),
+    "malformed jsonl": (["--data", "{bad_jsonl}"], "bad.jsonl line 2: not valid JSON (Expecting property name"),
+    "missing data": (["--data", "/no/such/data.jsonl"], "data '/no/such/data.jsonl' is neither 'uuid-memory'"),
+    "mora option with lora": (["--method", "lora", "--compression", "rotation"], "compression is a mora option"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
+    flags, expected = BAD[case]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", }\n')
+    flags = [f.replace("{bad_jsonl}", str(bad)) for f in flags]
+    out_dir = tmp_path / "out"
+    status, _, err = run_cli(["train", *tiny_flags(out_dir), *flags], capsys)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not out_dir.exists()
+
+
+def test_unknown_choice_is_a_parse_error(tmp_path, capsys):
+    # rejected by the argument parser (usage, then the error), before anything runs
+    status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--compression", "sharpening"], capsys)
+    assert status == 2 and "Expected a typing.Literal['sharing', 'rotation', 'decouple', 'truncation']" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_learning_rate_in_yaml(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: -0.001\nr: 4\n")
+    status, _, err = run_cli(["train", "--config", str(config), "--output_dir", str(tmp_path / "out")], capsys)
+    assert status == 2 and err.strip() == "moraft train: error: learning_rate=-0.001 is invalid; expected a number > 0"
+    assert not (tmp_path / "out").exists()
+
+
+def test_occupied_output_dir_is_left_alone(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "precious.txt").write_text("keep me")
+    status, _, err = run_cli(["train", *tiny_flags(out_dir)], capsys)
+    assert status == 2 and "is not empty; pass --resume" in err and len(err.strip().splitlines()) == 1
+    status, _, err = run_cli(["train", *tiny_flags(out_dir), "--resume", "true"], capsys)
+    assert status == 2 and "has no checkpoint-N directory" in err
+    assert [p.name for p in out_dir.iterdir()] == ["precious.txt"]
+
+
+def test_eval_command_on_a_run_the_base_and_text(tmp_path, capsys):
+    result = train(tiny_options(tmp_path / "run", method="lora", max_steps=2))
+    capsys.readouterr()
+    status, out, _ = run_cli(["eval", str(result.output_dir), "--output", str(tmp_path / "m.json")], capsys)
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert status == 0 and metrics["task"] == "uuid-memory" and metrics["num_pairs"] == 8  # from the run's config
+    assert metrics["char_accuracy"] == pytest.approx(result.final["char_accuracy"])
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 30)
+    status, out, _ = run_cli(["eval", "builtin:tiny-llama", "--text", str(text), "--seq_length", "64"], capsys)
+    metrics = json.loads(out.strip().splitlines()[-1])
+    # the random base model is about as good as uniform guessing over the 105-token vocabulary
+    assert status == 0 and metrics["task"] == "perplexity" and 40 < metrics["perplexity"] < 400
+
+    # the same adapter merged into its base and saved as a plain model directory evaluates the same
+    model, tokenizer, _ = load_trained(str(result.output_dir))
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+    status, out, _ = run_cli(["eval", str(tmp_path / "merged"), "--num_pairs", "8"], capsys)
+    merged = json.loads(out.strip().splitlines()[-1])
+    assert status == 0 and merged["char_accuracy"] == pytest.approx(result.final["char_accuracy"])
+
+    status, _, err = run_cli(["eval", str(tmp_path / "nothing")], capsys)
+    assert status == 2 and "is not a directory" in err
+
+
+def test_demo_prints_table_plot_and_adapters(tmp_path, capsys):
+    status, out, _ = run_cli(
+        ["demo", "--output_dir", str(tmp_path), "--max_steps", "4", "--eval_steps", "2", "--num_pairs", "8",
+         "--batch_size", "4", "--hidden_size", "32", "--num_layers", "1"],
+        capsys,
+    )
+    assert status == 0
+    assert "character accuracy" in out and "LoRA r=8" in out and "MoRA r=8 (sharing)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("2", "4")]
+    assert [row[0] for row in rows] == ["2", "4"] and all(row[1].endswith("%") and row[2].endswith("%") for row in rows)
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert set(report["char_accuracy"]) == {"LoRA r=8", "MoRA r=8 (sharing)"}
+    for name in ("lora-r8", "mora-r8"):
+        assert (tmp_path / name / "adapter_model.safetensors").is_file() and str(tmp_path / name) in out
