@@ -67,9 +67,9 @@ def fold(v: torch.Tensor, n: int) -> torch.Tensor:
     if n > length:
         return F.pad(v, (0, n - length))
     full, rem = divmod(length, n)
-    out = v[..., : full * n].unflatten(-1, (full, n)).sum(-2)
+    out = v[..., : full * n].unflatten(-1, (full, n)).sum(-2)  # a new tensor: safe to add into in place
     if rem:
-        out = out + F.pad(v[..., full * n :], (0, n - rem))
+        out[..., :rem] += v[..., full * n :]
     return out
 
 
@@ -233,6 +233,18 @@ class MoraOperator:
             return last
         return x[..., : full * rank].unflatten(-1, (full, rank)).sum(-2) + last
 
+    def _strided_sum_t(self, z: torch.Tensor) -> torch.Tensor:
+        """The transpose of ``_strided_sum``, fold(tile(z, padded_in), k), in one pass when r̂ <= k: feature i gets
+        z[i mod r̂], and the first features, which the cyclic padding repeats, also get the last chunk's tail."""
+        k, rank = self.in_features, self.rank
+        if rank > k:
+            return fold(tile(z, self.padded_in), k)
+        rem = k % rank
+        out = tile(z, k)
+        if rem:  # k > r̂ here, so tile made a copy that can be added into
+            out[..., : rank - rem] += z[..., rem:]
+        return out
+
     def compress_t(self, z: torch.Tensor) -> torch.Tensor:
         """The transpose of ``compress``: (..., nb, r̂) -> (..., k)."""
         k = self.in_features
@@ -242,7 +254,7 @@ class MoraOperator:
         if self.compression == "truncation":
             return crop(z, k)
         if self.input_grouping == "strided":
-            return fold(tile(z, self.padded_in), k)
+            return self._strided_sum_t(z)
         return z.index_select(-1, self._index("in", k, z.device))
 
     def decompress(self, y: torch.Tensor) -> torch.Tensor:
