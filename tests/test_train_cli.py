@@ -146,3 +146,16 @@ def test_demo_prints_table_plot_and_adapters(tmp_path, capsys):
     assert set(report["char_accuracy"]) == {"LoRA r=8", "MoRA r=8 (sharing)"}
     for name in ("lora-r8", "mora-r8"):
         assert (tmp_path / name / "adapter_model.safetensors").is_file() and str(tmp_path / name) in out
+
+
+def test_dashed_flags_and_bare_booleans(tmp_path, capsys):
+    """`--merge-every N` and a bare `--overwrite` work like `--merge_every N` and `--overwrite true`."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "old.txt").write_text("something")  # needs --overwrite
+    flags = [flag.replace("_", "-") if flag.startswith("--") else flag for flag in tiny_flags(out_dir)]
+    status, _, err = run_cli(["train", *flags, "--max-steps", "4", "--merge-every", "2", "--overwrite"], capsys)
+    assert status == 0, err
+    config = (out_dir / "train_config.yaml").read_text()
+    assert "merge_every: 2" in config and "overwrite: true" in config
+    assert (out_dir / "merges" / "step-2").is_dir()
