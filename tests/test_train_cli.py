@@ -159,3 +159,16 @@ def test_dashed_flags_and_bare_booleans(tmp_path, capsys):
     config = (out_dir / "train_config.yaml").read_text()
     assert "merge_every: 2" in config and "overwrite: true" in config
     assert (out_dir / "merges" / "step-2").is_dir()
+
+
+def test_eval_of_a_corrupted_adapter_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    status, _, err = run_cli(["train", *tiny_flags(run), "--max_steps", "1"], capsys)
+    assert status == 0, err
+    weights = run / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    status, _, err = run_cli(["eval", str(run)], capsys)
+    assert status == 2
+    lines = [line for line in err.splitlines() if line.startswith("moraft eval")]
+    assert lines == [f"moraft eval: error: cannot load the adapter in {str(run)!r}: " + lines[0].split(": ", 3)[-1]]
+    assert "header" in lines[0]

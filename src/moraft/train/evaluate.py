@@ -111,8 +111,6 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
     fully fine-tuned, or a base), or ``builtin:tiny-llama``. For a run trained with merge_every, the merged adapters
     in ``merges/`` are first merged into the base in order (the final adapter alone is only the last segment).
     """
-    from peft import PeftModel
-
     from .methods import load_base
 
     config = read_train_config(path) if path != BUILTIN_MODEL else {}
@@ -146,10 +144,21 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
             tokenizer.pad_token = tokenizer.eos_token
     merges = [d for d in merge_dirs(directory) if up_to_step is None or int(d.name.split("-")[1]) <= up_to_step]
     for merged in merges:
-        model = PeftModel.from_pretrained(model, merged).merge_and_unload()
-    model = PeftModel.from_pretrained(model, directory)
+        model = _load_adapter(model, merged).merge_and_unload()
+    model = _load_adapter(model, directory)
     described = f"adapter {path} on {base_name}" + (f" after {len(merges)} merged adapters" if merges else "")
     return model, tokenizer, described
+
+
+def _load_adapter(model, directory: Path):
+    """PeftModel.from_pretrained, with unreadable or mismatched adapter files reported as one line naming them."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        return PeftModel.from_pretrained(model, directory)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise UserError(f"cannot load the adapter in {str(directory)!r}: {str(err).splitlines()[0]}") from err
 
 
 def eval_command(

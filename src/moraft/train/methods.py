@@ -10,7 +10,6 @@ in a different subspace.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -93,10 +92,7 @@ def apply_method(model: nn.Module, options: TrainOptions) -> nn.Module:
         return model
     config = peft_config(options)
     try:
-        with warnings.catch_warnings():
-            # PEFT 0.21 calls transformers 5's deprecated is_gradient_checkpointing: noise, not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, config)
+        return get_peft_model(model, config)
     except ValueError as err:
         if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
             raise UserError(
