@@ -10,6 +10,9 @@ that drift in machine load hits them alike).
   (`torch.autograd.graph.saved_tensors_hooks`). On CPU there is no allocator peak counter; this accounting is exact
   and deterministic, unlike process RSS.
 - merge time: `merge_adapter()` over the whole model.
+- floor: the multiply-adds of the adapted linear layers in a training step, as a ratio to LoRA's (frozen base:
+  2·k·d per token; the adapter 3× its forward work: rotation and decouple K·r̂, sharing and truncation r̂², LoRA
+  (k + d)·r). It is the step-time ratio that arithmetic alone would give if the linear layers were the whole step.
 
     python benchmarks/speed.py                          # hidden 512, 1024, 2048 on CPU (about 10 minutes)
     python benchmarks/speed.py --hidden 1024 --repeats 3
@@ -68,6 +71,24 @@ def build(method: str, config: LlamaConfig, device: str, dtype: torch.dtype):
     return model
 
 
+def linear_macs(model, method: str) -> float:
+    """Multiply-adds per token of a training step in the adapted linear layers (frozen base: forward + input
+    gradient = 2·k·d; the adapter: forward, input gradient and weight gradient = 3 × its own work)."""
+    from moraft import MoraLayer
+
+    total = 0.0
+    for module in model.modules():
+        if isinstance(module, MoraLayer):
+            op = module.mora_operator["default"]
+            k, d = module.in_features, module.out_features
+            adapter = op.num_blocks * op.rank**2 if op.blockwise else op.rank**2  # rotation/decouple: K·r̂
+            total += 2 * k * d + 3 * adapter
+        elif hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            k, d = module.in_features, module.out_features
+            total += 2 * k * d + 3 * (k + d) * module.r["default"]
+    return total
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -124,6 +145,7 @@ def run(hidden: int, args) -> dict:
     models = {m: build(m, config, args.device, dtype).train() for m in METHODS}
     optimizers = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) for m, model in models.items()}
     params = {m: model.get_nb_trainable_parameters()[0] for m, model in models.items()}
+    macs = {m: linear_macs(model, m) for m, model in models.items()}
     memory = {m: step_memory_bytes(model, ids) for m, model in models.items()}
     for m, model in models.items():  # warm-up
         time_steps(model, optimizers[m], ids, 2, args.device)
@@ -145,6 +167,7 @@ def run(hidden: int, args) -> dict:
             "step_ratio": [min(step_ratio), statistics.median(step_ratio), max(step_ratio)],
             "merge_ratio": [min(merge_ratio), statistics.median(merge_ratio), max(merge_ratio)],
             "memory_ratio": memory[m] / memory["lora"],
+            "linear_macs_ratio": macs[m] / macs["lora"],
         }
     return result
 
@@ -154,12 +177,15 @@ def print_table(result: dict) -> None:
         f"\nhidden {result['hidden']} (intermediate {result['intermediate']}, {result['layers']} layers): "
         "ratios to PEFT LoRA r=8, min / median / max over repeats"
     )
-    print(f"{'method':<18}{'params':>10}{'step (ms)':>11}{'step ratio':>22}{'memory':>10}{'merge (ms)':>12}{'merge ratio':>24}")
+    print(
+        f"{'method':<18}{'params':>10}{'step (ms)':>11}{'step ratio':>22}{'floor':>7}{'memory':>10}"
+        f"{'merge (ms)':>12}{'merge ratio':>24}"
+    )
     for m, r in result["methods"].items():
         fmt = lambda v: f"{v[0]:.2f} / {v[1]:.2f} / {v[2]:.2f}"  # noqa: E731
         print(
             f"{m:<18}{r['trainable_params']:>10,}{statistics.median(r['step_s']) * 1e3:>11.1f}{fmt(r['step_ratio']):>22}"
-            f"{r['memory_ratio']:>9.3f}x{statistics.median(r['merge_s']) * 1e3:>12.1f}{fmt(r['merge_ratio']):>24}"
+            f"{r['linear_macs_ratio']:>7.3f}{r['memory_ratio']:>9.3f}x{statistics.median(r['merge_s']) * 1e3:>12.1f}{fmt(r['merge_ratio']):>24}"
         )
 
 

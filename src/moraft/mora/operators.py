@@ -321,20 +321,24 @@ class MoraOperator:
         return self.decompress(block_matmul(self.compress(x), self.block_weights(m)))
 
     @torch.no_grad()
-    def delta_weight(self, m: torch.Tensor) -> torch.Tensor:
-        """ΔW (d, k) with ``W0 + ΔW`` equal to the adapted layer, in M's dtype.
+    def delta_weight(self, m: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
+        """ΔW (d, k), contiguous, with ``W0 + ΔW`` equal to the adapted layer, in M's dtype.
 
-        Computed by pushing an identity through the same operators as the forward: through the forward maps when
-        k <= d (ΔWᵀ = apply(I_k)), else through their transposes (ΔW = compress_t(Wᵀ·decompress_t(I_d))), so the
-        largest intermediate is min(d, k)² + d·k·(padding) and nothing loops over rows or columns.
+        Row a of ΔW is ``compress_t(Wᵀ · decompress_t(e_a))``: identity rows are pushed through the transposes of
+        the forward operators, so ΔW comes out in the base weight's layout with no transposed copy and no Python
+        loop over rows or columns. Rows are done in blocks of at most ``block_elements / max(d, padded k)`` to bound
+        the intermediates (one block for layers up to 4096 wide).
         """
-        k, d = self.in_features, self.out_features
+        d, k = self.out_features, self.in_features
         weights = self.block_weights(m)
-        if k <= d:
-            eye = torch.eye(k, device=m.device, dtype=m.dtype)
-            return self.decompress(block_matmul(self.compress(eye), weights)).T
-        eye = torch.eye(d, device=m.device, dtype=m.dtype)
-        return self.compress_t(block_matmul_t(self.decompress_t(eye), weights))
+        out = torch.empty(d, k, device=m.device, dtype=m.dtype)
+        rows = max(1, block_elements // max(d, self.padded_in))
+        for start in range(0, d, rows):
+            n = min(rows, d - start)
+            eye = torch.zeros(n, d, device=m.device, dtype=m.dtype)
+            eye.diagonal(offset=start).fill_(1)  # rows start .. start + n of the d×d identity
+            out[start : start + n] = self.compress_t(block_matmul_t(self.decompress_t(eye), weights))
+        return out
 
     def warn_if_wasteful(self, module_name: str = "") -> None:
         """Warn when training the layer fully would take no more parameters than M (r̂² >= d·k)."""
