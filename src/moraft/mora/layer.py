@@ -104,18 +104,24 @@ class MoraLayer(BaseTunerLayer):
 
     # -- merging ---------------------------------------------------------------------------------------------------
 
+    def _add_delta(self, name: str, sign: int, check: bool = False) -> None:
+        """W0 += sign · ΔW, computed in float32: in place on a float32 weight, else cast back once."""
+        weight = self.get_base_weight()
+        delta = self.get_delta_weight(name).to(weight.device)
+        if weight.dtype == torch.float32 and not check and self.quantization_backend is None:
+            weight.add_(delta, alpha=sign)  # no second copy of the weight
+            return
+        updated = weight.to(torch.float32, copy=True).add_(delta, alpha=sign)
+        if check and not torch.isfinite(updated).all():
+            raise ValueError(f"NaNs or infs in the merged weights: adapter {name!r} seems to be broken")
+        self.set_base_weight(updated.to(weight.dtype))
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add ΔW of the active (or given) adapters to the base weight, in float32, cast back to its dtype."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
-            if name not in self.mora_M:
-                continue
-            weight = self.get_base_weight()
-            merged = weight.float() + self.get_delta_weight(name).to(weight.device)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs in the merged weights: adapter {name!r} seems to be broken")
-            self.set_base_weight(merged.to(weight.dtype))
-            self.merged_adapters.append(name)
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name in self.mora_M:
+                self._add_delta(name, +1, check=safe_merge)
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract ΔW of every merged adapter, newest first."""
@@ -125,9 +131,7 @@ class MoraLayer(BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mora_M:
-                weight = self.get_base_weight()
-                restored = weight.float() - self.get_delta_weight(name).to(weight.device)
-                self.set_base_weight(restored.to(weight.dtype))
+                self._add_delta(name, -1)
 
     # -- forward ---------------------------------------------------------------------------------------------------
 

@@ -331,14 +331,14 @@ class MoraOperator:
         """
         d, k = self.out_features, self.in_features
         weights = self.block_weights(m)
-        out = torch.empty(d, k, device=m.device, dtype=m.dtype)
         rows = max(1, block_elements // max(d, self.padded_in))
+        blocks = []
         for start in range(0, d, rows):
             n = min(rows, d - start)
             eye = torch.zeros(n, d, device=m.device, dtype=m.dtype)
             eye.diagonal(offset=start).fill_(1)  # rows start .. start + n of the d×d identity
-            out[start : start + n] = self.compress_t(block_matmul_t(self.decompress_t(eye), weights))
-        return out
+            blocks.append(self.compress_t(block_matmul_t(self.decompress_t(eye), weights)))
+        return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks)
 
     def warn_if_wasteful(self, module_name: str = "") -> None:
         """Warn when training the layer fully would take no more parameters than M (r̂² >= d·k)."""
