@@ -123,7 +123,7 @@ def test_against_reference(d, k, rank, comp, gin, gout, compat):
     m = torch.randn(rank, rank, dtype=torch.float64)
     expected = reference_delta(d, k, rank, comp, gin, gout, m, compat)
     torch.testing.assert_close(op.delta_weight(m), expected)
-    torch.testing.assert_close(op.delta_weight(m, block_elements=50), expected)  # in blocks of rows
+    torch.testing.assert_close(op.delta_weight(m, block_elements=50), expected)  # from identity rows, in blocks
     x = torch.randn(3, 5, k, dtype=torch.float64)
     torch.testing.assert_close(op.apply(x, m), x @ expected.T)
     if op.is_low_rank:

@@ -48,47 +48,54 @@ GROUPINGS: tuple[str, ...] = ("strided", "contiguous")
 # length-changing primitives on the last dimension
 
 
-def tile(v: torch.Tensor, n: int) -> torch.Tensor:
-    """``out[..., p] = v[..., p mod L]`` for ``p < n``: cyclic repetition (or truncation when ``n < L``)."""
-    length = v.shape[-1]
+def _zeros_along(v: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    shape = list(v.shape)
+    shape[dim] = n
+    return v.new_zeros(shape)
+
+
+def tile(v: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
+    """``out[p] = v[p mod L]`` for ``p < n`` along ``dim``: cyclic repetition (or truncation when ``n < L``)."""
+    length = v.shape[dim]
     if n == length:
         return v
     if n < length:
-        return v[..., :n]
+        return v.narrow(dim, 0, n)
     full, rem = divmod(n, length)
-    return torch.cat([v] * full + ([v[..., :rem]] if rem else []), dim=-1)  # writes exactly n per row
+    return torch.cat([v] * full + ([v.narrow(dim, 0, rem)] if rem else []), dim=dim)  # writes exactly n
 
 
-def fold(v: torch.Tensor, n: int) -> torch.Tensor:
-    """``out[..., q] = Σ_{p mod n = q} v[..., p]``: sums wrapped chunks (or zero-pads when ``n > L``)."""
-    length = v.shape[-1]
+def fold(v: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
+    """``out[q] = Σ_{p mod n = q} v[p]`` along ``dim``: sums wrapped chunks (or zero-pads when ``n > L``)."""
+    length = v.shape[dim]
     if n == length:
         return v
     if n > length:
-        return F.pad(v, (0, n - length))
+        return torch.cat([v, _zeros_along(v, dim, n - length)], dim=dim)
     full, rem = divmod(length, n)
     if full <= 4:  # a few chunks: chained adds beat a strided reduction
-        out = v[..., :n] + v[..., n : 2 * n] if full > 1 else v[..., :n].clone()
+        out = v.narrow(dim, 0, n) + v.narrow(dim, n, n) if full > 1 else v.narrow(dim, 0, n).clone()
         for i in range(2, full):
-            out += v[..., i * n : (i + 1) * n]
+            out += v.narrow(dim, i * n, n)
     else:
-        out = v[..., : full * n].unflatten(-1, (full, n)).sum(-2)
+        axis = dim % v.dim()
+        out = v.narrow(dim, 0, full * n).unflatten(axis, (full, n)).sum(axis)
     if rem:  # out is a new tensor: safe to add into in place
-        out[..., :rem] += v[..., full * n :]
+        out.narrow(dim, 0, rem).add_(v.narrow(dim, full * n, rem))
     return out
 
 
-def resize(v: torch.Tensor, n: int) -> torch.Tensor:
+def resize(v: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
     """Tile up to ``n`` when shorter, fold down to ``n`` when longer. Its transpose is ``resize(·, L)``."""
-    return tile(v, n) if v.shape[-1] <= n else fold(v, n)
+    return tile(v, n, dim) if v.shape[dim] <= n else fold(v, n, dim)
 
 
-def crop(v: torch.Tensor, n: int) -> torch.Tensor:
-    """The first ``n`` entries, zero-padded when ``n > L``. Its transpose is ``crop(·, L)``."""
-    length = v.shape[-1]
+def crop(v: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
+    """The first ``n`` entries along ``dim``, zero-padded when ``n > L``. Its transpose is ``crop(·, L)``."""
+    length = v.shape[dim]
     if n == length:
         return v
-    return v[..., :n] if n < length else F.pad(v, (0, n - length))
+    return v.narrow(dim, 0, n) if n < length else torch.cat([v, _zeros_along(v, dim, n - length)], dim=dim)
 
 
 def contiguous_groups(n: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
@@ -264,13 +271,16 @@ class MoraOperator:
 
     def decompress(self, y: torch.Tensor) -> torch.Tensor:
         """f_decomp: (..., nb, r̂) -> (..., d)."""
+        return self._decompress(y.flatten(-2), dim=-1)
+
+    def _decompress(self, y: torch.Tensor, dim: int) -> torch.Tensor:
+        """f_decomp on the nb·r̂ outputs laid along ``dim`` (the last one, or the rows of a matrix for ΔW)."""
         d = self.out_features
         if self.compression == "truncation":
-            return crop(y.squeeze(-2), d)
+            return crop(y, d, dim)
         if not self.blockwise and self.output_grouping == "contiguous":
-            return y.squeeze(-2).index_select(-1, self._index("out", d, y.device))
-        y = y.flatten(-2)
-        return tile(y, d) if self.peft_mora_compat else resize(y, d)
+            return y.index_select(dim, self._index("out", d, y.device))
+        return tile(y, d, dim) if self.peft_mora_compat else resize(y, d, dim)
 
     def decompress_t(self, g: torch.Tensor) -> torch.Tensor:
         """The transpose of ``decompress``: (..., d) -> (..., nb, r̂)."""
@@ -321,24 +331,38 @@ class MoraOperator:
         return self.decompress(block_matmul(self.compress(x), self.block_weights(m)))
 
     @torch.no_grad()
-    def delta_weight(self, m: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
-        """ΔW (d, k), contiguous, with ``W0 + ΔW`` equal to the adapted layer, in M's dtype.
+    def delta_weight(self, m: torch.Tensor, block_elements: int = 1 << 26) -> torch.Tensor:
+        """ΔW = D · (W·C), (d, k) and contiguous, with ``W0 + ΔW`` equal to the adapted layer, in M's dtype.
 
-        Row a of ΔW is ``compress_t(Wᵀ · decompress_t(e_a))``: identity rows are pushed through the transposes of
-        the forward operators, so ΔW comes out in the base weight's layout with no transposed copy and no Python
-        loop over rows or columns. Rows are done in blocks of at most ``block_elements / max(d, padded k)`` to bound
-        the intermediates (one block for layers up to 4096 wide).
+        W·C is built by ``compress_t`` from W's rows (row (i, s) of the block-diagonal W is block i's row s), and D
+        is ``decompress`` applied along the rows: both come from the operators above, ΔW is written in the base
+        weight's layout in about one pass, and nothing loops over rows or columns. The block-diagonal W of rotation
+        and decouple has (nb·r̂)² entries; past ``block_elements`` of them ΔW is built instead from identity rows
+        pushed through the transposed operators, in bounded blocks (slower, less memory).
         """
-        d, k = self.out_features, self.in_features
-        weights = self.block_weights(m)
-        rows = max(1, block_elements // max(d, self.padded_in))
+        weights = self.block_weights(m)  # (1 or nb, r̂, r̂)
+        nb, rank = self.num_blocks, self.rank
+        if nb == 1:
+            rows = weights[0].unsqueeze(1)  # (r̂, 1, r̂): row s of W
+        elif (nb * rank) ** 2 <= block_elements:
+            rows = m.new_zeros(nb, rank, nb, rank)
+            rows.diagonal(dim1=0, dim2=2).copy_(weights.expand(nb, rank, rank).permute(1, 2, 0))
+            rows = rows.reshape(nb * rank, nb, rank)  # block i's row s, placed in block i
+        else:
+            return self._delta_weight_from_identity(weights, block_elements)
+        return self._decompress(self.compress_t(rows), dim=0).contiguous()
+
+    def _delta_weight_from_identity(self, weights: torch.Tensor, block_elements: int) -> torch.Tensor:
+        """Row a of ΔW is ``compress_t(Wᵀ · decompress_t(e_a))``, in blocks of rows of at most ``block_elements``."""
+        d = self.out_features
+        rows = max(1, block_elements // max(d, self.padded_in) // 4)
         blocks = []
         for start in range(0, d, rows):
             n = min(rows, d - start)
-            eye = torch.zeros(n, d, device=m.device, dtype=m.dtype)
+            eye = weights.new_zeros(n, d)
             eye.diagonal(offset=start).fill_(1)  # rows start .. start + n of the d×d identity
             blocks.append(self.compress_t(block_matmul_t(self.decompress_t(eye), weights)))
-        return blocks[0].contiguous() if len(blocks) == 1 else torch.cat(blocks)
+        return torch.cat(blocks)
 
     def warn_if_wasteful(self, module_name: str = "") -> None:
         """Warn when training the layer fully would take no more parameters than M (r̂² >= d·k)."""
