@@ -199,8 +199,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats (ratios: min / median / max over these)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="base model dtype")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="benchmarks/results/speed.json", help="where to write the JSON results")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = []
     for hidden in args.hidden:
         result = run(hidden, args)
