@@ -1,0 +1,74 @@
+"""Smoke tests of the training benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py): each runs end to end
+with tiny arguments, so the scripts cannot silently rot. The benchmarks themselves are not part of the test suite."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_task_runs_and_writes_results(tmp_path, capsys):
+    memory_task = load("memory_task")
+    report = memory_task.main([
+        "--output", str(tmp_path), "--hidden_size", "32", "--num_layers", "1", "--num_pairs", "4",
+        "--batch_size", "4", "--max_steps", "2", "--eval_steps", "1", "--lr_grid", "1e-3", "3e-3",
+        "--full_lr_grid", "1e-3", "--seeds", "2", "--pretrain_steps", "2", "--pretrain_pairs", "4",
+        "--methods", "full", "lora-r8", "mora-r8-rotation", "--work_dir", str(tmp_path / "work"),
+    ])
+    saved = json.loads((tmp_path / "memory_task.json").read_text())
+    assert set(saved["bases"]) == {"random", "pretrained"}
+    for base in saved["bases"].values():
+        assert set(base["picked"]) == {"full", "lora-r8", "mora-r8-rotation"}
+        assert set(base["grid"]["lora-r8"]) == {"0.001", "0.003"}
+        for picked in base["picked"].values():
+            assert len(picked["curves"]) == 2  # two seeds
+            assert [p[0] for p in picked["mean_curve"]] == [0, 1, 2]
+            assert all(0 <= p[1] <= 1 for p in picked["mean_curve"])
+        # LoRA and MoRA at the same r train about the same number of parameters
+        lora, mora = base["trainable_parameters"]["lora-r8"], base["trainable_parameters"]["mora-r8-rotation"]
+        assert abs(lora - mora) / lora < 0.05
+    assert (tmp_path / "memory_task.png").stat().st_size > 0
+    assert "learning-rate grid" in capsys.readouterr().out
+    assert report["bases"]["pretrained"]["pretraining"]["steps"] == 2
+
+
+def test_memory_task_rejects_unknown_method(capsys):
+    with pytest.raises(SystemExit):
+        load("memory_task").parse_args(["--methods", "lora-r9"])
+    assert "unknown lora-r9" in capsys.readouterr().err
+
+
+def test_pretrain_runs_and_writes_results(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):  # includes a character outside the tokenizer's ASCII, which must become <unk>
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\r\n    return x * {i}  # é\n" * 40, encoding="utf-8")
+    report = load("pretrain").main([
+        "--output", str(tmp_path), "--corpus", str(corpus), "--hidden_size", "32", "--num_layers", "1",
+        "--rank", "4", "--seq_length", "32", "--batch_size", "4", "--max_steps", "4", "--merge_every", "2",
+        "--eval_steps", "2", "--warmup_steps", "1", "--train_chars", "3000", "--valid_chars", "500",
+        "--valid_every", "4", "--work_dir", str(tmp_path / "work"),
+    ])
+    saved = json.loads((tmp_path / "pretrain.json").read_text())
+    assert list(saved["methods"]) == ["lora", "mora", "relora", "remora"]
+    assert saved["corpus"]["valid"]["modules"] and saved["corpus"]["train"]["unknown_characters"] > 0
+    for result in saved["methods"].values():
+        assert [s for s, _ in result["eval_perplexity"]] == [2, 4]
+        assert 1 < result["final_perplexity"] < 1e4
+    # ReLoRA/ReMoRA merged at step 2, so the run after it differs from plain LoRA/MoRA
+    assert saved["methods"]["relora"]["final_perplexity"] != saved["methods"]["lora"]["final_perplexity"]
+    assert (tmp_path / "pretrain.png").stat().st_size > 0
+    assert "validation perplexity" in capsys.readouterr().out
+    assert report["corpus"]["train"]["characters"] > 0
