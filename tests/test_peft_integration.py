@@ -138,17 +138,17 @@ def test_modules_to_save(tmp_path):
 def two_adapter_model():
     model = get_peft_model(
         base_model("llama"), MoraConfig(r=8, compression="sharing", target_modules="all-linear", init_weights=False),
-        adapter_name="a",
+        adapter_name="one",
     )
     torch.manual_seed(5)
-    model.add_adapter("b", MoraConfig(r=8, compression="rotation", target_modules="all-linear", init_weights=False))
+    model.add_adapter("two", MoraConfig(r=8, compression="rotation", target_modules="all-linear", init_weights=False))
     return model.eval()
 
 
 def test_mixed_adapter_batch_forward(two_adapter_model):
     model = two_adapter_model
     ids = batch(rows=4)
-    names = ["a", "b", "__base__", "b"]
+    names = ["one", "two", "__base__", "two"]
     with torch.no_grad():
         mixed = model(ids, adapter_names=names).logits
         for row, name in enumerate(names):
@@ -164,7 +164,7 @@ def test_mixed_adapter_batch_forward(two_adapter_model):
 def test_mixed_adapter_batch_generate(two_adapter_model):
     model = two_adapter_model
     ids = batch(rows=3, length=6)
-    names = ["b", "__base__", "a"]
+    names = ["two", "__base__", "one"]
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         mixed = model.generate(input_ids=ids, adapter_names=names, **kwargs)
@@ -182,12 +182,12 @@ def test_mixed_adapter_batch_errors(two_adapter_model):
     model = two_adapter_model
     ids = batch(rows=2)
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['c'\]"):
-        model(ids, adapter_names=["a", "c"])
+        model(ids, adapter_names=["one", "c"])
     with pytest.raises(ValueError, match="2 rows"):
-        model(ids, adapter_names=["a", "b", "a"])
-    model.merge_adapter(["a"])
+        model(ids, adapter_names=["one", "two", "one"])
+    model.merge_adapter(["one"])
     with pytest.raises(ValueError, match="merged"):
-        model(ids, adapter_names=["a", "b"])
+        model(ids, adapter_names=["one", "two"])
 
 
 def test_conv1d_and_linear_deltas_are_laid_out_like_their_weights():
