@@ -61,7 +61,7 @@ def test_target_modules_matching_nothing_lists_what_exists():
 
 
 def test_unsupported_layer_type_is_named():
-    with pytest.raises(TypeError, match=r"'model.embed_tokens'.*torch.nn.modules.sparse.Embedding.*Linear and transformers Conv1D"):
+    with pytest.raises(ValueError, match=r"'model.embed_tokens'.*torch.nn.modules.sparse.Embedding.*Linear and transformers Conv1D"):
         get_peft_model(tiny_llama(), MoraConfig(target_modules=["embed_tokens"]))
 
 
@@ -100,5 +100,5 @@ def test_custom_module_with_unsupported_layer():
             self.conv = nn.Conv2d(3, 3, 3)
             self.lin = nn.Linear(4, 4)
 
-    with pytest.raises(TypeError, match=r"'conv'.*Conv2d"):
+    with pytest.raises(ValueError, match=r"'conv'.*Conv2d"):
         get_peft_model(Net(), MoraConfig(target_modules=["conv"]))

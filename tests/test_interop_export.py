@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moraft import MoraConfig, MoraOperator
-from moraft.cli import UserError, main
+from moraft.cli import main
+from moraft.errors import UserError
 from moraft.interop import export_lora
 from moraft.interop.lora_export import lora_factors
 

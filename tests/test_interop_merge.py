@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
 from moraft import MoraConfig
-from moraft.cli import UserError, main
+from moraft.cli import main
+from moraft.errors import UserError
 from moraft.interop import merge_adapter
 from moraft.interop.merge import TensorSpec, write_safetensors
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import moraft
-from moraft.cli import UserError, main
+from moraft.cli import main
+from moraft.errors import UserError
 from moraft.interop import convert_peft_mora, export_lora, merge_adapter
 
 TOL = 1e-5

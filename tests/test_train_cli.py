@@ -77,6 +77,20 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     assert not out_dir.exists()
 
 
+def test_an_internal_error_crashes_with_its_traceback(tmp_path, capsys, monkeypatch):
+    """Only a UserError is the user's fault; a ValueError from inside moraft or a library is a bug and must keep its
+    traceback instead of turning into one line and exit status 2."""
+    import moraft.train.runner as runner
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(runner, "apply_method", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["train", *tiny_flags(tmp_path / "out")])
+    assert "error:" not in capsys.readouterr().err
+
+
 def test_unknown_choice_is_a_parse_error(tmp_path, capsys):
     # rejected by the argument parser (usage, then the error), before anything runs
     status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--compression", "sharpening"], capsys)

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from moraft.cli import UserError
+from moraft.errors import UserError
 from moraft.train.builtin import char_tokenizer, tiny_llama
 from moraft.train.data import IGNORE, Collator, load_examples, uuid_pairs
 

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from moraft.cli import UserError
+from moraft.errors import UserError
 from moraft.train import apply_method, load_trained, merge_and_restart, tiny_llama, train
 from moraft.train.callbacks import MergeEvery, restarting_schedule
 

@@ -14,6 +14,7 @@ from .mora import COMPRESSIONS, MoraConfig, MoraLayer, MoraLinear, MoraModel, Mo
 
 _peft_hook.register(MoraConfig, MoraModel, MoraModel.prefix)
 
+from .errors import UserError  # noqa: E402
 from .interop import convert_peft_mora, export_lora, merge_adapter  # noqa: E402  (needs MoRA registered)
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "MoraLinear",
     "MoraModel",
     "MoraOperator",
+    "UserError",
     "convert_peft_mora",
     "export_lora",
     "merge_adapter",

@@ -1,8 +1,9 @@
 """The ``moraft`` command line: one subcommand per typed function; its docstring is its ``--help``.
 
 Each subcommand is a plain function elsewhere in the package (the CLI is thin). Options come from flags, a YAML file
-(``--config FILE``), or both, with flags winning. Errors in what the user asked for (a missing path, a bad value)
-print one line and exit with status 2; set ``MORAFT_DEBUG=1`` for the traceback.
+(``--config FILE``), or both, with flags winning. Errors in what the user asked for (a missing path, a bad value:
+``moraft.errors.UserError``) print one line and exit with status 2; set ``MORAFT_DEBUG=1`` for their traceback. Any
+other exception is a bug, not the user's fault, and crashes with its full traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import inspect
 import os
 import sys
 from typing import Callable
+
+from .errors import UserError
 
 # name -> "module:function"; imported when the CLI starts
 COMMANDS: dict[str, str] = {
@@ -23,10 +26,6 @@ COMMANDS: dict[str, str] = {
     "eval": "moraft.train.evaluate:eval_command",
     "demo": "moraft.train.demo:demo",
 }
-
-
-class UserError(ValueError):
-    """A problem with what the user asked for: reported as one line, exit status 2."""
 
 
 def _load(spec: str) -> Callable:
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = dict(init[name])
         kwargs.pop("config", None)
         commands[name](**kwargs)
-    except (UserError, FileNotFoundError, NotADirectoryError, ValueError) as err:
+    except UserError as err:
         if os.environ.get("MORAFT_DEBUG"):
             raise
         print(f"moraft {argv[0] if argv else ''}: error: {err}".replace("  ", " "), file=sys.stderr)

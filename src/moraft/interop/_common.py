@@ -22,7 +22,7 @@ from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..cli import UserError
+from ..errors import UserError
 
 PathLike = Union[str, os.PathLike]
 ADAPTER_CONFIG = "adapter_config.json"

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cli import UserError
+from ..errors import UserError
 from ..mora import MoraLayer, MoraOperator
 from ._common import ADAPTER_SAFETENSORS, PEFT_PREFIX, PathLike, load_adapter_on_meta, staged_output_dir
 

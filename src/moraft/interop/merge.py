@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..cli import UserError
+from ..errors import UserError
 from ._common import LoadedAdapter, PathLike, load_adapter_on_meta, read_json, resolve_base_dir, staged_output_dir
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..cli import UserError
+from ..errors import UserError
 from ..mora import MoraConfig, mora_rank
 from ..mora.model import SUPPORTED_LAYERS
 from ._common import (

@@ -9,6 +9,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 
 from .._peft_hook import MORA
+from ..errors import UserError
 from .operators import COMPRESSIONS, GROUPINGS
 
 
@@ -86,18 +87,18 @@ class MoraConfig(PeftConfig):
     def _validate(self) -> None:
         def positive_int(name: str, value, what: str = "an integer >= 1") -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoraConfig: {name}={value!r} is invalid; expected {what}")
+                raise UserError(f"MoraConfig: {name}={value!r} is invalid; expected {what}")
 
         positive_int("r", self.r)
         if self.mora_rank is not None:
             positive_int("mora_rank", self.mora_rank, "None or an integer >= 1 (r̂)")
             if self.compression == "rotation" and self.mora_rank % 2:
-                raise ValueError(
+                raise UserError(
                     f"MoraConfig: mora_rank={self.mora_rank} is odd; compression='rotation' pairs features and "
                     "needs an even r̂"
                 )
         if self.compression not in COMPRESSIONS:
-            raise ValueError(
+            raise UserError(
                 f"MoraConfig: compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)} "
                 "(peft-mora's numbered types: 1 = sharing, 6 = rotation; use moraft.convert_peft_mora for their "
                 "checkpoints)"
@@ -105,21 +106,21 @@ class MoraConfig(PeftConfig):
         for name in ("input_grouping", "output_grouping"):
             value = getattr(self, name)
             if value not in GROUPINGS:
-                raise ValueError(f"MoraConfig: {name}={value!r} is not one of {', '.join(GROUPINGS)}")
+                raise UserError(f"MoraConfig: {name}={value!r} is not one of {', '.join(GROUPINGS)}")
             if value != "strided" and self.compression != "sharing":
-                raise ValueError(
+                raise UserError(
                     f"MoraConfig: {name}={value!r} only applies to compression='sharing', not {self.compression!r}"
                 )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"MoraConfig: dropout={self.dropout!r} is invalid; expected a number in [0, 1)")
+            raise UserError(f"MoraConfig: dropout={self.dropout!r} is invalid; expected a number in [0, 1)")
         for name in ("rank_pattern", "mora_rank_pattern"):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
-                raise ValueError(f"MoraConfig: {name}={pattern!r} is invalid; expected a dict {{pattern: int}}")
+                raise UserError(f"MoraConfig: {name}={pattern!r} is invalid; expected a dict {{pattern: int}}")
             for key, value in pattern.items():
                 positive_int(f"{name}[{key!r}]", value)
         if self.target_modules is not None and not isinstance(self.target_modules, (str, set)):
-            raise ValueError(
+            raise UserError(
                 f"MoraConfig: target_modules={self.target_modules!r} is invalid; expected a list of module names, "
                 "a regex string, 'all-linear' or None"
             )
@@ -127,20 +128,20 @@ class MoraConfig(PeftConfig):
             try:
                 re.compile(self.target_modules)
             except re.error as err:
-                raise ValueError(f"MoraConfig: target_modules={self.target_modules!r} is not a valid regex: {err}")
+                raise UserError(f"MoraConfig: target_modules={self.target_modules!r} is not a valid regex: {err}")
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
             if not isinstance(layers, list) or not all(isinstance(i, int) and i >= 0 for i in layers):
-                raise ValueError(
+                raise UserError(
                     f"MoraConfig: layers_to_transform={self.layers_to_transform!r} is invalid; expected a "
                     "non-negative int or a list of them"
                 )
             if isinstance(self.target_modules, str):
-                raise ValueError("MoraConfig: layers_to_transform cannot be combined with a regex target_modules")
+                raise UserError("MoraConfig: layers_to_transform cannot be combined with a regex target_modules")
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, list) and all(isinstance(m, str) for m in self.modules_to_save)
         ):
-            raise ValueError(f"MoraConfig: modules_to_save={self.modules_to_save!r} is invalid; expected a list of names")
+            raise UserError(f"MoraConfig: modules_to_save={self.modules_to_save!r} is invalid; expected a list of names")
         if not isinstance(self.init_weights, bool):
-            raise ValueError(f"MoraConfig: init_weights={self.init_weights!r} is invalid; expected True or False")
+            raise UserError(f"MoraConfig: init_weights={self.init_weights!r} is invalid; expected True or False")

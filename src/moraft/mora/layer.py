@@ -14,6 +14,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 
+from ..errors import UserError
 from .config import MoraConfig
 from .operators import MoraOperator, mora_rank
 
@@ -56,7 +57,7 @@ class MoraLayer(BaseTunerLayer):
             # a checkpoint converted from peft-mora, which derived r̂ from the layer's shape: another r̂ means the
             # adapter was trained on a base model with other layer shapes
             expected = mora_rank(self.in_features, self.out_features, r, config.compression)
-            raise ValueError(
+            raise UserError(
                 f"{module_name or 'a layer'}: this adapter (converted from peft-mora) has a {rank}x{rank} M, but "
                 f"peft-mora gives this {self.out_features}x{self.in_features} layer (r={r}) a {expected}x{expected} "
                 "M: the adapter was trained on a base model with other layer shapes"

@@ -14,6 +14,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..errors import UserError
 from .config import MoraConfig
 from .layer import MoraLayer, MoraLinear
 
@@ -53,7 +54,7 @@ class MoraModel(BaseTuner):
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as err:
             config = self.peft_config[adapter_name]
-            raise ValueError(
+            raise UserError(
                 f"MoraConfig: target_modules={sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules!r} "
                 f"matched no module of {type(model).__name__}. Modules that can be adapted: "
                 f"{', '.join(adaptable_module_names(model))}. ({err})"
@@ -80,7 +81,7 @@ class MoraModel(BaseTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, SUPPORTED_LAYERS):
-            raise TypeError(
+            raise UserError(  # a ValueError, as PEFT's LoRA raises for an unsupported target
                 f"MoRA cannot adapt {current_key!r}: it is a {type(base).__module__}.{type(base).__name__}; "
                 "supported layer types are torch.nn.Linear and transformers Conv1D. Remove it from target_modules."
             )

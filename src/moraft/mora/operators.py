@@ -38,6 +38,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 Compression = Literal["sharing", "rotation", "decouple", "truncation"]
 Grouping = Literal["strided", "contiguous"]
 COMPRESSIONS: tuple[str, ...] = ("sharing", "rotation", "decouple", "truncation")
@@ -172,13 +174,13 @@ class MoraOperator:
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
+            raise UserError(f"compression={self.compression!r} is not one of {', '.join(COMPRESSIONS)}")
         for name in ("input_grouping", "output_grouping"):
             if getattr(self, name) not in GROUPINGS:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(GROUPINGS)}")
+                raise UserError(f"{name}={getattr(self, name)!r} is not one of {', '.join(GROUPINGS)}")
         if self.rank < 1 or (self.compression == "rotation" and self.rank % 2):
             kind = "an even integer >= 2" if self.compression == "rotation" else "an integer >= 1"
-            raise ValueError(f"r̂={self.rank} is invalid for compression={self.compression!r}: it must be {kind}")
+            raise UserError(f"r̂={self.rank} is invalid for compression={self.compression!r}: it must be {kind}")
         k, rank = self.in_features, self.rank
         # input length after cyclic padding to whole blocks of r̂
         self.padded_in = -(-k // rank) * rank

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from ..cli import UserError
+from ..errors import MissingPathError, UserError
 from .adapters import AdapterStore
 from .engine import Engine
 from .layers import wrap_model
@@ -95,7 +95,7 @@ def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[tor
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if (base.startswith((".", "/", "~")) or "\\" in base) and not Path(base).expanduser().is_dir():
-        raise FileNotFoundError(f"--base {base!r} is not a directory")
+        raise MissingPathError(f"--base {base!r} is not a directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"))
@@ -156,9 +156,9 @@ def serve(
         raise UserError("both --base MODEL and --adapters DIR are required (see moraft serve --help)")
     adapters_dir = Path(adapters)
     if not adapters_dir.exists():
-        raise FileNotFoundError(f"--adapters {adapters!r} does not exist; create it and put adapter directories in it")
+        raise MissingPathError(f"--adapters {adapters!r} does not exist; create it and put adapter directories in it")
     if not adapters_dir.is_dir():
-        raise NotADirectoryError(f"--adapters {adapters!r} is not a directory")
+        raise UserError(f"--adapters {adapters!r} is not a directory")
     for name, value, low in (("port", port, 0), ("max_batch_size", max_batch_size, 1),
                              ("max_prefill_tokens", max_prefill_tokens, 1)):
         if value < low:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..cli import UserError
+from ..errors import MissingPathError, UserError
 
 IGNORE = -100  # label of a position that takes no loss (the value PyTorch's cross entropy skips)
 UUID_MEMORY = "uuid-memory"
@@ -64,7 +64,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file; a bad line raises `UserError` naming the file, the line and the problem."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        raise MissingPathError(f"data file {str(path)!r} does not exist")
     records = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -170,7 +170,7 @@ def text_files(path: Path) -> list[Path]:
             raise UserError(f"{path}: directory has no *.txt files")
         return files
     if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        raise MissingPathError(f"data file {str(path)!r} does not exist")
     return [path]
 
 
@@ -208,7 +208,7 @@ def load_examples(
         raise UserError(f"data_format={data_format!r} is not one of {', '.join(FORMATS)}")
     path = Path(data)
     if not path.exists():
-        raise FileNotFoundError(f"data {data!r} is neither {UUID_MEMORY!r} nor an existing file or directory")
+        raise MissingPathError(f"data {data!r} is neither {UUID_MEMORY!r} nor an existing file or directory")
     if data_format == "text" or (data_format == "auto" and (path.is_dir() or path.suffix not in (".jsonl", ".json"))):
         return text_examples(path, tokenizer, seq_length)
     records = read_jsonl(path)

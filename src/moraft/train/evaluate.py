@@ -16,7 +16,7 @@ import torch
 import yaml
 from torch import nn
 
-from ..cli import UserError
+from ..errors import MissingPathError, UserError
 from .builtin import BUILTIN_MODEL
 from .data import Collator, text_examples, uuid_pairs, uuid_prompt
 
@@ -124,7 +124,7 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
         return model, tokenizer, f"base model {BUILTIN_MODEL}"
     directory = Path(path)
     if not directory.is_dir():
-        raise FileNotFoundError(f"{path!r} is not a directory (expected a run, an adapter or a model directory)")
+        raise MissingPathError(f"{path!r} is not a directory (expected a run, an adapter or a model directory)")
     if not (directory / "adapter_config.json").is_file():
         if not (directory / "config.json").is_file():
             raise UserError(f"{path!r} holds neither adapter_config.json (an adapter) nor config.json (a model)")

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..cli import UserError
+from ..errors import MissingPathError, UserError
 from ..mora import MoraConfig, MoraLayer, MoraOperator
 from ..mora.model import adaptable_module_names
 from .builtin import BUILTIN_MODEL, tiny_llama
@@ -36,7 +36,7 @@ def load_base(
 
     path = Path(model)
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"model {model!r} is not a directory; expected a local transformers model directory (config.json and "
             f"weights) or {BUILTIN_MODEL!r} (no downloads are made)"
         )
@@ -76,13 +76,16 @@ def peft_config(options: TrainOptions) -> MoraConfig | LoraConfig:
             init_weights=options.init_weights,
             peft_mora_compat=options.peft_mora_compat,
         )
-    return LoraConfig(
-        **common,
-        lora_alpha=options.effective_lora_alpha,
-        lora_dropout=options.dropout,
-        use_dora=options.method == "dora",
-        init_lora_weights=options.init_weights,
-    )
+    try:
+        return LoraConfig(
+            **common,
+            lora_alpha=options.effective_lora_alpha,
+            lora_dropout=options.dropout,
+            use_dora=options.method == "dora",
+            init_lora_weights=options.init_weights,
+        )
+    except ValueError as err:  # PEFT's LoraConfig validates exactly the options given here
+        raise UserError(f"method={options.method!r}: {err}") from None
 
 
 def apply_method(model: nn.Module, options: TrainOptions) -> nn.Module:

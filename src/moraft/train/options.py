@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Union
 
-from ..cli import UserError
+from ..errors import UserError
 from ..mora.operators import COMPRESSIONS, GROUPINGS
 from .builtin import BUILTIN_MODEL
 from .data import FORMATS

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..cli import UserError
+from ..errors import UserError
 from .builtin import BUILTIN_MODEL
 from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
 from .data import UUID_MEMORY, Collator, ExampleDataset, load_examples, uuid_pairs
