@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from interop_helpers import VOCAB, input_ids, leftovers, logits, save_adapter, tiny_gpt2, tiny_llama
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import KasaConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
@@ -41,10 +41,18 @@ def _adapter(name: str, model):
             use_rslora=True, init_lora_weights=False,
         )
         return get_peft_model(model, config)
+    variants = {  # LoRA variants whose ΔW is not scaling·B·A: merged by PEFT's own layer code
+        "dora": dict(use_dora=True),
+        "kasa": dict(kasa_config=KasaConfig()),  # ΔW = B·diag·A, and the base weight loses its r smallest singular values
+    }
+    if name in variants:
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                            **variants[name])
+        return get_peft_model(model, config)
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["mora_rotation", "mora_sharing_gpt2", "mora_modules_to_save", "lora"])
+@pytest.mark.parametrize("name", ["mora_rotation", "mora_sharing_gpt2", "mora_modules_to_save", "lora", "dora", "kasa"])
 def test_merged_model_matches_adapter_model(tmp_path, name):
     build = tiny_gpt2 if "gpt2" in name else tiny_llama
     build().save_pretrained(tmp_path / "base")
@@ -154,16 +162,19 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path):
     with pytest.raises(UserError, match=r"no model\.safetensors .*pytorch_model\.bin: re-save"):
         merge_adapter(tmp_path / "bin_base", tmp_path / "other", tmp_path / "out")
 
-    save_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), tmp_path / "dora")
-    with pytest.raises(UserError, match=r"dora/adapter_config\.json: use_dora=True: DoRA adapters are not supported"):
-        merge_adapter(tmp_path / "base", tmp_path / "dora", tmp_path / "out")
+    # aLoRA: PEFT itself refuses to merge it (its update applies only after the invocation tokens)
+    alora = LoraConfig(r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM")
+    save_adapter(tiny_llama(), alora, tmp_path / "alora")
+    with pytest.raises(UserError, match=r"alora: PEFT cannot merge this LoRA variant \(alora_invocation_tokens=\[5, 6\]\): "
+                       r"aLoRA does not support merging\. Nothing was written"):
+        merge_adapter(tmp_path / "base", tmp_path / "alora", tmp_path / "out")
     save_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), tmp_path / "bias")
-    with pytest.raises(UserError, match=r"lora_bias=True"):
+    with pytest.raises(UserError, match=r"bias/adapter_config\.json: moraft merge cannot apply .*lora_bias=True \(a bias"):
         merge_adapter(tmp_path / "base", tmp_path / "bias", tmp_path / "out")
     with pytest.raises(UserError, match=r"dtype='int8' is not one of auto, float32, bfloat16, float16"):
-        merge_adapter(tmp_path / "base", tmp_path / "dora", tmp_path / "out", dtype="int8")
+        merge_adapter(tmp_path / "base", tmp_path / "alora", tmp_path / "out", dtype="int8")
     with pytest.raises(UserError, match=r"max_shard_size='lots' is invalid"):
-        merge_adapter(tmp_path / "base", tmp_path / "dora", tmp_path / "out", max_shard_size="lots")
+        merge_adapter(tmp_path / "base", tmp_path / "alora", tmp_path / "out", max_shard_size="lots")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
     (tmp_path / "out").mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import KasaConfig, LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import moraft
@@ -176,11 +176,17 @@ def test_load_errors_name_the_problem(env, tmp_path):
     bad_config = tmp_path / "bad-config"
     save_adapter(base, bad_config, "sharing", seed=3)
     (bad_config / "adapter_config.json").write_text("{nope")
-    fails(bad_config, "cannot read adapter_config.json")
+    fails(bad_config, r"adapter_config\.json is not valid JSON")
     # a LoRA variant the server cannot apply per row
     dora = tmp_path / "dora"
     get_peft_model(load_base(base)[0], LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(dora)
-    fails(dora, "use_dora")
+    fails(dora, r"moraft serve \(which applies each adapter per request\) cannot apply this adapter exactly: "
+                r"use_dora=True \(a LoRA variant")
+    # a variant whose lora_A/lora_B look plain, so that only PEFT's field metadata tells it apart (KaSA: ΔW = B·diag·A)
+    kasa = tmp_path / "kasa"
+    get_peft_model(load_base(base)[0], LoraConfig(r=2, target_modules=["q_proj"], kasa_config=KasaConfig(),
+                                                  init_lora_weights=False)).save_pretrained(kasa)
+    fails(kasa, r"kasa_config=KasaConfig\(.*a LoRA variant")
     # modules_to_save
     mts = tmp_path / "mts"
     get_peft_model(load_base(base)[0], moraft.MoraConfig(r=2, target_modules=["q_proj"],

@@ -22,6 +22,7 @@ from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..adapters import Use, read_adapter_config
 from ..errors import UserError
 
 PathLike = Union[str, os.PathLike]
@@ -29,14 +30,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-# LoRA options whose adapters are more than a ΔW per weight matrix
-UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA adapters are",
-    "lora_bias": "LoRA with a trained bias on B is",
-    "trainable_token_indices": "trainable token embeddings are",
-    "target_parameters": "LoRA on raw parameters is",
-    "layer_replication": "layer replication is",
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,38 +187,18 @@ def _strip_peft_prefix(key: str) -> str:
 
 
 def load_adapter_on_meta(
-    adapter_dir: PathLike, base: PathLike, accepted: tuple[str, ...] = ("MORA", "LORA")
+    adapter_dir: PathLike, base: PathLike, use: Use, accepted: tuple[str, ...] = ("MORA", "LORA")
 ) -> LoadedAdapter:
     """Inject the adapter saved in ``adapter_dir`` into a meta copy of ``base`` and load its tensors.
 
-    Raises ``UserError`` naming the file, the module and the shapes when the adapter does not fit the base.
+    The adapter's config is checked for ``use`` (``moraft.adapters.read_adapter_config``). Raises ``UserError``
+    naming the file, the module and the shapes when the adapter does not fit the base.
     """
     adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise UserError(f"adapter {adapter_dir} is not a directory; expected a saved PEFT adapter")
-    raw_config = read_json(adapter_dir / ADAPTER_CONFIG, "expected a saved PEFT adapter directory")
-    if raw_config.get("use_mora"):
-        raise UserError(
-            f"{adapter_dir / ADAPTER_CONFIG} was written by the authors' peft-mora (use_mora=true); convert it first: "
-            f"moraft convert-peft-mora {adapter_dir} OUT"
-        )
-    peft_type = str(raw_config.get("peft_type"))
-    if peft_type not in accepted:
-        raise UserError(
-            f"{adapter_dir / ADAPTER_CONFIG}: peft_type={peft_type!r} is not supported here; accepted: "
-            f"{', '.join(accepted)}"
-        )
-    for option, what in UNSUPPORTED_OPTIONS.items():
-        if raw_config.get(option):
-            value = raw_config[option]
-            raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: {option}={value!r}: {what} not supported here")
-    try:
-        config = PeftConfig.from_pretrained(str(adapter_dir))
-    except (ValueError, TypeError) as err:
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: {err}") from None
+    config = read_adapter_config(adapter_dir, use, accepted)
     config.inference_mode = True
     weights_file = adapter_weights_path(adapter_dir)
-    model = meta_base_model(base, raw_config)
+    model = meta_base_model(base, config.to_dict())
     try:
         peft_model = PeftModel(model, config)
     except (ValueError, TypeError) as err:
@@ -251,9 +224,13 @@ def _load_adapter_tensors(loaded: LoadedAdapter, state: dict[str, torch.Tensor])
                 ):
                     key = ".".join(p for p in (module_name, param_name, sub) if p)
                     params[key] = (".".join(p for p in (module_name, param_name, name, sub) if p), param)
+    # where the file holds each parameter, by PEFT's own key mapping (it renames some, e.g. DoRA's magnitude vector)
+    tuner = type(model.base_model)
+    file_key_of = tuner._remap_adapter_state_dict_for_load(model, loaded.config, name, {k: k for k in state})
     assign = {}
     used = set()
     for key, (full, param) in params.items():
+        key = file_key_of.get(full, key)
         if key not in state:
             raise UserError(f"{path} lacks {key}: the adapter does not fit the base model (no weights for that module)")
         tensor = state[key]

@@ -103,7 +103,7 @@ def export_lora(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UserError(f"rank={rank!r} is invalid; expected an integer >= 1 (or no --rank for an exact export)")
     base = _base_or_default(adapter_dir, base)
-    loaded = load_adapter_on_meta(adapter_dir, base, accepted=("MORA",))
+    loaded = load_adapter_on_meta(adapter_dir, base, "export", accepted=("MORA",))
     if loaded.config.modules_to_save or loaded.replaced:
         raise UserError(
             f"{adapter_dir}: the adapter trains whole modules (modules_to_save={loaded.config.modules_to_save}), "

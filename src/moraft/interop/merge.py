@@ -1,25 +1,29 @@
-"""Merge a MoRA (or plain LoRA) adapter into its base model and write a standard transformers checkpoint.
+"""Merge a MoRA or LoRA adapter into its base model and write a standard transformers checkpoint.
 
-The merge never holds the model: it reads one tensor at a time from the base's safetensors files, adds ΔW to the
-adapted weights (computed in float32 by the adapter's own layer, ``get_delta_weight``, then cast back), and streams
-each tensor straight into the output files. Output shard headers are written first (every tensor's shape and dtype
+The merge never holds the model: it reads one tensor at a time from the base's safetensors files, merges the adapter
+into the adapted weights (in float32, by the adapter's own layer code: moraft's for MoRA, PEFT's for LoRA and its
+variants such as DoRA; then cast back), and streams each tensor straight into the output files. Output shard headers are written first (every tensor's shape and dtype
 is known up front), so not even one output shard is buffered: peak memory is about one weight matrix plus ΔW.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import struct
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters import lora_variants
 from ..errors import UserError
 from ._common import LoadedAdapter, PathLike, load_adapter_on_meta, read_json, resolve_base_dir, staged_output_dir
 
@@ -155,11 +159,8 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
                 f"{key} is {specs[key].shape}"
             )
 
-        # ΔW is computed when its tensor is written, so only one exists at a time
-        def add_delta(w: torch.Tensor, layer=layer) -> torch.Tensor:
-            return w.float() + layer.get_delta_weight(loaded.adapter_name).float()
-
-        changes[key] = add_delta
+        # the merged weight is computed when its tensor is written, so only one exists at a time
+        changes[key] = partial(merged_weight, layer, loaded.adapter_name)
     for name, tensor in loaded.replaced.items():
         key = _find(specs, name, model)
         if key is None:
@@ -171,6 +172,47 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
             )
         changes[key] = lambda w, tensor=tensor: tensor
     return changes
+
+
+def merged_weight(layer: BaseTunerLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (as stored in the base checkpoint) with the adapter merged in by the layer's own ``merge``, in float32.
+
+    This is the code ``merge_and_unload`` runs: moraft's for MoRA, PEFT's for LoRA and each of its variants (DoRA's
+    magnitude rescaling, KaSA's truncation of the base weight and its diagonal, ...). The layer lives on a meta base
+    model; the real weight is put in for the merge and taken out again, so the layer keeps no copy of it.
+    """
+    base = layer.get_base_layer()
+    placeholder = base.weight
+    base.weight = nn.Parameter(weight.to(torch.float32, copy=True), requires_grad=False)
+    try:
+        layer.merge(adapter_names=[adapter_name])
+        return base.weight.data
+    finally:
+        layer.merged_adapters = [name for name in layer.merged_adapters if name != adapter_name]
+        base.weight = placeholder
+
+
+def _check_mergeable(loaded: LoadedAdapter, specs: dict[str, TensorSpec]) -> None:
+    """A LoRA variant that PEFT cannot merge (aLoRA, Arrow, ...) fails here, before anything is written.
+
+    The smallest adapted weight is merged on a copy of its layer (a variant's merge may change the layer's state once,
+    as KaSA's truncation of the base weight does), and PEFT's refusal becomes an error naming the variant's option.
+    """
+    variants = lora_variants(loaded.config)
+    if not variants:
+        return
+    module, layer = min(loaded.layers.items(), key=lambda item: item[1].get_base_layer().weight.numel())
+    key = _find(specs, f"{module}.weight", loaded.model.base_model.model)
+    with safe_open(str(specs[key].source_file), "pt") as reader:
+        weight = reader.get_tensor(specs[key].source_name)
+    try:
+        merged_weight(copy.deepcopy(layer), loaded.adapter_name, weight)
+    except (NotImplementedError, RuntimeError, TypeError, ValueError) as err:
+        options = ", ".join(f"{name}={value!r}" for name, value in variants.items())
+        raise UserError(
+            f"{loaded.weights_file.parent}: PEFT cannot merge this LoRA variant ({options}): {err} Nothing was written; "
+            "load the adapter with PEFT (PeftModel.from_pretrained) and run it unmerged"
+        ) from None
 
 
 def _shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
@@ -206,17 +248,21 @@ def merge_adapter(
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
 ) -> Path:
-    """Merge a MoRA (or plain PEFT LoRA) adapter into its base model: a standard transformers checkpoint.
+    """Merge a MoRA or PEFT LoRA adapter (DoRA and other LoRA variants included) into its base model: a standard
+    transformers checkpoint.
 
     The output (safetensors, sharded above ``max_shard_size``, with model.safetensors.index.json; config, generation
     config and tokenizer files copied from the base) loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` and
-    needs neither moraft nor PEFT. ΔW is computed in float32 and added to the float32 weight, then cast to the output
-    dtype. The merge reads and writes one tensor at a time, so it never holds two copies of the model in memory.
+    needs neither moraft nor PEFT. Each adapted weight is merged in float32 by the adapter's own layer code (the code
+    PEFT's ``merge_and_unload`` runs), then cast to the output dtype. LoRA variants that PEFT cannot merge (aLoRA) and
+    options that change more than the adapted weight matrices (lora_bias, trainable token embeddings) stop the merge
+    with an error naming the option, before anything is written. The merge reads and writes one tensor at a time, so it never holds two copies of the model in memory.
 
     Args:
         base: the base model directory (config.json + model.safetensors or a sharded index), or a model id already
             in the local Hugging Face cache.
-        adapter: the adapter directory: a moraft MoRA adapter, or a plain PEFT LoRA adapter (DoRA excluded).
+        adapter: the adapter directory: a moraft MoRA adapter, or a PEFT LoRA adapter (DoRA, KaSA and the other
+            LoRA variants that PEFT can merge).
         out_dir: where to write the merged model (written whole or not at all).
         dtype: dtype of the floating-point tensors written: ``auto`` keeps each tensor's stored dtype (a bfloat16
             model stays bfloat16), or float32, bfloat16, float16.
@@ -235,8 +281,9 @@ def merge_adapter(
         method = config["quantization_config"].get("quant_method", "?")
         raise UserError(f"{base_dir / 'config.json'}: the base is quantized ({method}); merge needs plain weights")
     specs = _inventory(base_dir)
-    loaded = load_adapter_on_meta(adapter, base_dir)
+    loaded = load_adapter_on_meta(adapter, base_dir, "merge")
     changes = _plan_changes(loaded, specs, base_dir)
+    _check_mergeable(loaded, specs)
 
     out_dtype = DTYPES[dtype]
     planned = [replace(s, dtype=out_dtype) if out_dtype and s.dtype.is_floating_point else s for s in specs.values()]

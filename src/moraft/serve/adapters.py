@@ -14,7 +14,6 @@ nothing else.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -24,10 +23,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from peft import PeftConfig
 from peft.utils.other import get_pattern_key
 from peft.utils.save_and_load import load_peft_weights
 
+from ..adapters import read_adapter_config
+from ..errors import UserError
 from ..mora.operators import MoraOperator
 
 CONFIG_NAME = "adapter_config.json"
@@ -128,24 +128,6 @@ def _files_stamp(directory: Path) -> tuple:
     return tuple(stamp)
 
 
-def _lora_unsupported(config) -> list[str]:
-    """The options of a LoraConfig that change LoRA's forward beyond B(A(x))·scaling (DoRA, aLoRA, ...)."""
-    found = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name, None)
-        if f.name == "init_lora_weights":
-            if value in f.metadata.get("lora_variants", ()):
-                found.append(f"init_lora_weights={value!r}")
-        elif f.metadata.get("is_lora_variant") and value:
-            found.append(f.name)
-    for name in ("layer_replication", "target_parameters", "trainable_token_indices"):
-        if getattr(config, name, None):
-            found.append(name)
-    if getattr(config, "bias", "none") != "none":
-        found.append(f"bias={config.bias!r}")
-    return found
-
-
 def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], device: torch.device) -> LoadedAdapter:
     """Read one adapter directory into per-module weights, checking every tensor against the base model.
 
@@ -156,20 +138,11 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
     where = f"adapter {name!r} ({directory})"
     if not any(n in WEIGHT_NAMES for n, *_ in stamp):
         raise AdapterLoadError(f"{where} has no {' or '.join(WEIGHT_NAMES)}")
-    try:
-        config = PeftConfig.from_pretrained(str(directory))
-    except Exception as err:  # a broken or unknown adapter_config.json
-        raise AdapterLoadError(f"{where}: cannot read {CONFIG_NAME}: {err}") from None
+    try:  # a broken or unknown adapter_config.json, or options the server cannot apply per request
+        config = read_adapter_config(directory, "serve", accepted=("MORA", "LORA"))
+    except UserError as err:
+        raise AdapterLoadError(f"adapter {name!r}: {err}") from None
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
-    if peft_type not in ("MORA", "LORA"):
-        raise AdapterLoadError(f"{where} is a {peft_type} adapter; moraft serve serves MORA and LORA adapters")
-    if peft_type == "LORA":
-        unsupported = _lora_unsupported(config)
-        if unsupported:
-            raise AdapterLoadError(
-                f"{where} uses LoRA options moraft serve cannot apply per request: {', '.join(unsupported)}. "
-                "Merge it into the base (merge_and_unload) and serve the merged model instead."
-            )
     try:
         state = load_peft_weights(str(directory), device="cpu")
     except Exception as err:  # truncated or corrupt weights

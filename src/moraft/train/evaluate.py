@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from ..adapters import read_adapter_config
 from ..errors import MissingPathError, UserError
 from .builtin import BUILTIN_MODEL
 from .data import Collator, text_examples, uuid_pairs, uuid_prompt
@@ -130,9 +131,8 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
             raise UserError(f"{path!r} holds neither adapter_config.json (an adapter) nor config.json (a model)")
         model, tokenizer = load_base(str(directory))
         return model, tokenizer, f"model {path}"
-    base_name = base or config.get("model")
-    if base_name is None:
-        base_name = json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    adapter_config = read_adapter_config(directory, "eval")  # PEFT runs it: every method and LoRA variant
+    base_name = base or config.get("model") or adapter_config.base_model_name_or_path
     if not base_name:
         raise UserError(f"{path!r}: cannot tell its base model; pass --base")
     model, tokenizer = load_base(base_name, **builtin)
@@ -144,6 +144,7 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
             tokenizer.pad_token = tokenizer.eos_token
     merges = [d for d in merge_dirs(directory) if up_to_step is None or int(d.name.split("-")[1]) <= up_to_step]
     for merged in merges:
+        read_adapter_config(merged, "merge")
         model = _load_adapter(model, merged).merge_and_unload()
     model = _load_adapter(model, directory)
     described = f"adapter {path} on {base_name}" + (f" after {len(merges)} merged adapters" if merges else "")
