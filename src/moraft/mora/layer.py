@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
 from torch import nn
 
 from ..errors import UserError
@@ -35,6 +36,11 @@ class MoraLayer(BaseTunerLayer):
         self.cast_input_dtype_enabled = True
         self.fan_in_fan_out = fan_in_fan_out  # Conv1D stores its weight as (in, out)
         self.kwargs = kwargs
+        # a quantized base (bitsandbytes 4-bit/8-bit, HQQ, torchao): PEFT's backend dequantizes the weight for a merge
+        # and quantizes the merged one again (get_base_weight / set_base_weight); None for a plain weight
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
             raise TypeError(f"MoRA cannot adapt a layer of type {type(self.get_base_layer()).__name__}")
@@ -106,7 +112,10 @@ class MoraLayer(BaseTunerLayer):
     # -- merging ---------------------------------------------------------------------------------------------------
 
     def _add_delta(self, name: str, sign: int, check: bool = False) -> None:
-        """W0 += sign · ΔW, computed in float32: in place on a float32 weight, else cast back once."""
+        """W0 += sign · ΔW, computed in float32: in place on a float32 weight, else cast back once. A quantized weight
+        is dequantized, updated and quantized again by PEFT's backend, so the merged weight carries one rounding of
+        W0 + ΔW, as a merged LoRA does."""
+        _restore_4bit_layout(self.get_base_layer())
         weight = self.get_base_weight()
         delta = self.get_delta_weight(name).to(weight.device)
         if weight.dtype == torch.float32 and not check and self.quantization_backend is None:
@@ -150,6 +159,28 @@ class MoraLayer(BaseTunerLayer):
                 f"Cannot pass adapter_names while adapters {self.merged_adapters} are merged into the base weights: "
                 "every row would get them. Call unmerge_adapter() first."
             )
+
+
+def _restore_4bit_layout(base_layer: nn.Module) -> None:
+    """Put a bitsandbytes 4-bit weight back in bitsandbytes' own layout before it is dequantized for a merge.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight for its inference kernel at the
+    first forward in eval mode: the 4-bit codes are reordered, and the per-block scales become a (k / blocksize, d)
+    bfloat16 matrix. ``dequantize_4bit``, which PEFT's backend reads the weight with, understands neither, and returns
+    wrong values silently. bitsandbytes' own inverse restores the codes but leaves non-nested scales transposed, so
+    they are put back in order here too. The weight is then exactly the one the layer has been computing with (its
+    scales rounded to bfloat16, as the kernel used them).
+    """
+    weight = getattr(base_layer, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if state.absmax.dim() == 2:  # still (k / blocksize, d): one scale per block of each row, rows in order
+        state.absmax = state.absmax.T.reshape(-1).float()
+    weight.quant_state = state
 
 
 class MoraLinear(nn.Module, MoraLayer):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs, resolve_quantization_backend
 from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -80,7 +80,10 @@ class MoraModel(BaseTuner):
             target.update_layer(adapter_name, mora_config, r=r, rank=rank, module_name=current_key)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, SUPPORTED_LAYERS):
+        quantization = get_quantization_kwargs(self)  # what a torchao base needs to quantize a merged weight again
+        backend = resolve_quantization_backend(base, **quantization)
+        # bitsandbytes' layers subclass nn.Linear; other quantized linear layers are known by PEFT's backend
+        if not isinstance(base, SUPPORTED_LAYERS) and not (backend is not None and backend.layer_type == "linear"):
             raise UserError(  # a ValueError, as PEFT's LoRA raises for an unsupported target
                 f"MoRA cannot adapt {current_key!r}: it is a {type(base).__module__}.{type(base).__name__}; "
                 "supported layer types are torch.nn.Linear and transformers Conv1D. Remove it from target_modules."
@@ -93,6 +96,7 @@ class MoraModel(BaseTuner):
             rank=rank,
             fan_in_fan_out=isinstance(base, Conv1D),
             module_name=current_key,
+            **quantization,
         )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained
