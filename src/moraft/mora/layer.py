@@ -149,15 +149,16 @@ class MoraLayer(BaseTunerLayer):
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
             return
+        # PEFT's LoRA sentences first (code written for PEFT matches them), then what moraft adds
         if len(x) != len(adapter_names):
             raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {len(x)} rows; pass one adapter "
-                "name (or '__base__') per row"
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively. Pass one adapter name (or '__base__') per row."
             )
         if self.merged:
             raise ValueError(
-                f"Cannot pass adapter_names while adapters {self.merged_adapters} are merged into the base weights: "
-                "every row would get them. Call unmerge_adapter() first."
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first. "
+                f"(Merged here: {self.merged_adapters}; every row would get them.)"
             )
 
 

@@ -110,7 +110,10 @@ class MoraModel(BaseTuner):
             yield
             return
         if self.training:
-            raise ValueError("adapter_names is for inference: call model.eval() first")
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode. (It is for inference: call "
+                "model.eval() first.)"
+            )
         if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError(f"adapter_names must be a list of adapter names, got {adapter_names!r}")
         known = set()
@@ -120,7 +123,8 @@ class MoraModel(BaseTuner):
         unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
         if unknown:
             raise ValueError(
-                f"adapter_names names unknown adapter(s) {unknown}; known: {sorted(known)} and '__base__' (no adapter)"
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. (Known: "
+                f"{', '.join(sorted(known))}, and '__base__' for no adapter.)"
             )
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
