@@ -158,6 +158,27 @@ def test_store_discovers_new_adapters_and_reloads_changed_ones(env, tmp_path):
         assert not store.exists(bad)
 
 
+def test_a_replaced_copy_counts_against_the_bound_until_its_last_request_ends(env, tmp_path):
+    base, adapters = env
+    _, _, probe = served_model(base, adapters)
+    save_adapter(base, tmp_path / "a", "sharing", seed=1)
+    size = load_adapter("a", tmp_path / "a", probe.modules, torch.device("cpu")).nbytes
+    store = AdapterStore(tmp_path, probe.modules, torch.device("cpu"), max_bytes=2 * size + size // 2, wait_timeout=0.2)
+    old = store.acquire("a")  # a running request holds the first copy
+    save_adapter(base, tmp_path / "a", "sharing", seed=2)  # re-trained while it runs
+    os.utime(tmp_path / "a" / "adapter_model.safetensors", ns=(1, 1))
+    new = store.acquire("a")
+    assert new is not old and store.resident_bytes == 2 * size  # both copies are live
+    save_adapter(base, tmp_path / "b", "sharing", seed=3)
+    with pytest.raises(AdapterBusy):  # a third copy would pass the bound: the old one is still in use
+        store.acquire("b")
+    store.release(old)  # its last request ends
+    assert store.resident_bytes == size
+    store.release(new)
+    store.release(store.acquire("b"))
+    assert store.resident_bytes == 2 * size and store.resident() == ["a", "b"]
+
+
 def test_load_errors_name_the_problem(env, tmp_path):
     base, adapters = env
     _, _, store = served_model(base, adapters)

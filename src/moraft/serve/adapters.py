@@ -8,8 +8,8 @@ A loaded adapter is a dict ``module path -> per-module weights`` that the served
 
 Adapters in use by running requests are pinned and never evicted; when the bound cannot be met because every
 resident adapter is pinned, ``acquire`` waits for requests to finish. An adapter whose files change on disk is
-reloaded on its next request; one whose files cannot be loaded fails its own requests (``AdapterLoadError``) and
-nothing else.
+reloaded on its next request; the old copy stays in memory, and counts against the bound, until the last request
+using it ends. One whose files cannot be loaded fails its own requests (``AdapterLoadError``) and nothing else.
 """
 
 from __future__ import annotations
@@ -221,6 +221,7 @@ class AdapterStore:
         self.max_bytes = int(max_bytes)
         self.wait_timeout = wait_timeout
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
+        self._replaced: list[LoadedAdapter] = []  # older copies of re-trained adapters, still used by requests
         self._loading: dict[str, threading.Event] = {}
         self._cond = threading.Condition()
         self.loads = 0
@@ -247,8 +248,12 @@ class AdapterStore:
 
     @property
     def resident_bytes(self) -> int:
+        """Bytes of every adapter copy in memory: the resident ones and replaced copies that requests still use."""
         with self._cond:
-            return sum(a.nbytes for a in self._resident.values())
+            return self._bytes()
+
+    def _bytes(self) -> int:
+        return sum(a.nbytes for a in self._resident.values()) + sum(a.nbytes for a in self._replaced)
 
     def resident(self) -> list[str]:
         """Names of the loaded adapters, least recently used first."""
@@ -277,6 +282,8 @@ class AdapterStore:
                 adapter = self._resident.get(name)
                 if adapter is not None and adapter.stamp != _files_stamp(directory):
                     del self._resident[name]  # re-trained on disk: running requests keep the old weights
+                    if adapter.pins > 0:  # ... which stay in memory, and count, until the last of them ends
+                        self._replaced.append(adapter)
                     self._cond.notify_all()
                     adapter = None
                 if adapter is not None:
@@ -316,12 +323,15 @@ class AdapterStore:
         with self._cond:
             adapter.pins -= 1
             if adapter.pins == 0:
+                if any(a is adapter for a in self._replaced):  # its last request ended: its memory is free
+                    self._replaced = [a for a in self._replaced if a is not adapter]
                 self._cond.notify_all()
 
     def _make_room(self, nbytes: int) -> None:
-        """Evict unpinned adapters, least recently used first, until ``nbytes`` more fit; wait if all are pinned."""
+        """Evict unpinned adapters, least recently used first, until ``nbytes`` more fit; wait if all are pinned (or
+        the memory is held by replaced copies still in use)."""
         deadline = time.monotonic() + self.wait_timeout
-        while sum(a.nbytes for a in self._resident.values()) + nbytes > self.max_bytes:
+        while self._bytes() + nbytes > self.max_bytes:
             victim = next((n for n, a in self._resident.items() if a.pins == 0), None)
             if victim is not None:
                 del self._resident[victim]
