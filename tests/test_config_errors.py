@@ -12,7 +12,7 @@ from peft import get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moraft import MoraConfig, MoraModel, _peft_hook
+from moraft import MoraConfig, MoraLayer, MoraModel, _peft_hook
 
 
 @pytest.mark.parametrize(
@@ -102,3 +102,13 @@ def test_custom_module_with_unsupported_layer():
 
     with pytest.raises(ValueError, match=r"'conv'.*Conv2d"):
         get_peft_model(Net(), MoraConfig(target_modules=["conv"]))
+
+
+def test_all_linear_is_not_a_regex_for_layers_to_transform():
+    two_layers = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=2, vocab_size=32))
+    model = get_peft_model(two_layers, MoraConfig(target_modules="all-linear", layers_to_transform=[1]))
+    adapted = {n for n, m in model.named_modules() if isinstance(m, MoraLayer)}
+    assert adapted and all(".layers.1." in n for n in adapted) and len(adapted) == 7
+    with pytest.raises(ValueError, match=r"regex target_modules \('.*q_proj'\); name the modules in a list"):
+        MoraConfig(target_modules=r".*q_proj", layers_to_transform=[1])

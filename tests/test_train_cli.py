@@ -60,6 +60,10 @@ BAD = {
     "malformed jsonl": (["--data", "{bad_jsonl}"], "bad.jsonl line 2: not valid JSON (Expecting property name"),
     "missing data": (["--data", "/no/such/data.jsonl"], "data '/no/such/data.jsonl' is neither 'uuid-memory'"),
     "mora option with lora": (["--method", "lora", "--compression", "rotation"], "compression is a mora option"),
+    "parquet": (["--data", "{parquet}"], "rows.parquet' is a Parquet file; moraft train reads JSONL"),
+    "parquet as chat": (["--data", "{parquet}", "--data_format", "chat"], "rows.parquet' is a Parquet file"),
+    "parquet under another name": (["--data", "{parquet_txt}"], "rows.txt' is a Parquet file"),
+    "binary as chat": (["--data", "{binary}", "--data_format", "chat"], "binary.jsonl line 1: not UTF-8 text"),
 }
 
 
@@ -68,7 +72,13 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     flags, expected = BAD[case]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", }\n')
-    flags = [f.replace("{bad_jsonl}", str(bad)) for f in flags]
+    parquet = b"PAR1" + bytes(range(256)) + b"PAR1"  # a Parquet file's magic bytes around binary data
+    (tmp_path / "rows.parquet").write_bytes(parquet)
+    (tmp_path / "rows.txt").write_bytes(parquet)
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe{\x00")
+    places = {"{bad_jsonl}": bad, "{parquet}": tmp_path / "rows.parquet", "{parquet_txt}": tmp_path / "rows.txt",
+              "{binary}": tmp_path / "binary.jsonl"}
+    flags = [str(places.get(f, f)) for f in flags]
     out_dir = tmp_path / "out"
     status, _, err = run_cli(["train", *tiny_flags(out_dir), *flags], capsys)
     assert status == 2
@@ -89,6 +99,21 @@ def test_an_internal_error_crashes_with_its_traceback(tmp_path, capsys, monkeypa
     with pytest.raises(ValueError, match="an internal bug"):
         main(["train", *tiny_flags(tmp_path / "out")])
     assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["mora", "lora"])
+def test_layers_to_transform_with_all_linear(tmp_path, capsys, method):
+    """"all-linear" is a shorthand, not a regex: with --layers_to_transform it adapts every linear layer of those
+    layers (PEFT's LoraConfig refuses a string target_modules there, so moraft expands it first)."""
+    status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--method", method, "--max_steps", "1",
+                              "--layers_to_transform", "[1]"], capsys)
+    assert status == 0, err
+    model, _, _ = load_trained(str(tmp_path / "out"))
+    prefix = "mora_M" if method == "mora" else "lora_A"
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if prefix in n}
+    assert adapted == {"1"}
+    per_layer = sum(1 for n, _ in model.named_parameters() if prefix in n)
+    assert per_layer == 7  # q, k, v, o, gate, up, down
 
 
 def test_unknown_choice_is_a_parse_error(tmp_path, capsys):

@@ -137,8 +137,11 @@ class MoraConfig(PeftConfig):
                     f"MoraConfig: layers_to_transform={self.layers_to_transform!r} is invalid; expected a "
                     "non-negative int or a list of them"
                 )
-            if isinstance(self.target_modules, str):
-                raise UserError("MoraConfig: layers_to_transform cannot be combined with a regex target_modules")
+            if isinstance(self.target_modules, str) and self.target_modules != "all-linear":  # a shorthand, not a regex
+                raise UserError(
+                    f"MoraConfig: layers_to_transform cannot be combined with a regex target_modules "
+                    f"({self.target_modules!r}); name the modules in a list, or use 'all-linear'"
+                )
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, list) and all(isinstance(m, str) for m in self.modules_to_save)
         ):

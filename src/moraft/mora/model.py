@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs, resolve_quantization_backend
 from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
@@ -37,6 +37,17 @@ def adaptable_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def all_linear_names(model: nn.Module, task_type: str | None = None) -> set[str]:
+    """The last name components (``q_proj``, ...) of the modules PEFT's ``"all-linear"`` selects in ``model``: every
+    Linear/Conv1D but the output head.
+
+    PEFT expands "all-linear" into full module names, and a full name matches exactly, so ``layers_to_transform``
+    never applies to it; the last components match as suffixes, and layers_to_transform then selects among them.
+    """
+    probe = MoraConfig(target_modules="all-linear", task_type=task_type)
+    return {name.rsplit(".", 1)[-1] for name in _maybe_include_all_linear_layers(probe, model).target_modules}
+
+
 def _adapter_names_pre_forward_hook(module, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
@@ -50,6 +61,9 @@ class MoraModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        config = self.peft_config[adapter_name]
+        if config.target_modules == "all-linear" and config.layers_to_transform is not None:
+            config.target_modules = all_linear_names(model, config.task_type)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as err:

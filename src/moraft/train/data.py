@@ -66,8 +66,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise MissingPathError(f"data file {str(path)!r} does not exist")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{path} line {number}: not UTF-8 text ({err.reason} at byte {err.start} of the line), so not "
+                    "JSONL"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -198,6 +205,25 @@ def _truncate(example: Example, max_length: int) -> Example:
     return {key: value[:max_length] for key, value in example.items()}
 
 
+# Data files moraft train does not read (yet), known by their extension or their first bytes
+_TABULAR = {".parquet": (b"PAR1", "Parquet"), ".arrow": (b"ARROW1", "Arrow"), ".feather": (b"ARROW1", "Arrow")}
+
+
+def _refuse_tabular(path: Path) -> None:
+    """A Parquet or Arrow file is not text: name it and say what is read, instead of training on its bytes."""
+    if not path.is_file():
+        return
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    for suffix, (magic, kind) in _TABULAR.items():
+        if path.suffix.lower() == suffix or head.startswith(magic):
+            raise UserError(
+                f"data file {str(path)!r} is a {kind} file; moraft train reads JSONL (.jsonl/.json: chat or "
+                "prompt/completion records) and UTF-8 text files. Write its rows as JSONL first (e.g. with "
+                "datasets: Dataset.from_parquet(PATH).to_json(OUT.jsonl))"
+            )
+
+
 def load_examples(
     data: str, tokenizer, *, data_format: str = "auto", seq_length: int = 512, num_pairs: int = 128, seed: int = 0
 ) -> list[Example]:
@@ -209,6 +235,7 @@ def load_examples(
     path = Path(data)
     if not path.exists():
         raise MissingPathError(f"data {data!r} is neither {UUID_MEMORY!r} nor an existing file or directory")
+    _refuse_tabular(path)
     if data_format == "text" or (data_format == "auto" and (path.is_dir() or path.suffix not in (".jsonl", ".json"))):
         return text_examples(path, tokenizer, seq_length)
     records = read_jsonl(path)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import MissingPathError, UserError
 from ..mora import MoraConfig, MoraLayer, MoraOperator
-from ..mora.model import adaptable_module_names
+from ..mora.model import adaptable_module_names, all_linear_names
 from .builtin import BUILTIN_MODEL, tiny_llama
 from .options import TrainOptions
 
@@ -52,11 +52,18 @@ def load_base(
     return base, tokenizer
 
 
-def peft_config(options: TrainOptions) -> MoraConfig | LoraConfig:
-    """The PEFT config of ``options.method`` (mora, lora or dora)."""
+def peft_config(options: TrainOptions, model: nn.Module | None = None) -> MoraConfig | LoraConfig:
+    """The PEFT config of ``options.method`` (mora, lora or dora) for ``model``.
+
+    PEFT's LoraConfig refuses ``layers_to_transform`` with a string ``target_modules``, "all-linear" included; as that
+    is a shorthand, not a regex, it is then expanded here (``all_linear_names``).
+    """
+    target_modules = options.target_modules
+    if target_modules == "all-linear" and options.layers_to_transform is not None and model is not None:
+        target_modules = sorted(all_linear_names(model, "CAUSAL_LM"))
     common = dict(
         r=options.r,
-        target_modules=options.target_modules,
+        target_modules=target_modules,
         exclude_modules=options.exclude_modules,
         layers_to_transform=options.layers_to_transform,
         layers_pattern=options.layers_pattern,
@@ -93,7 +100,7 @@ def apply_method(model: nn.Module, options: TrainOptions) -> nn.Module:
     if options.method == "full":
         model.requires_grad_(True)
         return model
-    config = peft_config(options)
+    config = peft_config(options, model)
     try:
         return get_peft_model(model, config)
     except ValueError as err:
