@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import peft
 import pytest
@@ -112,3 +113,25 @@ def test_all_linear_is_not_a_regex_for_layers_to_transform():
     assert adapted and all(".layers.1." in n for n in adapted) and len(adapted) == 7
     with pytest.raises(ValueError, match=r"regex target_modules \('.*q_proj'\); name the modules in a list"):
         MoraConfig(target_modules=r".*q_proj", layers_to_transform=[1])
+
+
+def test_import_leaves_the_warning_filters_alone():
+    """``import moraft`` adds no global filter; moraft's own PEFT calls silence PEFT's transformers deprecation only
+    while they run."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, transformers, peft, accelerate; before = list(warnings.filters); import moraft, "
+            "moraft.train, moraft.interop; print([f for f in warnings.filters if f not in before])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr[-2000:]
+
+    from moraft.train import TrainOptions, apply_method
+
+    for quiet, call in ((True, lambda m: apply_method(m, TrainOptions(r=2))),
+                        (False, lambda m: get_peft_model(m, MoraConfig(r=2)))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(tiny_llama())
+        said = [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+        assert (said == []) is quiet, [str(w.message) for w in said]

@@ -4,12 +4,7 @@
 ``PeftModel.from_pretrained(model, mora_adapter_dir)`` work as for any PEFT method.
 """
 
-import warnings
-
 from . import _peft_hook
-
-# PEFT 0.21 calls a transformers 5 API that is deprecated; the warning is not actionable for moraft's users.
-warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 from .mora import COMPRESSIONS, MoraConfig, MoraLayer, MoraLinear, MoraModel, MoraOperator, mora_rank
 
 _peft_hook.register(MoraConfig, MoraModel, MoraModel.prefix)

@@ -10,6 +10,9 @@ members of its ``PeftType`` enum. PEFT looks methods up in four dicts in ``peft.
 from __future__ import annotations
 
 import importlib
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 PEFT_TESTED = ">=0.21,<0.22"
 _MAPPINGS = (
@@ -60,3 +63,13 @@ def is_registered() -> bool:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     return "MORA" in PEFT_TYPE_TO_CONFIG_MAPPING and "MORA" in PEFT_TYPE_TO_TUNER_MAPPING
+
+
+@contextmanager
+def quiet_peft_deprecation() -> Iterator[None]:
+    """Silence, inside this block only, the FutureWarning that PEFT 0.21 triggers whenever it wraps a transformers 5
+    model (it reads the deprecated ``is_gradient_checkpointing``): it says nothing a moraft user can act on. moraft's
+    own commands wrap their PEFT calls in this; ``import moraft`` leaves the warning filters as they were."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

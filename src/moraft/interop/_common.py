@@ -22,6 +22,7 @@ from peft import PeftConfig, PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._peft_hook import quiet_peft_deprecation
 from ..adapters import Use, read_adapter_config
 from ..errors import UserError
 
@@ -200,7 +201,8 @@ def load_adapter_on_meta(
     weights_file = adapter_weights_path(adapter_dir)
     model = meta_base_model(base, config.to_dict())
     try:
-        peft_model = PeftModel(model, config)
+        with quiet_peft_deprecation():
+            peft_model = PeftModel(model, config)
     except (ValueError, TypeError) as err:
         raise UserError(f"adapter {adapter_dir} does not fit the base model: {err}") from None
     loaded = LoadedAdapter(config=config, model=peft_model, weights_file=weights_file)

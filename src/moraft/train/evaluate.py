@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from .._peft_hook import quiet_peft_deprecation
 from ..adapters import read_adapter_config
 from ..errors import MissingPathError, UserError
 from .builtin import BUILTIN_MODEL
@@ -157,7 +158,8 @@ def _load_adapter(model, directory: Path):
     from safetensors import SafetensorError
 
     try:
-        return PeftModel.from_pretrained(model, directory)
+        with quiet_peft_deprecation():
+            return PeftModel.from_pretrained(model, directory)
     except (SafetensorError, RuntimeError, OSError) as err:
         raise UserError(f"cannot load the adapter in {str(directory)!r}: {str(err).splitlines()[0]}") from err
 

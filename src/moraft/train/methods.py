@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .._peft_hook import quiet_peft_deprecation
 from ..errors import MissingPathError, UserError
 from ..mora import MoraConfig, MoraLayer, MoraOperator
 from ..mora.model import adaptable_module_names, all_linear_names
@@ -102,7 +103,8 @@ def apply_method(model: nn.Module, options: TrainOptions) -> nn.Module:
         return model
     config = peft_config(options, model)
     try:
-        return get_peft_model(model, config)
+        with quiet_peft_deprecation():
+            return get_peft_model(model, config)
     except ValueError as err:
         if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
             raise UserError(
