@@ -97,6 +97,20 @@ def check_adapter(config: PeftConfig, use: Use, where: Union[str, Path]) -> None
         raise UserError(f"{where}: {USES[use]} cannot apply this adapter exactly: {listed}. Instead, {HINTS[use]}")
 
 
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; `UserError` naming the file when it is missing (``what`` says what was expected
+    there), not JSON, or not an object."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a {type(data).__name__}, expected a JSON object")
+    return data
+
+
 def read_adapter_config(adapter_dir: Union[str, Path], use: Use, accepted: tuple[str, ...] = ()) -> PeftConfig:
     """The ``PeftConfig`` saved in ``adapter_dir``, checked for ``use`` (see `check_adapter`).
 
@@ -108,14 +122,7 @@ def read_adapter_config(adapter_dir: Union[str, Path], use: Use, accepted: tuple
     path = adapter_dir / CONFIG_NAME
     if not adapter_dir.is_dir():
         raise UserError(f"adapter {adapter_dir} is not a directory; expected a saved PEFT adapter")
-    if not path.is_file():
-        raise UserError(f"{path} not found: expected a saved PEFT adapter directory")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} holds a {type(raw).__name__}, expected a JSON object")
+    raw = read_json(path, "expected a saved PEFT adapter directory")
     if raw.get("use_mora"):
         raise UserError(
             f"{path} was written by the authors' peft-mora (use_mora=true); convert it first: "
@@ -132,4 +139,4 @@ def read_adapter_config(adapter_dir: Union[str, Path], use: Use, accepted: tuple
     return config
 
 
-__all__ = ["check_adapter", "lora_variants", "read_adapter_config", "unsupported_options"]
+__all__ = ["check_adapter", "lora_variants", "read_adapter_config", "read_json", "unsupported_options"]

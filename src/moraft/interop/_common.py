@@ -8,7 +8,6 @@ cost. The adapter's own tensors are then put in place, on the CPU, so that ``get
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .._peft_hook import quiet_peft_deprecation
-from ..adapters import Use, read_adapter_config
+from ..adapters import Use, read_adapter_config, read_json  # noqa: F401  (read_json: for the interop modules)
 from ..errors import UserError
 
 PathLike = Union[str, os.PathLike]
@@ -125,18 +124,6 @@ def meta_base_model(base: PathLike, adapter_config: dict | None = None) -> nn.Mo
 
 # ----------------------------------------------------------------------------------------------------------------
 # adapter files
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path} not found: {what}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a {type(data).__name__}, expected a JSON object")
-    return data
 
 
 def adapter_weights_path(adapter_dir: Path) -> Path:
