@@ -178,9 +178,13 @@ def merged_weight(layer: BaseTunerLayer, adapter_name: str, weight: torch.Tensor
     """``weight`` (as stored in the base checkpoint) with the adapter merged in by the layer's own ``merge``, in float32.
 
     This is the code ``merge_and_unload`` runs: moraft's for MoRA, PEFT's for LoRA and each of its variants (DoRA's
-    magnitude rescaling, KaSA's truncation of the base weight and its diagonal, ...). The layer lives on a meta base
-    model; the real weight is put in for the merge and taken out again, so the layer keeps no copy of it.
+    magnitude rescaling, KaSA's truncation of the base weight and its diagonal, ...). Where that merge is
+    W + ``get_delta_weight`` (MoRA, plain LoRA: PEFT's own branch for a LoRA without a variant), the sum is taken
+    directly. A variant's merge runs on the layer itself: it lives on a meta base model, so the real weight is put
+    in for the merge and taken out again, and the layer keeps no copy of it.
     """
+    if not getattr(layer, "lora_variant", {}).get(adapter_name):
+        return weight.float() + layer.get_delta_weight(adapter_name).float()
     base = layer.get_base_layer()
     placeholder = base.weight
     base.weight = nn.Parameter(weight.to(torch.float32, copy=True), requires_grad=False)
