@@ -83,16 +83,19 @@ class Recorder(TrainerCallback):
 
 
 class Evaluator(TrainerCallback):
-    """Runs ``evaluate(model) -> dict`` every ``every`` steps on the main process and records the result."""
+    """Runs ``evaluate(model) -> dict`` every ``every`` steps and records the result (the main process writes it).
 
-    def __init__(self, evaluate: Callable, every: int, recorder: Recorder, is_main: bool) -> None:
+    Every rank evaluates: under FSDP or DeepSpeed ZeRO-3 each forward pass gathers parameter shards from all ranks,
+    so a forward pass on the main process alone would wait forever for the others.
+    """
+
+    def __init__(self, evaluate: Callable, every: int, recorder: Recorder) -> None:
         self.evaluate = evaluate
         self.every = every
         self.recorder = recorder
-        self.is_main = is_main
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every and state.global_step % self.every == 0 and self.is_main:
+        if self.every and state.global_step % self.every == 0:
             self.recorder.record(state, self.evaluate(model))
 
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
@@ -51,7 +52,8 @@ class TrainResult:
         total_parameters: all parameters of the trained model (base + adapter).
         runtime_s: wall time of the training loop.
         world_size: how many processes trained.
-        ranks_in_sync: whether every rank ended with identical trainable parameters.
+        ranks_in_sync: whether every rank ended with identical trainable parameters; None when the parameters are
+            sharded (FSDP, DeepSpeed ZeRO-3), where each rank holds its own part and there is nothing to compare.
         model: the trained model, in memory (a ``PeftModel`` unless method=full).
         tokenizer: its tokenizer.
     """
@@ -63,7 +65,7 @@ class TrainResult:
     total_parameters: int = 0
     runtime_s: float = 0.0
     world_size: int = 1
-    ranks_in_sync: bool = True
+    ranks_in_sync: Optional[bool] = True
     model: Optional[torch.nn.Module] = field(default=None, repr=False)
     tokenizer: object = field(default=None, repr=False)
 
@@ -124,8 +126,19 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def _sharding(trainer: Trainer) -> Optional[str]:
+    """How the trainer shards the parameters across processes ("FSDP", "DeepSpeed ZeRO-3"), or None when every rank
+    holds all of them (one process, DDP, ZeRO-1/2)."""
+    if trainer.is_fsdp_enabled:
+        return "FSDP"
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 def _digest(model: torch.nn.Module) -> str:
-    """A hash of the trainable parameters: equal on every rank when data-parallel training stayed in sync."""
+    """A hash of the trainable parameters: equal on every rank when data-parallel training stayed in sync (only
+    meaningful when every rank holds whole parameters, see `_sharding`)."""
     sha = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         if param.requires_grad:
@@ -140,6 +153,17 @@ def _gather(value: str) -> list[str]:
         torch.distributed.all_gather_object(values, value)
         return values
     return [value]
+
+
+def _device_arguments() -> dict:
+    """``use_cpu``/``ddp_backend`` for this machine. accelerate treats torchrun on CPU as distributed (gloo) only with
+    ``use_cpu``, but enables DeepSpeed (``accelerate launch --use_deepspeed``, ``DS_ACCELERATOR=cpu``) only without it,
+    given an explicit backend."""
+    if _has_accelerator():
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"use_cpu": False, "ddp_backend": "gloo"}
+    return {"use_cpu": True}
 
 
 def _training_arguments(options: TrainOptions) -> TrainingArguments:
@@ -170,7 +194,7 @@ def _training_arguments(options: TrainOptions) -> TrainingArguments:
         disable_tqdm=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
-        use_cpu=not _has_accelerator(),  # accelerate treats torchrun on CPU as distributed (gloo) only with use_cpu
+        **_device_arguments(),
     )
 
 
@@ -209,17 +233,12 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
             metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
         return metrics
 
-    # -- everything is checked: from here on the run writes to output_dir -------------------------------------
     out = Path(options.output_dir)
+    existed = out.exists()
     args = _training_arguments(options)
     is_main = args.process_index == 0
-    if options.overwrite and is_main and out.is_dir():
-        shutil.rmtree(out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
     recorder = Recorder(out, f"{options.method} r={options.r}" if options.method != "full" else "full", is_main)
-    own = [recorder, Evaluator(evaluate, options.eval_steps, recorder, is_main)]
+    own = [recorder, Evaluator(evaluate, options.eval_steps, recorder)]
     if options.merge_every:
         own.append(MergeEvery(options.merge_every, out, options.switch_grouping, options.seed, is_main))
     trainer = MoraftTrainer(
@@ -232,6 +251,21 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         merge_warmup=options.effective_merge_warmup,
     )
     trainer.remove_callback(ProgressCallback)  # the Recorder draws the bar
+    sharding = _sharding(trainer)
+    if sharding and options.merge_every:
+        if is_main and not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # Trainer creates output_dir; a refused run leaves none behind
+        raise UserError(
+            f"merge_every={options.merge_every}: ReMoRA/ReLoRA merge the adapter into the base weights, which "
+            f"{sharding} shards across processes; train with merge_every=0, or under DDP or DeepSpeed ZeRO-1/2"
+        )
+
+    # -- everything is checked: from here on the run writes to output_dir -------------------------------------
+    if options.overwrite and is_main and out.is_dir():
+        shutil.rmtree(out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
     if checkpoint is not None:
         _replay_merges(model, options, int(Path(checkpoint).name.split("-")[1]), is_main)
     started = time.perf_counter()
@@ -242,12 +276,12 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     runtime = time.perf_counter() - started
     state = trainer.state
     final = {"train_loss": output.training_loss}
-    if is_main and (pairs is not None or eval_examples is not None):
+    if pairs is not None or eval_examples is not None:  # on every rank: see Evaluator
         keys = ("char_accuracy", "eval_loss")
         done = [e for e in state.log_history if e["step"] == state.global_step and any(k in e for k in keys)]
         last = done[-1] if done else recorder.record(state, evaluate(model))  # no second evaluation of the last step
         final.update({k: v for k, v in last.items() if k != "step"})
-    digests = _gather(_digest(model))
+    digests = [] if sharding else _gather(_digest(model))
     result = TrainResult(
         output_dir=out,
         history=list(state.log_history),
@@ -255,16 +289,15 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         trainable_parameters=trainable,
         total_parameters=total,
         runtime_s=runtime,
-        world_size=len(digests),
-        ranks_in_sync=len(set(digests)) == 1,
+        world_size=args.world_size,
+        ranks_in_sync=None if sharding else len(set(digests)) == 1,
         model=model,
         tokenizer=tokenizer,
     )
-    if is_main:
-        _save_outputs(trainer, tokenizer, options, result, digests)
+    _save_outputs(trainer, tokenizer, options, result, digests, is_main)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank returns before the outputs exist
-    if not result.ranks_in_sync:
+    if result.ranks_in_sync is False:
         raise RuntimeError(f"the {len(digests)} ranks ended with different parameters: {digests}")
     return result
 
@@ -285,13 +318,48 @@ def _replay_merges(model, options: TrainOptions, step: int, is_main: bool) -> No
         merge_and_restart(model, switch_grouping=options.switch_grouping, seed=options.seed + merged_at)
 
 
-def _save_outputs(trainer: Trainer, tokenizer, options: TrainOptions, result: TrainResult, digests: list) -> None:
-    """The final adapter (or full model), tokenizer, config, summary and plot, moved into output_dir at once."""
+def _save_model(trainer: Trainer, directory: Path, is_main: bool) -> None:
+    """The trained adapter (or full model) into ``directory``. Every rank calls this: under FSDP and DeepSpeed ZeRO-3
+    ``Trainer.save_model`` gathers the parameter shards from all ranks, then the main process writes them (a plain
+    ``save_pretrained`` there would write shards, or fail). The main process then checks that what it wrote is
+    whole, so a gather that came back empty fails the run instead of leaving an empty adapter."""
+    if trainer.is_fsdp_enabled:  # Trainer.save_model writes nothing from a SHARDED_STATE_DICT plugin
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(directory))
+    if not is_main:
+        return
+    (directory / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # Trainer's pickle: checkpoints keep theirs
+    adapter = directory / "adapter_model.safetensors"
+    if not adapter.is_file():
+        if (directory / "adapter_config.json").is_file():
+            raise RuntimeError(f"Trainer.save_model wrote no {adapter.name} to {directory}")
+        return  # method=full: the model's own files
+    from safetensors import safe_open
+
+    with safe_open(str(adapter), "pt") as handle:
+        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
+    expected = sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    empty = [key for key, shape in shapes.items() if 0 in shape or not shape]
+    if len(shapes) != expected or empty:
+        raise RuntimeError(
+            f"Trainer.save_model wrote {len(shapes)} tensors ({len(empty)} empty) to {adapter}, for {expected} "
+            "trainable parameters"
+        )
+
+
+def _save_outputs(
+    trainer: Trainer, tokenizer, options: TrainOptions, result: TrainResult, digests: list, is_main: bool
+) -> None:
+    """The final adapter (or full model), tokenizer, config, summary and plot, moved into output_dir at once. Every
+    rank calls this (see `_save_model`); only the main process writes."""
     out = result.output_dir
     tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainer.model.save_pretrained(tmp)
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _save_model(trainer, tmp, is_main)
+    if not is_main:
+        return
     tokenizer.save_pretrained(tmp)
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
     summary = {
@@ -302,6 +370,7 @@ def _save_outputs(trainer: Trainer, tokenizer, options: TrainOptions, result: Tr
         "total_parameters": result.total_parameters,
         "runtime_s": round(result.runtime_s, 2),
         "world_size": result.world_size,
+        "sharding": _sharding(trainer),
         "ranks_in_sync": result.ranks_in_sync,
         "rank_digests": digests,
         "merges": [d.name for d in merge_dirs(out)],
