@@ -86,6 +86,14 @@ def normalize_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0", "on", "off"}
 
 
+def _end_distributed() -> None:
+    """End a torchrun / accelerate run with its process group destroyed, as PyTorch asks: left to interpreter exit,
+    gloo's threads have aborted a finished rank (``terminate called without an active exception``, status -6)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``moraft`` command."""
     argv = sys.argv[1:] if argv is None else argv
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = dict(init[name])
         kwargs.pop("config", None)
         commands[name](**kwargs)
+        _end_distributed()
     except UserError as err:
         if os.environ.get("MORAFT_DEBUG"):
             raise
