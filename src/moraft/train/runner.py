@@ -52,6 +52,7 @@ class TrainResult:
         total_parameters: all parameters of the trained model (base + adapter).
         runtime_s: wall time of the training loop.
         world_size: how many processes trained.
+        sharding: how the parameters were sharded across them ("FSDP", "DeepSpeed ZeRO-3"), or None.
         ranks_in_sync: whether every rank ended with identical trainable parameters; None when the parameters are
             sharded (FSDP, DeepSpeed ZeRO-3), where each rank holds its own part and there is nothing to compare.
         model: the trained model, in memory (a ``PeftModel`` unless method=full).
@@ -65,6 +66,7 @@ class TrainResult:
     total_parameters: int = 0
     runtime_s: float = 0.0
     world_size: int = 1
+    sharding: Optional[str] = None
     ranks_in_sync: Optional[bool] = True
     model: Optional[torch.nn.Module] = field(default=None, repr=False)
     tokenizer: object = field(default=None, repr=False)
@@ -290,6 +292,7 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         total_parameters=total,
         runtime_s=runtime,
         world_size=args.world_size,
+        sharding=sharding,
         ranks_in_sync=None if sharding else len(set(digests)) == 1,
         model=model,
         tokenizer=tokenizer,
@@ -370,7 +373,7 @@ def _save_outputs(
         "total_parameters": result.total_parameters,
         "runtime_s": round(result.runtime_s, 2),
         "world_size": result.world_size,
-        "sharding": _sharding(trainer),
+        "sharding": result.sharding,
         "ranks_in_sync": result.ranks_in_sync,
         "rank_digests": digests,
         "merges": [d.name for d in merge_dirs(out)],
