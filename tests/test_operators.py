@@ -216,3 +216,17 @@ def test_invalid_operator_arguments():
         MoraOperator(8, 8, 5, "rotation")
     with pytest.raises(ValueError, match="input_grouping='interleaved'"):
         MoraOperator(8, 8, 4, "sharing", input_grouping="interleaved")
+
+
+def test_operators_compare_by_value_and_build_from_a_config():
+    from moraft import MoraConfig
+
+    config = MoraConfig(r=8, compression="sharing", input_grouping="contiguous", target_modules=["q"])
+    op = MoraOperator.from_config(config, 64, 48)
+    assert op == MoraOperator(64, 48, mora_rank(64, 48, 8, "sharing"), "sharing", "contiguous", "strided")
+    op.apply(torch.randn(2, 64), torch.randn(op.rank, op.rank))  # fills op's cache: equality ignores it
+    assert hash(op) == hash(MoraOperator.from_config(config, 64, 48))
+    assert op != MoraOperator.from_config(config, 64, 48, rank=op.rank + 1)
+    assert MoraOperator.from_config(config, 64, 48, r=2) == MoraOperator.from_config(config, 64, 48,
+                                                                                     rank=mora_rank(64, 48, 2, "sharing"))
+    assert len({op, MoraOperator.from_config(config, 64, 48), MoraOperator(64, 48, op.rank)}) == 2

@@ -57,26 +57,17 @@ class MoraLayer(BaseTunerLayer):
         **kwargs: Any,
     ) -> None:
         """Add adapter ``adapter_name`` with r̂ = ``rank`` (or derived from ``r``)."""
-        if rank is None:
-            rank = mora_rank(self.in_features, self.out_features, r, config.compression)
-        elif config.peft_mora_compat and rank != mora_rank(self.in_features, self.out_features, r, config.compression):
+        expected = mora_rank(self.in_features, self.out_features, r, config.compression)
+        if rank is not None and config.peft_mora_compat and rank != expected:
             # a checkpoint converted from peft-mora, which derived r̂ from the layer's shape: another r̂ means the
             # adapter was trained on a base model with other layer shapes
-            expected = mora_rank(self.in_features, self.out_features, r, config.compression)
             raise UserError(
                 f"{module_name or 'a layer'}: this adapter (converted from peft-mora) has a {rank}x{rank} M, but "
                 f"peft-mora gives this {self.out_features}x{self.in_features} layer (r={r}) a {expected}x{expected} "
                 "M: the adapter was trained on a base model with other layer shapes"
             )
-        op = MoraOperator(
-            self.in_features,
-            self.out_features,
-            rank,
-            compression=config.compression,
-            input_grouping=config.input_grouping,
-            output_grouping=config.output_grouping,
-            peft_mora_compat=config.peft_mora_compat,
-        )
+        op = MoraOperator.from_config(config, self.in_features, self.out_features, r=r, rank=rank)
+        rank = op.rank
         op.warn_if_wasteful(module_name)
         self.mora_operator[adapter_name] = op
         self.mora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,16 @@ Compression = Literal["sharing", "rotation", "decouple", "truncation"]
 Grouping = Literal["strided", "contiguous"]
 COMPRESSIONS: tuple[str, ...] = ("sharing", "rotation", "decouple", "truncation")
 GROUPINGS: tuple[str, ...] = ("strided", "contiguous")
+
+
+class MoraSettings(Protocol):
+    """What `MoraOperator.from_config` reads from a config (`MoraConfig` has it all)."""
+
+    r: int
+    compression: str
+    input_grouping: str
+    output_grouping: str
+    peft_mora_compat: bool
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,9 +155,13 @@ def mora_rank(in_features: int, out_features: int, r: int, compression: str) -> 
 # the operator
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class MoraOperator:
     """The fixed maps of one MoRA layer: ``h = W0 x + decompress(W · compress(x))``.
+
+    Operators compare and hash by value (shape, r̂ and options; not their cached index and angle tensors), so two
+    layers or two adapters with equal operators can share compress and decompress: ``moraft serve`` groups the rows
+    of a mixed-adapter batch by the operator itself. Build one from a config with `from_config`.
 
     Args:
         in_features: k, the layer's input width.
@@ -170,7 +184,7 @@ class MoraOperator:
     input_grouping: str = "strided"
     output_grouping: str = "strided"
     peft_mora_compat: bool = False
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
@@ -181,11 +195,37 @@ class MoraOperator:
         if self.rank < 1 or (self.compression == "rotation" and self.rank % 2):
             kind = "an even integer >= 2" if self.compression == "rotation" else "an integer >= 1"
             raise UserError(f"r̂={self.rank} is invalid for compression={self.compression!r}: it must be {kind}")
-        k, rank = self.in_features, self.rank
-        # input length after cyclic padding to whole blocks of r̂
-        self.padded_in = -(-k // rank) * rank
+
+    @classmethod
+    def from_config(
+        cls, config: MoraSettings, in_features: int, out_features: int, *, r: int | None = None,
+        rank: int | None = None,
+    ) -> MoraOperator:
+        """The operator of a ``in_features -> out_features`` layer under ``config`` (a `MoraConfig`, or anything with
+        its ``compression``, ``input_grouping``, ``output_grouping``, ``peft_mora_compat`` and ``r``).
+
+        r̂ is ``rank`` when given (an explicit ``mora_rank``, a per-module override, or the side of a saved M), else
+        derived from ``r`` (default ``config.r``) by `mora_rank`. The one place an operator is built from settings:
+        the tuner layer, ReMoRA's restart and ``moraft serve`` all call it.
+        """
+        if rank is None:
+            rank = mora_rank(in_features, out_features, config.r if r is None else r, config.compression)
+        return cls(
+            in_features,
+            out_features,
+            rank,
+            compression=config.compression,
+            input_grouping=config.input_grouping,
+            output_grouping=config.output_grouping,
+            peft_mora_compat=config.peft_mora_compat,
+        )
 
     # -- shape facts ----------------------------------------------------------------------------------------------
+
+    @property
+    def padded_in(self) -> int:
+        """The input length after cyclic padding to whole blocks of r̂."""
+        return -(-self.in_features // self.rank) * self.rank
 
     @property
     def blockwise(self) -> bool:
@@ -330,6 +370,11 @@ class MoraOperator:
         """
         if torch.is_grad_enabled() and (x.requires_grad or m.requires_grad):
             return MoraFunction.apply(x, m, self)
+        return self.forward(x, m)
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The composition itself, ``decompress(block_matmul(compress(x), block_weights(M)))``, as plain torch ops
+        (autograd through it would keep the compressed activations: `apply` is what the layer calls)."""
         return self.decompress(block_matmul(self.compress(x), self.block_weights(m)))
 
     @torch.no_grad()
@@ -416,7 +461,7 @@ class MoraFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, m: torch.Tensor, op: MoraOperator) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, m)
         ctx.op = op
-        return op.decompress(block_matmul(op.compress(x), op.block_weights(m)))
+        return op.forward(x, m)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]

@@ -63,11 +63,9 @@ class MoraWeights:
     m: torch.Tensor
 
     @property
-    def group_key(self) -> tuple:
-        """Adapters with equal keys share compress/decompress, so their rows can be compressed together."""
-        op = self.op
-        return ("mora", op.in_features, op.out_features, op.rank, op.compression, op.input_grouping,
-                op.output_grouping, op.peft_mora_compat)
+    def group_key(self) -> MoraOperator:
+        """Adapters with equal operators share compress/decompress, so their rows can be compressed together."""
+        return self.op
 
     @property
     def nbytes(self) -> int:
@@ -83,8 +81,9 @@ class LoraWeights:
     scaling: float
 
     @property
-    def group_key(self) -> tuple:
-        return ("lora",)
+    def group_key(self) -> str:
+        """Every LoRA adapter of a module goes in one group (ranks are zero-padded to the largest)."""
+        return "lora"
 
     @property
     def nbytes(self) -> int:
@@ -176,9 +175,7 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
             if m.dim() != 2 or m.shape[0] != m.shape[1]:
                 raise AdapterLoadError(f"{where}: M of {path!r} has shape {tuple(m.shape)}; expected square (r̂, r̂)")
             try:
-                op = MoraOperator(k, d, m.shape[0], compression=config.compression,
-                                  input_grouping=config.input_grouping, output_grouping=config.output_grouping,
-                                  peft_mora_compat=config.peft_mora_compat)
+                op = MoraOperator.from_config(config, k, d, rank=m.shape[0])
             except ValueError as err:
                 raise AdapterLoadError(f"{where}: {path!r}: {err}") from None
             weights[path] = MoraWeights(op, m.to(device=device, dtype=torch.float32).contiguous())

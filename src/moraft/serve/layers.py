@@ -153,7 +153,7 @@ class RowAdapters:
 
     def _build(self, path: str) -> list:
         # group key -> ([row], [distinct weights], [slot of each row in the distinct list])
-        found: dict[tuple, tuple[list[int], list, list[int]]] = {}
+        found: dict[object, tuple[list[int], list, list[int]]] = {}
         for row, adapter in enumerate(self._rows):
             weights = adapter.modules.get(path) if adapter is not None else None
             if weights is None:
@@ -169,9 +169,10 @@ class RowAdapters:
             slots.append(slot)
         groups = []
         for key, (rows, distinct, slots) in found.items():
-            device = (distinct[0].m if key[0] == "mora" else distinct[0].a).device
+            mora = isinstance(key, MoraOperator)
+            device = (distinct[0].m if mora else distinct[0].a).device
             index = None if len(rows) == len(self._rows) else torch.tensor(rows, device=device)
-            cls = _MoraGroup if key[0] == "mora" else _LoraGroup
+            cls = _MoraGroup if mora else _LoraGroup
             groups.append(cls(index, distinct, slots))
         return groups
 

@@ -137,33 +137,28 @@ def merge_and_restart(model: PeftModel, *, switch_grouping: bool = True, seed: i
     """
     config = model.peft_config[ADAPTER]
     switch = isinstance(config, MoraConfig) and config.compression == "sharing" and switch_grouping
+    if switch:  # the config first: each layer's new operator is built from it
+        config.input_grouping = _OTHER_GROUPING[config.input_grouping]
+        config.output_grouping = _OTHER_GROUPING[config.output_grouping]
     restarted: list[nn.Parameter] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in model.modules():
-            restarted += _restart_layer(module, switch)
-    if switch:
-        config.input_grouping = _OTHER_GROUPING[config.input_grouping]
-        config.output_grouping = _OTHER_GROUPING[config.output_grouping]
+            restarted += _restart_layer(module, config if switch else None)
     return restarted
 
 
-def _restart_layer(module: nn.Module, switch: bool) -> list[nn.Parameter]:
-    """Merge one tuner layer's adapter into its base weight and re-initialize it; its restarted parameters."""
+def _restart_layer(module: nn.Module, switched: MoraConfig | None) -> list[nn.Parameter]:
+    """Merge one tuner layer's adapter into its base weight and re-initialize it (with the operator of the
+    ``switched`` config, when given); its restarted parameters."""
     if isinstance(module, MoraLayer) and ADAPTER in module.mora_M:
         module.merge(adapter_names=[ADAPTER])
         module.merged_adapters.remove(ADAPTER)  # ΔW now belongs to the base weight for good
         module.mora_M[ADAPTER].zero_()
-        if switch:
+        if switched is not None:
             op = module.mora_operator[ADAPTER]
-            module.mora_operator[ADAPTER] = MoraOperator(
-                op.in_features,
-                op.out_features,
-                op.rank,
-                compression=op.compression,
-                input_grouping=_OTHER_GROUPING[op.input_grouping],
-                output_grouping=_OTHER_GROUPING[op.output_grouping],
-                peft_mora_compat=op.peft_mora_compat,
+            module.mora_operator[ADAPTER] = MoraOperator.from_config(
+                switched, op.in_features, op.out_features, rank=op.rank
             )
         return [module.mora_M[ADAPTER]]
     if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
