@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from interop_helpers import VOCAB, input_ids, leftovers, logits, save_adapter, tiny_gpt2, tiny_llama
-from peft import KasaConfig, LoraConfig, PeftModel, get_peft_model
+from peft import KasaConfig, LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast

@@ -17,12 +17,11 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from quantized import QUANTIZED, dequantized, quantize, rounding, within_rounding
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from moraft import COMPRESSIONS, MoraConfig, MoraLayer
-
-from quantized import QUANTIZED, dequantized, quantize, rounding, within_rounding
 
 # (out d, in k, r): k > d, d > k, square, r̂ larger than both sides, widths that are not multiples of r̂
 SHAPES = [(80, 216, 8), (216, 80, 8), (80, 80, 8), (12, 20, 64), (64, 64, 4)]

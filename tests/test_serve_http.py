@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_utils import LiveServer, free_socket, load_base, reference, save_adapter, save_tiny_base
 
 from moraft.serve.adapters import load_adapter
 from moraft.serve.server import build_server
-from serve_utils import LiveServer, free_socket, load_base, reference, save_adapter, save_tiny_base
 
 CONTEXT = 128
 ADAPTERS = {"share": "sharing", "rot": "rotation", "lora": "lora"}

@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 from peft import KasaConfig, LoraConfig, PeftModel, get_peft_model
+from serve_utils import char_tokenizer, load_base, save_adapter, save_tiny_base
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import moraft
-from moraft.serve.adapters import AdapterBusy, AdapterLoadError, AdapterStore, AdapterTooLarge, UnknownAdapter, load_adapter
+from moraft.serve.adapters import (
+    AdapterBusy,
+    AdapterLoadError,
+    AdapterStore,
+    AdapterTooLarge,
+    UnknownAdapter,
+    load_adapter,
+)
 from moraft.serve.layers import ServedLinear, wrap_model
 from moraft.serve.sampling import SamplingParams, TextTracker, sample
-from serve_utils import char_tokenizer, load_base, save_adapter, save_tiny_base
 
 # one row per kind of adapter moraft trains: (adapter kind, config overrides)
 ADAPTERS = {
@@ -281,7 +288,7 @@ def test_engine_logits_equal_full_recompute_while_rows_join_and_leave(env):
     """Drive the engine step by step: rows of different prompt lengths and adapters join a running batch (shorter
     and longer than its cache) and leave it; every row's logits at every step equal a no-cache forward of that row's
     whole sequence with PEFT."""
-    from moraft.serve.engine import Delta, Engine, Finished, Request
+    from moraft.serve.engine import Engine, Request
     from moraft.serve.metrics import ServeMetrics
 
     base, adapters = env

@@ -7,11 +7,10 @@ import dataclasses
 import json
 
 import pytest
+from _train_helpers import TINY, tiny_options
 
 from moraft.cli import COMMANDS, main
 from moraft.train import TrainOptions, load_trained, train
-
-from _train_helpers import TINY, tiny_options
 
 
 def run_cli(argv, capsys):
@@ -46,7 +45,7 @@ def tiny_flags(out_dir) -> list[str]:
 
 
 BAD = {
-    "missing model": (["--model", "/no/such/model"], "model '/no/such/model' is not a directory"),
+    "missing model": (["--model", "/no/such/model"], "model /no/such/model is not a local directory"),
     "rank 0": (["--r", "0"], "r=0 is invalid; expected an integer >= 1"),
     "negative learning rate": (["--learning_rate=-1e-4"], "learning_rate=-0.0001 is invalid; expected a number > 0"),
     "mora targets nothing": (

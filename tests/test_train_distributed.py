@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
+from _train_helpers import TINY, logits
 from safetensors.torch import load_file
 
 from moraft.train import load_trained
-
-from _train_helpers import TINY, logits
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 DRIVERS = Path(__file__).resolve().parent / "distributed"

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _train_helpers import logits, tiny_options
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -16,8 +17,6 @@ from transformers import TrainerCallback
 from moraft.errors import UserError
 from moraft.train import apply_method, load_trained, merge_and_restart, tiny_llama, train
 from moraft.train.callbacks import MergeEvery, restarting_schedule
-
-from _train_helpers import logits, tiny_options
 
 IDS = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80]])
 

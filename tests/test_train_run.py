@@ -8,13 +8,12 @@ import json
 import pytest
 import torch
 import yaml
+from _train_helpers import logits, tiny_options
 from safetensors.torch import load_file
 
 from moraft.cli import main
 from moraft.train import apply_method, load_trained, tiny_llama, train
 from moraft.train.methods import count_parameters
-
-from _train_helpers import logits, tiny_options
 
 METHODS = {
     "mora-sharing": dict(method="mora", compression="sharing"),

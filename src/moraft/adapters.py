@@ -1,6 +1,14 @@
-"""What moraft can do with a saved PEFT adapter: read its config, and decide whether a use of it is exact.
+"""Saved adapters and the models they sit on: where moraft finds them, what their files are called, and whether a
+use of an adapter is exact. Every command that reads these files asks this module, so they agree.
 
-Four places take adapters that moraft did not necessarily write: ``moraft merge`` (ΔW into a base checkpoint),
+**Files.** An adapter directory holds PEFT's ``CONFIG_NAME`` (adapter_config.json) and ``SAFETENSORS_WEIGHTS_NAME``
+(adapter_model.safetensors) or ``WEIGHTS_NAME`` (adapter_model.bin): the names are PEFT's own constants
+(``peft.utils.constants``), never copies. `DTYPES` is the one table of dtype names the commands accept.
+
+**Base models.** `resolve_model_dir` is the one policy, everywhere (train, eval, merge, export-lora, serve): a local
+directory, or a model id already in the local Hugging Face cache; never a download.
+
+**Exact uses.** Four places take adapters that moraft did not necessarily write: ``moraft merge`` (ΔW into a base checkpoint),
 ``moraft export-lora``, ``moraft eval`` and ``moraft serve`` (ΔW applied per request). Each asks this module, so they
 agree on what a LoRA adapter is. The question is decided by PEFT's own metadata, not by a list kept here: every
 ``LoraConfig`` field that makes an adapter a *LoRA variant* (DoRA, aLoRA, KaSA, MiCA, ...) is tagged
@@ -20,13 +28,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import torch
 from peft import PeftConfig
-from peft.utils.constants import CONFIG_NAME
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from .errors import UserError
+from .errors import MissingPathError, UserError
+
+PathLike = Union[str, "os.PathLike[str]"]
+PEFT_PREFIX = "base_model.model."  # what PEFT puts before each module name in a saved adapter
+WEIGHT_FILES: tuple[str, ...] = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)  # an adapter's weights, preferred first
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Use = Literal["merge", "serve", "export", "eval"]
 USES: dict[str, str] = {
@@ -139,4 +154,103 @@ def read_adapter_config(adapter_dir: Union[str, Path], use: Use, accepted: tuple
     return config
 
 
-__all__ = ["check_adapter", "lora_variants", "read_adapter_config", "read_json", "unsupported_options"]
+# ----------------------------------------------------------------------------------------------------------------
+# files and dtypes
+
+
+def adapter_weights_path(adapter_dir: Path) -> Path:
+    """The adapter's weight file: adapter_model.safetensors, else adapter_model.bin."""
+    for name in WEIGHT_FILES:
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise UserError(f"{adapter_dir} has no {' (or '.join(WEIGHT_FILES)}): not a saved PEFT adapter")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors or torch pickle file, on the CPU."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise UserError(f"cannot read {path}: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a dict of tensors")
+    return state
+
+
+def parse_dtype(name: str, option: str = "dtype", auto: bool = False) -> torch.dtype | None:
+    """The torch dtype called ``name`` in `DTYPES` (None for ``"auto"`` where ``auto`` is accepted); `UserError`
+    naming ``option`` and the accepted names otherwise."""
+    if auto and name == "auto":
+        return None
+    if name not in DTYPES:
+        accepted = ", ".join((["auto"] if auto else []) + list(DTYPES))
+        raise UserError(f"{option}={name!r} is not one of {accepted}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# base models
+
+
+def resolve_model_dir(name_or_path: PathLike, what: str = "base model", alternatives: str = "") -> Path:
+    """The directory of a model: ``name_or_path`` itself when it is a local directory, else the snapshot of that
+    Hugging Face model id already in the local cache. Nothing is ever downloaded.
+
+    Raises `MissingPathError` naming ``what`` (e.g. ``"base model"``) when neither holds; ``alternatives`` is added
+    to the list of what would be accepted (``moraft train`` also takes its built-in model).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{what} {name_or_path} is a file; expected a model directory (config.json and weights)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), local_files_only=True))
+    except Exception:  # not a valid repo id, or not cached: both mean "no such model here"
+        raise MissingPathError(
+            f"{what} {name_or_path} is not a local directory (nor a model in the local Hugging Face cache); "
+            f"expected a transformers model directory (config.json and weights){alternatives}; nothing is downloaded"
+        ) from None
+
+
+def load_causal_lm(
+    name_or_path: PathLike, *, dtype: torch.dtype | str = "auto", what: str = "base model", alternatives: str = ""
+) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from `resolve_model_dir` (``dtype``: a torch dtype, or "auto" as saved)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = resolve_model_dir(name_or_path, what, alternatives)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{what} {name_or_path} has no config.json, so it is not a transformers model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what} {name_or_path}: cannot load its tokenizer ({err})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what} {name_or_path}: cannot load the model ({err})") from None
+    return model, tokenizer
+
+
+__all__ = [
+    "DTYPES",
+    "PEFT_PREFIX",
+    "WEIGHT_FILES",
+    "adapter_weights_path",
+    "check_adapter",
+    "load_causal_lm",
+    "load_tensors",
+    "lora_variants",
+    "parse_dtype",
+    "read_adapter_config",
+    "read_json",
+    "resolve_model_dir",
+    "unsupported_options",
+]

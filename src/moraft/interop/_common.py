@@ -14,7 +14,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -22,15 +22,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .._peft_hook import quiet_peft_deprecation
-from ..adapters import Use, read_adapter_config, read_json  # noqa: F401  (read_json: for the interop modules)
+from ..adapters import (
+    PEFT_PREFIX,
+    PathLike,
+    Use,
+    adapter_weights_path,
+    load_tensors,
+    read_adapter_config,
+    resolve_model_dir,
+)
 from ..errors import UserError
-
-PathLike = Union[str, os.PathLike]
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
-ADAPTER_BIN = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # output directories: written whole or not at all
@@ -68,24 +69,6 @@ def staged_output_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Pa
 # base models
 
 
-def resolve_base_dir(base: PathLike) -> Path:
-    """A local model directory, or the snapshot of a Hugging Face model id already in the local cache."""
-    path = Path(base)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UserError(f"base model {base} is a file; expected a model directory (config.json + *.safetensors)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(base), local_files_only=True))
-    except Exception:  # not a valid repo id, or not cached: both mean "no such model here"
-        raise UserError(
-            f"base model {base} is not a local directory (nor a model in the local Hugging Face cache); "
-            "pass the directory holding its config.json and weights"
-        ) from None
-
-
 def _model_class(adapter_config: dict | None):
     """The transformers class whose module names the adapter's keys use (PEFT records it as auto_mapping)."""
     import transformers
@@ -108,7 +91,7 @@ def meta_base_model(base: PathLike, adapter_config: dict | None = None) -> nn.Mo
     """The base model with its real module shapes and no weights (on the meta device); only config.json is read."""
     from transformers import AutoConfig
 
-    base_dir = resolve_base_dir(base)
+    base_dir = resolve_model_dir(base)
     if not (base_dir / "config.json").is_file():
         raise UserError(
             f"base model {base}: {base_dir / 'config.json'} not found; expected a transformers model directory"
@@ -120,33 +103,6 @@ def meta_base_model(base: PathLike, adapter_config: dict | None = None) -> nn.Mo
             return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)  # Auto* vs concrete
     except (ValueError, KeyError, OSError) as err:
         raise UserError(f"base model {base}: cannot build the model from {base_dir / 'config.json'}: {err}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# adapter files
-
-
-def adapter_weights_path(adapter_dir: Path) -> Path:
-    """The adapter's weight file: adapter_model.safetensors, else adapter_model.bin."""
-    for name in (ADAPTER_SAFETENSORS, ADAPTER_BIN):
-        if (adapter_dir / name).is_file():
-            return adapter_dir / name
-    raise UserError(f"{adapter_dir} has no {ADAPTER_SAFETENSORS} (or {ADAPTER_BIN}): not a saved PEFT adapter")
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors or torch pickle file, on the CPU."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which one
-        raise UserError(f"cannot read {path}: {err}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} does not hold a dict of tensors")
-    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------

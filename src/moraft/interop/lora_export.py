@@ -14,15 +14,15 @@ from typing import Literal, Optional
 
 import torch
 from peft import LoraConfig
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters import PEFT_PREFIX, PathLike, parse_dtype, read_json
 from ..errors import UserError
 from ..mora import MoraLayer, MoraOperator
-from ._common import ADAPTER_SAFETENSORS, PEFT_PREFIX, PathLike, load_adapter_on_meta, staged_output_dir
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ._common import load_adapter_on_meta, staged_output_dir
 
 
 @dataclass
@@ -98,8 +98,7 @@ def export_lora(
     Returns:
         A ``LoraExport`` with the output path, the rank and each module's relative error.
     """
-    if dtype not in DTYPES:
-        raise UserError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    out_dtype = parse_dtype(dtype)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UserError(f"rank={rank!r} is invalid; expected an integer >= 1 (or no --rank for an exact export)")
     base = _base_or_default(adapter_dir, base)
@@ -138,8 +137,8 @@ def export_lora(
         if rank is not None:
             bar.write(f"{module}: rank {common_rank}, relative Frobenius error {errors[module]:.3e}")
         a, b = _pad_rank(a, b, common_rank)
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(DTYPES[dtype]).contiguous()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(DTYPES[dtype]).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(out_dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(out_dtype).contiguous()
 
     config = LoraConfig(
         r=common_rank,
@@ -155,7 +154,7 @@ def export_lora(
     )
     with staged_output_dir(out_dir, overwrite) as staging:
         config.save_pretrained(str(staging))
-        save_file(tensors, str(staging / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+        save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     return LoraExport(path=Path(out_dir), rank=common_rank, errors=errors)
 
 
@@ -163,9 +162,7 @@ def _base_or_default(adapter_dir: PathLike, base: Optional[PathLike]) -> PathLik
     """``base``, else the adapter's recorded base_model_name_or_path."""
     if base is not None:
         return base
-    from ._common import ADAPTER_CONFIG, read_json
-
-    recorded = read_json(Path(adapter_dir) / ADAPTER_CONFIG, "expected a saved moraft adapter").get(
+    recorded = read_json(Path(adapter_dir) / CONFIG_NAME, "expected a saved moraft adapter").get(
         "base_model_name_or_path"
     )
     if not recorded:

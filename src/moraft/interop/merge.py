@@ -23,11 +23,10 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import lora_variants
+from ..adapters import PathLike, lora_variants, parse_dtype, read_json, resolve_model_dir
 from ..errors import UserError
-from ._common import LoadedAdapter, PathLike, load_adapter_on_meta, read_json, resolve_base_dir, staged_output_dir
+from ._common import LoadedAdapter, load_adapter_on_meta, staged_output_dir
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
 # files never copied from the base directory: its weights (rewritten) in any format
@@ -148,6 +147,7 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
             f"e.g. {sample}); if it is a tied weight, untie it first"
         )
 
+    variants = lora_variants(loaded.config)
     for module, layer in loaded.layers.items():
         key = _find(specs, f"{module}.weight", model)
         if key is None:
@@ -160,7 +160,7 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
             )
 
         # the merged weight is computed when its tensor is written, so only one exists at a time
-        changes[key] = partial(merged_weight, layer, loaded.adapter_name)
+        changes[key] = partial(merged_weight, layer, loaded.adapter_name, variant=bool(variants))
     for name, tensor in loaded.replaced.items():
         key = _find(specs, name, model)
         if key is None:
@@ -174,16 +174,17 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
     return changes
 
 
-def merged_weight(layer: BaseTunerLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+def merged_weight(layer: BaseTunerLayer, adapter_name: str, weight: torch.Tensor, variant: bool) -> torch.Tensor:
     """``weight`` (as stored in the base checkpoint) with the adapter merged in by the layer's own ``merge``, in float32.
 
     This is the code ``merge_and_unload`` runs: moraft's for MoRA, PEFT's for LoRA and each of its variants (DoRA's
     magnitude rescaling, KaSA's truncation of the base weight and its diagonal, ...). Where that merge is
     W + ``get_delta_weight`` (MoRA, plain LoRA: PEFT's own branch for a LoRA without a variant), the sum is taken
-    directly. A variant's merge runs on the layer itself: it lives on a meta base model, so the real weight is put
-    in for the merge and taken out again, and the layer keeps no copy of it.
+    directly. A variant's merge (``variant``: the adapter's config has options `moraft.adapters.lora_variants`
+    finds) runs on the layer itself: it lives on a meta base model, so the real weight is put in for the merge and
+    taken out again, and the layer keeps no copy of it.
     """
-    if not getattr(layer, "lora_variant", {}).get(adapter_name):
+    if not variant:
         return weight.float() + layer.get_delta_weight(adapter_name).float()
     base = layer.get_base_layer()
     placeholder = base.weight
@@ -210,7 +211,7 @@ def _check_mergeable(loaded: LoadedAdapter, specs: dict[str, TensorSpec]) -> Non
     with safe_open(str(specs[key].source_file), "pt") as reader:
         weight = reader.get_tensor(specs[key].source_name)
     try:
-        merged_weight(copy.deepcopy(layer), loaded.adapter_name, weight)
+        merged_weight(copy.deepcopy(layer), loaded.adapter_name, weight, variant=True)
     except (NotImplementedError, RuntimeError, TypeError, ValueError) as err:
         options = ", ".join(f"{name}={value!r}" for name, value in variants.items())
         raise UserError(
@@ -276,10 +277,9 @@ def merge_adapter(
     Returns:
         The output directory.
     """
-    if dtype not in DTYPES:
-        raise UserError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    out_dtype = parse_dtype(dtype, auto=True)
     max_bytes = _parse_size(max_shard_size)
-    base_dir = resolve_base_dir(base)
+    base_dir = resolve_model_dir(base)
     config = read_json(base_dir / "config.json", "expected a transformers model directory")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
@@ -289,7 +289,6 @@ def merge_adapter(
     changes = _plan_changes(loaded, specs, base_dir)
     _check_mergeable(loaded, specs)
 
-    out_dtype = DTYPES[dtype]
     planned = [replace(s, dtype=out_dtype) if out_dtype and s.dtype.is_floating_point else s for s in specs.values()]
     shards = _shards(planned, max_bytes)
     names = (

@@ -18,23 +18,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from torch import nn
 
+from ..adapters import PEFT_PREFIX, PathLike, adapter_weights_path, load_tensors, read_json
 from ..errors import UserError
 from ..mora import MoraConfig, mora_rank
 from ..mora.model import SUPPORTED_LAYERS
-from ._common import (
-    ADAPTER_CONFIG,
-    ADAPTER_SAFETENSORS,
-    PEFT_PREFIX,
-    PathLike,
-    adapter_weights_path,
-    load_tensors,
-    meta_base_model,
-    read_json,
-    staged_output_dir,
-)
+from ._common import meta_base_model, staged_output_dir
 
 # peft-mora's mora_type -> (compression, input_grouping, output_grouping). Types 2-4 are ReMoRA's groupings of
 # sharing: "contiguous" input sums consecutive features (repeat_interleave), "contiguous" output repeats each in place.
@@ -78,7 +70,7 @@ def convert_peft_mora(
     src = Path(src_dir)
     if not src.is_dir():
         raise UserError(f"{src} is not a directory; expected a peft-mora adapter directory")
-    config_path = src / ADAPTER_CONFIG
+    config_path = src / CONFIG_NAME
     fork = read_json(config_path, "expected a peft-mora adapter directory (adapter_config.json + weights)")
     if fork.get("peft_type") != "LORA" or not fork.get("use_mora"):
         what = f"peft_type={fork.get('peft_type')!r}, use_mora={fork.get('use_mora')!r}"
@@ -134,7 +126,7 @@ def convert_peft_mora(
     tensors.update(others)  # modules_to_save, saved whole under the same names by both
     with staged_output_dir(out_dir, overwrite) as staging:
         config.save_pretrained(str(staging))
-        save_file(tensors, str(staging / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+        save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     return Path(out_dir)
 
 

@@ -20,19 +20,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
+from peft.utils.constants import CONFIG_NAME
 from peft.utils.other import get_pattern_key
 from peft.utils.save_and_load import load_peft_weights
 
-from ..adapters import read_adapter_config
+from ..adapters import PEFT_PREFIX, WEIGHT_FILES, read_adapter_config
 from ..errors import UserError
 from ..mora.operators import MoraOperator
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-PREFIX = "base_model.model."
 
 
 class AdapterError(Exception):
@@ -118,7 +115,7 @@ class ModuleShape:
 
 def _files_stamp(directory: Path) -> tuple:
     stamp = []
-    for name in (CONFIG_NAME, *WEIGHT_NAMES):
+    for name in (CONFIG_NAME, *WEIGHT_FILES):
         try:
             st = (directory / name).stat()
         except FileNotFoundError:
@@ -135,8 +132,8 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
     """
     stamp = _files_stamp(directory)
     where = f"adapter {name!r} ({directory})"
-    if not any(n in WEIGHT_NAMES for n, *_ in stamp):
-        raise AdapterLoadError(f"{where} has no {' or '.join(WEIGHT_NAMES)}")
+    if not any(n in WEIGHT_FILES for n, *_ in stamp):
+        raise AdapterLoadError(f"{where} has no {' or '.join(WEIGHT_FILES)}")
     try:  # a broken or unknown adapter_config.json, or options the server cannot apply per request
         config = read_adapter_config(directory, "serve", accepted=("MORA", "LORA"))
     except UserError as err:
@@ -151,12 +148,12 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         suffix = next((s for s in suffixes if key.endswith(s)), None)
-        if suffix is None or not key.startswith(PREFIX):
+        if suffix is None or not key.startswith(PEFT_PREFIX):
             raise AdapterLoadError(
                 f"{where} holds {key!r}, which moraft serve cannot apply per request (only {', '.join(suffixes)} "
                 "weights of Linear/Conv1D layers; modules_to_save and trained biases need a merged model)"
             )
-        path = key[len(PREFIX) : -len(suffix)]
+        path = key[len(PEFT_PREFIX) : -len(suffix)]
         if path not in modules:
             raise AdapterLoadError(
                 f"{where} adapts {path!r}, which is not a Linear/Conv1D layer of the base model "

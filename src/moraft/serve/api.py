@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -252,7 +253,7 @@ def create_app(state: ServerState) -> FastAPI:
         body = _parse(ChatCompletionRequest, await _json_body(http))
         tokenizer = state.tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, f"the base model's tokenizer has no chat template; use /v1/completions",
+            raise APIError(400, "the base model's tokenizer has no chat template; use /v1/completions",
                            param="messages")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:

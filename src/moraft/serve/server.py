@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from ..adapters import load_causal_lm, parse_dtype
 from ..errors import MissingPathError, UserError
 from .adapters import AdapterStore
 from .engine import Engine
@@ -16,9 +17,6 @@ from .layers import wrap_model
 from .metrics import Gauge, ServeMetrics
 
 logger = logging.getLogger("moraft.serve")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class Server:
@@ -89,18 +87,12 @@ def build_server(model: torch.nn.Module, tokenizer: Any, adapters: str | Path, *
 
 
 def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
-    """Load a causal LM and its tokenizer from a local directory (or a Hugging Face Hub id)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """A causal LM and its tokenizer, by `moraft.adapters.resolve_model_dir` (a local directory or a model in the local
+    Hugging Face cache; never a download), on ``device`` ("auto": CUDA when there is one) in ``dtype``."""
+    torch_dtype = parse_dtype(dtype, "--dtype", auto=True) or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if (base.startswith((".", "/", "~")) or "\\" in base) and not Path(base).expanduser().is_dir():
-        raise MissingPathError(f"--base {base!r} is not a directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES.get(dtype, "auto"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the base model {base!r}: {err}") from None
+    model, tokenizer = load_causal_lm(base, dtype=torch_dtype, what="--base")
     return model.to(device), tokenizer
 
 

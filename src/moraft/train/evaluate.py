@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 import yaml
+from peft.utils.constants import CONFIG_NAME
 from torch import nn
 
 from .._peft_hook import quiet_peft_deprecation
@@ -127,9 +128,9 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
     directory = Path(path)
     if not directory.is_dir():
         raise MissingPathError(f"{path!r} is not a directory (expected a run, an adapter or a model directory)")
-    if not (directory / "adapter_config.json").is_file():
+    if not (directory / CONFIG_NAME).is_file():
         if not (directory / "config.json").is_file():
-            raise UserError(f"{path!r} holds neither adapter_config.json (an adapter) nor config.json (a model)")
+            raise UserError(f"{path!r} holds neither {CONFIG_NAME} (an adapter) nor config.json (a model)")
         model, tokenizer = load_base(str(directory))
         return model, tokenizer, f"model {path}"
     adapter_config = read_adapter_config(directory, "eval")  # PEFT runs it: every method and LoRA variant

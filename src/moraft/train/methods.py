@@ -10,15 +10,14 @@ in a different subspace.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .._peft_hook import quiet_peft_deprecation
-from ..errors import MissingPathError, UserError
+from ..adapters import load_causal_lm
+from ..errors import UserError
 from ..mora import MoraConfig, MoraLayer, MoraOperator
 from ..mora.model import adaptable_module_names, all_linear_names
 from .builtin import BUILTIN_MODEL, tiny_llama
@@ -30,24 +29,13 @@ ADAPTER = "default"  # the adapter name PEFT gives the one adapter get_peft_mode
 def load_base(
     model: str, *, hidden_size: int = 128, num_layers: int = 4, model_seed: int = 0, dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, object]:
-    """The base causal LM and its tokenizer: ``builtin:tiny-llama`` or a local transformers directory."""
+    """The base causal LM and its tokenizer: ``builtin:tiny-llama``, or a model found by
+    `moraft.adapters.resolve_model_dir` (a local directory or a model in the local Hugging Face cache)."""
     if model == BUILTIN_MODEL:
         return tiny_llama(model_seed, hidden_size, num_layers)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model)
-    if not path.is_dir():
-        raise MissingPathError(
-            f"model {model!r} is not a directory; expected a local transformers model directory (config.json and "
-            f"weights) or {BUILTIN_MODEL!r} (no downloads are made)"
-        )
-    if not (path / "config.json").is_file():
-        raise UserError(f"model {model!r} has no config.json, so it is not a transformers model directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"model {model!r}: cannot load its tokenizer ({err})") from None
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    base, tokenizer = load_causal_lm(
+        model, dtype=dtype or torch.float32, what="model", alternatives=f", or {BUILTIN_MODEL!r}"
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding positions are masked out of attention and loss
     return base, tokenizer

@@ -19,9 +19,10 @@ from typing import Optional, Sequence
 
 import torch
 import yaml
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_callback import ProgressCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
@@ -317,7 +318,7 @@ def _replay_merges(model, options: TrainOptions, step: int, is_main: bool) -> No
             if is_main:
                 shutil.rmtree(directory)
             continue
-        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"), ADAPTER)
+        set_peft_model_state_dict(model, load_file(directory / SAFETENSORS_WEIGHTS_NAME), ADAPTER)
         merge_and_restart(model, switch_grouping=options.switch_grouping, seed=options.seed + merged_at)
 
 
@@ -332,9 +333,9 @@ def _save_model(trainer: Trainer, directory: Path, is_main: bool) -> None:
     if not is_main:
         return
     (directory / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # Trainer's pickle: checkpoints keep theirs
-    adapter = directory / "adapter_model.safetensors"
+    adapter = directory / SAFETENSORS_WEIGHTS_NAME
     if not adapter.is_file():
-        if (directory / "adapter_config.json").is_file():
+        if (directory / CONFIG_NAME).is_file():
             raise RuntimeError(f"Trainer.save_model wrote no {adapter.name} to {directory}")
         return  # method=full: the model's own files
     from safetensors import safe_open
