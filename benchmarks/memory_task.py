@@ -46,7 +46,7 @@ BASES = ("random", "pretrained")
 
 
 def method_specs(rank: int, large_rank: int) -> dict[str, dict]:
-    """Every method by its name (e.g. ``mora-r8-rotation``): the `TrainOptions` fields it sets."""
+    """Every method by its name (e.g. ``mora-r8-rotation``): the `AdapterOptions` fields it sets."""
     specs = {}
     for pattern, (method, which, compression) in METHODS.items():
         r = {"r": rank, "R": large_rank, None: rank}[which]
@@ -181,15 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
               "bases": {}, "seconds": 0.0}
     started = time.perf_counter()
 
-    def common(**changes) -> TrainOptions:
-        options = TrainOptions(
-            builtin_hidden_size=args.hidden_size, builtin_num_layers=args.num_layers, num_pairs=args.num_pairs,
-            data_seed=0, batch_size=args.batch_size, max_steps=args.max_steps, eval_steps=args.eval_steps,
-            logging_steps=args.eval_steps, lr_scheduler=args.lr_scheduler, save_steps=0, overwrite=True,
-        )
-        for key, value in changes.items():
-            setattr(options, key, value)
-        return options
+    common = TrainOptions.from_dict({
+        "model": {"builtin_hidden_size": args.hidden_size, "builtin_num_layers": args.num_layers},
+        "data": {"num_pairs": args.num_pairs, "seed": 0},
+        "optimization": {"batch_size": args.batch_size, "max_steps": args.max_steps,
+                         "lr_scheduler": args.lr_scheduler},
+        "output": {"eval_steps": args.eval_steps, "logging_steps": args.eval_steps, "save_steps": 0,
+                   "overwrite": True},
+    })
 
     def save() -> None:
         report["seconds"] = round(time.perf_counter() - started, 1)
@@ -202,9 +201,12 @@ def main(argv: list[str] | None = None) -> dict:
             model = BUILTIN_MODEL
             entry = report["bases"].setdefault(base, {"grid": {}, "picked": {}, "trainable_parameters": {}})
             if base == "pretrained":
-                options = common(method="full", num_pairs=args.pretrain_pairs, data_seed=args.pretrain_data_seed,
-                                 max_steps=args.pretrain_steps, learning_rate=args.pretrain_lr,
-                                 eval_steps=args.pretrain_steps, output_dir=str(work / "pretrained-base"))
+                options = common.replace(
+                    adapter={"method": "full"},
+                    data={"num_pairs": args.pretrain_pairs, "seed": args.pretrain_data_seed},
+                    optimization={"max_steps": args.pretrain_steps, "learning_rate": args.pretrain_lr},
+                    output={"eval_steps": args.pretrain_steps, "dir": str(work / "pretrained-base")},
+                )
                 result = train(options)
                 model = str(work / "pretrained-base")
                 entry["pretraining"] = {"accuracy_on_its_own_pairs": result.final.get("char_accuracy"),
@@ -215,8 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
             del base_model
 
             def run(name: str, lr: float, seed: int) -> list[tuple[int, float]]:
-                options = common(model=model, learning_rate=lr, seed=seed,
-                                 output_dir=str(work / base / f"{name}-lr{lr:g}-seed{seed}"), **specs[name])
+                options = common.replace(
+                    model={"name_or_path": model}, adapter=specs[name],
+                    optimization={"learning_rate": lr, "seed": seed},
+                    output={"dir": str(work / base / f"{name}-lr{lr:g}-seed{seed}")},
+                )
                 result = train(options)
                 entry["trainable_parameters"][name] = result.trainable_parameters
                 return [(0, start_accuracy)] + result.curve("char_accuracy")

@@ -111,21 +111,24 @@ def build_corpus(source: Path, work: Path, args: argparse.Namespace) -> dict:
 
 def options_for(method: str, args: argparse.Namespace, work: Path) -> TrainOptions:
     base = {"relora": "lora", "remora": "mora"}.get(method, method)
-    options = TrainOptions(
-        method=base, r=args.rank, builtin_hidden_size=args.hidden_size, builtin_num_layers=args.num_layers,
-        model_seed=args.seed, data=str(work / "train"), data_format="text", eval_data=str(work / "valid"),
-        seq_length=args.seq_length, batch_size=args.batch_size, max_steps=args.max_steps,
-        learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps,
-        eval_steps=args.eval_steps, logging_steps=args.eval_steps, save_steps=0, seed=args.seed,
-        output_dir=str(work / "runs" / method), overwrite=True,
-    )
+    adapter = {"method": base, "r": args.rank}
     if base != "full":
-        options.modules_to_save = list(TRAINED_FULLY)
+        adapter["modules_to_save"] = list(TRAINED_FULLY)
     if base == "mora":
-        options.compression = args.compression
+        adapter["compression"] = args.compression
     if method in ("relora", "remora"):
-        options.merge_every = args.merge_every
-    return options
+        adapter["merge_every"] = args.merge_every
+    return TrainOptions.from_dict({
+        "model": {"builtin_hidden_size": args.hidden_size, "builtin_num_layers": args.num_layers, "seed": args.seed},
+        "data": {"dataset": str(work / "train"), "format": "text", "eval_dataset": str(work / "valid"),
+                 "seq_length": args.seq_length},
+        "adapter": adapter,
+        "optimization": {"batch_size": args.batch_size, "max_steps": args.max_steps,
+                         "learning_rate": args.learning_rate, "lr_scheduler": args.lr_scheduler,
+                         "warmup_steps": args.warmup_steps, "seed": args.seed},
+        "output": {"dir": str(work / "runs" / method), "overwrite": True, "eval_steps": args.eval_steps,
+                   "logging_steps": args.eval_steps, "save_steps": 0},
+    })
 
 
 def format_table(curves: dict[str, list], parameters: dict[str, int]) -> str:

@@ -126,9 +126,9 @@ def test_import_leaves_the_warning_filters_alone():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr[-2000:]
 
-    from moraft.train import TrainOptions, apply_method
+    from moraft.train import AdapterOptions, apply_method
 
-    for quiet, call in ((True, lambda m: apply_method(m, TrainOptions(r=2))),
+    for quiet, call in ((True, lambda m: apply_method(m, AdapterOptions(r=2))),
                         (False, lambda m: get_peft_model(m, MoraConfig(r=2)))):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -3,11 +3,11 @@ every kind of bad input is one line on stderr, exit status 2, and nothing writte
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import json
 
 import pytest
-from _train_helpers import TINY, tiny_options
+from _train_helpers import tiny_flags, tiny_options
 
 from moraft.cli import COMMANDS, main
 from moraft.train import TrainOptions, load_trained, train
@@ -31,38 +31,42 @@ def test_commands_registered():
 def test_train_help_documents_every_option(capsys):
     status, out, _ = run_cli(["train", "--help"], capsys)
     assert status == 0
-    for f in dataclasses.fields(TrainOptions):
-        assert f"--{f.name} " in out or f"--{f.name}\n" in out, f.name
-    assert "(type: int, default: 0)" in out  # each option shows its type and default
-    assert "Hugging Face Trainer" in " ".join(out.split()) and "--config CONFIG" in out
-
-
-def tiny_flags(out_dir) -> list[str]:
-    flags = []
-    for key, value in TINY.items():
-        flags += [f"--{key}", str(value)]
-    return flags + ["--output_dir", str(out_dir)]
+    for name in TrainOptions().flat():
+        assert f"--{name} " in out or f"--{name}\n" in out, name
+    for name, group in TrainOptions().groups().items():  # each group titled by its class's docstring
+        assert f"{inspect.getdoc(type(group)).rstrip('.')}:\n  --{name} CONFIG" in out, name
+    words = " ".join(out.split())  # argparse wraps to the terminal's width
+    assert "--adapter.r R The rank. LoRA/DoRA: the rank." in words and "(type: int, default: 8)" in words
+    assert "Hugging Face Trainer" in words and "--config CONFIG" in out
 
 
 BAD = {
-    "missing model": (["--model", "/no/such/model"], "model /no/such/model is not a local directory"),
-    "rank 0": (["--r", "0"], "r=0 is invalid; expected an integer >= 1"),
-    "negative learning rate": (["--learning_rate=-1e-4"], "learning_rate=-0.0001 is invalid; expected a number > 0"),
+    "missing model": (["--model.name_or_path", "/no/such/model"], "model /no/such/model is not a local directory"),
+    "rank 0": (["--adapter.r", "0"], "adapter.r=0 is invalid; expected an integer >= 1"),
+    "negative learning rate": (
+        ["--optimization.learning_rate=-1e-4"], "optimization.learning_rate=-0.0001 is invalid; expected a number > 0"
+    ),
+    "an option without its group": (["--r", "4"], "unknown option --r; options are grouped: --adapter.r"),
+    "a seed without its group": (
+        ["--seed", "4"], "unknown option --seed; options are grouped: --model.seed or --data.seed or --optimization.seed"
+    ),
     "mora targets nothing": (
-        ["--target_modules", "[nope, nada]"],
+        ["--adapter.target_modules", "[nope, nada]"],
         "matched no module of LlamaForCausalLM. Modules that can be adapted: down_proj, gate_proj, k_proj, lm_head",
     ),
     "lora targets nothing": (
-        ["--method", "lora", "--target_modules", "[nope]"],
-        "target_modules=['nope'] matched no module of LlamaForCausalLM. Modules that can be adapted: down_proj",
+        ["--adapter.method", "lora", "--adapter.target_modules", "[nope]"],
+        "adapter.target_modules=['nope'] matched no module of LlamaForCausalLM. Modules that can be adapted: down_proj",
     ),
-    "malformed jsonl": (["--data", "{bad_jsonl}"], "bad.jsonl line 2: not valid JSON (Expecting property name"),
-    "missing data": (["--data", "/no/such/data.jsonl"], "data '/no/such/data.jsonl' is neither 'uuid-memory'"),
-    "mora option with lora": (["--method", "lora", "--compression", "rotation"], "compression is a mora option"),
-    "parquet": (["--data", "{parquet}"], "rows.parquet' is a Parquet file; moraft train reads JSONL"),
-    "parquet as chat": (["--data", "{parquet}", "--data_format", "chat"], "rows.parquet' is a Parquet file"),
-    "parquet under another name": (["--data", "{parquet_txt}"], "rows.txt' is a Parquet file"),
-    "binary as chat": (["--data", "{binary}", "--data_format", "chat"], "binary.jsonl line 1: not UTF-8 text"),
+    "malformed jsonl": (["--data.dataset", "{bad_jsonl}"], "bad.jsonl line 2: not valid JSON (Expecting property name"),
+    "missing data": (["--data.dataset", "/no/such/data.jsonl"], "data '/no/such/data.jsonl' is neither 'uuid-memory'"),
+    "mora option with lora": (
+        ["--adapter.method", "lora", "--adapter.compression", "rotation"], "adapter.compression is a mora option"
+    ),
+    "parquet": (["--data.dataset", "{parquet}"], "rows.parquet' is a Parquet file; moraft train reads JSONL"),
+    "parquet as chat": (["--data.dataset", "{parquet}", "--data.format", "chat"], "rows.parquet' is a Parquet file"),
+    "parquet under another name": (["--data.dataset", "{parquet_txt}"], "rows.txt' is a Parquet file"),
+    "binary as chat": (["--data.dataset", "{binary}", "--data.format", "chat"], "binary.jsonl line 1: not UTF-8 text"),
 }
 
 
@@ -104,8 +108,8 @@ def test_an_internal_error_crashes_with_its_traceback(tmp_path, capsys, monkeypa
 def test_layers_to_transform_with_all_linear(tmp_path, capsys, method):
     """"all-linear" is a shorthand, not a regex: with --layers_to_transform it adapts every linear layer of those
     layers (PEFT's LoraConfig refuses a string target_modules there, so moraft expands it first)."""
-    status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--method", method, "--max_steps", "1",
-                              "--layers_to_transform", "[1]"], capsys)
+    status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--adapter.method", method,
+                              "--optimization.max_steps", "1", "--adapter.layers_to_transform", "[1]"], capsys)
     assert status == 0, err
     model, _, _ = load_trained(str(tmp_path / "out"))
     prefix = "mora_M" if method == "mora" else "lora_A"
@@ -117,16 +121,17 @@ def test_layers_to_transform_with_all_linear(tmp_path, capsys, method):
 
 def test_unknown_choice_is_a_parse_error(tmp_path, capsys):
     # rejected by the argument parser (usage, then the error), before anything runs
-    status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--compression", "sharpening"], capsys)
+    status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--adapter.compression", "sharpening"], capsys)
     assert status == 2 and "Expected a typing.Literal['sharing', 'rotation', 'decouple', 'truncation']" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_negative_learning_rate_in_yaml(tmp_path, capsys):
     config = tmp_path / "run.yaml"
-    config.write_text("learning_rate: -0.001\nr: 4\n")
-    status, _, err = run_cli(["train", "--config", str(config), "--output_dir", str(tmp_path / "out")], capsys)
-    assert status == 2 and err.strip() == "moraft train: error: learning_rate=-0.001 is invalid; expected a number > 0"
+    config.write_text("optimization:\n  learning_rate: -0.001\nadapter:\n  r: 4\n")
+    status, _, err = run_cli(["train", "--config", str(config), "--output.dir", str(tmp_path / "out")], capsys)
+    expected = "moraft train: error: optimization.learning_rate=-0.001 is invalid; expected a number > 0"
+    assert status == 2 and err.strip() == expected
     assert not (tmp_path / "out").exists()
 
 
@@ -135,14 +140,14 @@ def test_occupied_output_dir_is_left_alone(tmp_path, capsys):
     out_dir.mkdir()
     (out_dir / "precious.txt").write_text("keep me")
     status, _, err = run_cli(["train", *tiny_flags(out_dir)], capsys)
-    assert status == 2 and "is not empty; pass --resume" in err and len(err.strip().splitlines()) == 1
-    status, _, err = run_cli(["train", *tiny_flags(out_dir), "--resume", "true"], capsys)
+    assert status == 2 and "is not empty; pass --output.resume" in err and len(err.strip().splitlines()) == 1
+    status, _, err = run_cli(["train", *tiny_flags(out_dir), "--output.resume", "true"], capsys)
     assert status == 2 and "has no checkpoint-N directory" in err
     assert [p.name for p in out_dir.iterdir()] == ["precious.txt"]
 
 
 def test_eval_command_on_a_run_the_base_and_text(tmp_path, capsys):
-    result = train(tiny_options(tmp_path / "run", method="lora", max_steps=2))
+    result = train(tiny_options(tmp_path / "run", adapter={"method": "lora"}, optimization={"max_steps": 2}))
     capsys.readouterr()
     status, out, _ = run_cli(["eval", str(result.output_dir), "--output", str(tmp_path / "m.json")], capsys)
     metrics = json.loads(out.strip().splitlines()[-1])
@@ -187,12 +192,14 @@ def test_demo_prints_table_plot_and_adapters(tmp_path, capsys):
 
 
 def test_dashed_flags_and_bare_booleans(tmp_path, capsys):
-    """`--merge-every N` and a bare `--overwrite` work like `--merge_every N` and `--overwrite true`."""
+    """`--adapter.merge-every N` and a bare `--output.overwrite` work like `--adapter.merge_every N` and
+    `--output.overwrite true`."""
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     (out_dir / "old.txt").write_text("something")  # needs --overwrite
     flags = [flag.replace("_", "-") if flag.startswith("--") else flag for flag in tiny_flags(out_dir)]
-    status, _, err = run_cli(["train", *flags, "--max-steps", "4", "--merge-every", "2", "--overwrite"], capsys)
+    status, _, err = run_cli(["train", *flags, "--optimization.max-steps", "4", "--adapter.merge-every", "2",
+                              "--output.overwrite"], capsys)
     assert status == 0, err
     config = (out_dir / "train_config.yaml").read_text()
     assert "merge_every: 2" in config and "overwrite: true" in config
@@ -201,7 +208,7 @@ def test_dashed_flags_and_bare_booleans(tmp_path, capsys):
 
 def test_eval_of_a_corrupted_adapter_is_one_line(tmp_path, capsys):
     run = tmp_path / "run"
-    status, _, err = run_cli(["train", *tiny_flags(run), "--max_steps", "1"], capsys)
+    status, _, err = run_cli(["train", *tiny_flags(run), "--optimization.max_steps", "1"], capsys)
     assert status == 0, err
     weights = run / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

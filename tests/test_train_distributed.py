@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _train_helpers import TINY, logits
+from _train_helpers import logits, tiny_flags, tiny_options
 from safetensors.torch import load_file
 
 from moraft.train import load_trained
@@ -31,14 +31,10 @@ def _torchrun(*args: str, env: dict, timeout: int = 200) -> subprocess.Completed
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _flags(**options) -> list[str]:
-    return [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
-
-
 def test_torchrun_two_processes_stay_in_sync(tmp_path):
     out = tmp_path / "ddp"
-    flags = _flags(**{**TINY, "max_steps": 4, "method": "mora", "merge_every": 2})
-    done = _torchrun("-m", "moraft", "train", *flags, "--output_dir", str(out), env=_env())
+    flags = ["--optimization.max_steps=4", "--adapter.method=mora", "--adapter.merge_every=2"]
+    done = _torchrun("-m", "moraft", "train", *tiny_flags(out), *flags, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
     summary = json.loads((out / "train_summary.json").read_text())
@@ -62,13 +58,17 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def test_deepspeed_zero3_saves_the_adapter_a_single_process_writes(tmp_path):
     # evaluation every step and at the end runs on both ranks: ZeRO-3's forward gathers from all of them
-    options = {**TINY, "method": "mora", "r": 8, "eval_steps": 1}
     single, zero3 = tmp_path / "single", tmp_path / "zero3"
+
+    def options(out: Path) -> str:
+        run = tiny_options(out, adapter={"method": "mora", "r": 8}, output={"eval_steps": 1})
+        return json.dumps(run.to_dict())
+
     driver = str(DRIVERS / "train_with_state.py")
-    done = subprocess.run([sys.executable, driver, json.dumps({**options, "output_dir": str(single)})], env=_env(),
-                          capture_output=True, text=True, timeout=200)
+    done = subprocess.run([sys.executable, driver, options(single)], env=_env(), capture_output=True, text=True,
+                          timeout=200)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = _torchrun(driver, json.dumps({**options, "output_dir": str(zero3)}), env=_env(**ZERO3))
+    done = _torchrun(driver, options(zero3), env=_env(**ZERO3))
     assert done.returncode == 0, done.stderr[-3000:]
 
     summary = json.loads((zero3 / "train_summary.json").read_text())
@@ -88,10 +88,10 @@ def test_deepspeed_zero3_saves_the_adapter_a_single_process_writes(tmp_path):
 
 def test_deepspeed_zero3_refuses_merge_every_before_writing(tmp_path):
     out = tmp_path / "remora"
-    flags = _flags(**{**TINY, "method": "mora", "merge_every": 2})
-    done = _torchrun("-m", "moraft", "train", *flags, "--output_dir", str(out), env=_env(**ZERO3))
+    flags = ["--adapter.method=mora", "--adapter.merge_every=2"]
+    done = _torchrun("-m", "moraft", "train", *tiny_flags(out), *flags, env=_env(**ZERO3))
     assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-3000:]  # torchrun: the ranks' status
-    assert "merge_every=2: ReMoRA/ReLoRA merge the adapter into the base weights, which DeepSpeed ZeRO-3 shards" \
+    assert "adapter.merge_every=2: ReMoRA/ReLoRA merge the adapter into the base weights, which DeepSpeed ZeRO-3 shards" \
         in done.stderr
     assert "runner.py" not in done.stderr and not out.exists()  # one line, no traceback; nothing written
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from moraft.errors import UserError
-from moraft.train import apply_method, load_trained, merge_and_restart, tiny_llama, train
+from moraft.train import AdapterOptions, apply_method, load_trained, merge_and_restart, tiny_llama, train
 from moraft.train.callbacks import MergeEvery, restarting_schedule
 
 IDS = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80]])
@@ -24,7 +24,7 @@ IDS = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80]])
 @pytest.mark.parametrize("method, compression", [("mora", "sharing"), ("mora", "rotation"), ("lora", "sharing")])
 def test_merge_and_restart_keeps_function_and_restarts_adapter(tmp_path, method, compression):
     model, _ = tiny_llama(0, 32, 2)
-    model = apply_method(model, tiny_options(tmp_path, method=method, compression=compression, init_weights=False))
+    model = apply_method(model, AdapterOptions(method=method, compression=compression, init_weights=False))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     before, weight = logits(model, IDS), layer.base_layer.weight.clone()
 
@@ -52,7 +52,7 @@ def test_merge_and_restart_keeps_function_and_restarts_adapter(tmp_path, method,
 
 def test_merge_callback_resets_optimizer_state_and_saves_the_merged_adapter(tmp_path):
     model, _ = tiny_llama(0, 32, 1)
-    model = apply_method(model, tiny_options(tmp_path, method="mora", init_weights=False))
+    model = apply_method(model, AdapterOptions(method="mora", init_weights=False))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     model(input_ids=IDS, labels=IDS).loss.backward()
@@ -94,20 +94,23 @@ class StopAt(TrainerCallback):
 
 
 RESUME_CASES = {
-    "lora": dict(method="lora"),
-    "remora-sharing": dict(method="mora", compression="sharing", merge_every=2),
+    "lora": {"method": "lora"},
+    "remora-sharing": {"method": "mora", "compression": "sharing", "merge_every": 2},
 }
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_equals_uninterrupted_and_run_reloads_whole(tmp_path, case):
-    common = dict(max_steps=6, save_steps=3, learning_rate=5e-3, lr_scheduler="linear", **RESUME_CASES[case])
-    whole = train(tiny_options(tmp_path / "whole", **common))
-    train(tiny_options(tmp_path / "split", **common), callbacks=[StopAt(3)])
+    optimization = {"max_steps": 6, "learning_rate": 5e-3, "lr_scheduler": "linear"}
+    common = dict(adapter=RESUME_CASES[case], optimization=optimization)
+    whole = train(tiny_options(tmp_path / "whole", output={"save_steps": 3}, **common))
+    train(tiny_options(tmp_path / "split", output={"save_steps": 3}, **common), callbacks=[StopAt(3)])
     assert (tmp_path / "split" / "checkpoint-3").is_dir()
-    with pytest.raises(UserError, match=r"learning_rate \(0.005 before, 0.001 now\)"):
-        train(tiny_options(tmp_path / "split", resume=True, **{**common, "learning_rate": 1e-3}))
-    resumed = train(tiny_options(tmp_path / "split", resume=True, **common))
+    resume = {"save_steps": 3, "resume": True}
+    with pytest.raises(UserError, match=r"optimization.learning_rate \(0.005 before, 0.001 now\)"):
+        changed = {**common, "optimization": {**optimization, "learning_rate": 1e-3}}
+        train(tiny_options(tmp_path / "split", output=resume, **changed))
+    resumed = train(tiny_options(tmp_path / "split", output=resume, **common))
 
     a = load_file(whole.output_dir / "adapter_model.safetensors")
     b = load_file(resumed.output_dir / "adapter_model.safetensors")

@@ -12,28 +12,28 @@ from _train_helpers import logits, tiny_options
 from safetensors.torch import load_file
 
 from moraft.cli import main
-from moraft.train import apply_method, load_trained, tiny_llama, train
+from moraft.train import AdapterOptions, apply_method, load_trained, tiny_llama, train
 from moraft.train.methods import count_parameters
 
 METHODS = {
-    "mora-sharing": dict(method="mora", compression="sharing"),
-    "mora-rotation": dict(method="mora", compression="rotation"),
-    "lora": dict(method="lora"),
-    "dora": dict(method="dora"),
-    "full": dict(method="full", learning_rate=1e-3),
+    "mora-sharing": dict(adapter={"method": "mora", "compression": "sharing"}),
+    "mora-rotation": dict(adapter={"method": "mora", "compression": "rotation"}),
+    "lora": dict(adapter={"method": "lora"}),
+    "dora": dict(adapter={"method": "dora"}),
+    "full": dict(adapter={"method": "full"}, optimization={"learning_rate": 1e-3}),
 }
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_trains_saves_and_reloads(tmp_path, name):
-    options = tiny_options(tmp_path / name, eval_steps=2, **METHODS[name])
-    base, _ = tiny_llama(0, options.builtin_hidden_size, options.builtin_num_layers)
+    options = tiny_options(tmp_path / name, output={"eval_steps": 2}, **METHODS[name])
+    base, _ = tiny_llama(0, options.model.builtin_hidden_size, options.model.builtin_num_layers)
     result = train(options)
     out = result.output_dir
 
     for file in ("train_config.yaml", "metrics.jsonl", "loss.png", "train_summary.json", "tokenizer.json"):
         assert (out / file).is_file() and (out / file).stat().st_size > 0, file
-    assert yaml.safe_load((out / "train_config.yaml").read_text())["method"] == options.method
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["adapter"]["method"] == options.adapter.method
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
     assert all("learning_rate" in e and "tokens_per_second" in e for e in history if "loss" in e)
@@ -63,7 +63,7 @@ def test_same_rank_same_budget(tmp_path, r):
     counts = {}
     for method in ("lora", "mora"):
         model, _ = tiny_llama(0, 64, 1)
-        counts[method] = count_parameters(apply_method(model, tiny_options(tmp_path, method=method, r=r)))[0]
+        counts[method] = count_parameters(apply_method(model, AdapterOptions(method=method, r=r)))[0]
     assert abs(counts["mora"] / counts["lora"] - 1) < 0.05
 
 
@@ -84,28 +84,35 @@ def test_data_formats_through_the_cli_with_yaml_and_flags(tmp_path, capsys, data
         data.write_text("".join(json.dumps(r) + "\n" for r in (CHAT if data_format == "chat" else PROMPTS)))
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"
-    options = {**vars(tiny_options(out)), "data": str(data), "seq_length": 64, "max_steps": 5, "method": "lora"}
-    config.write_text(yaml.safe_dump(options))
-    main(["train", "--config", str(config), "--max_steps", "2", "--method", "mora"])  # flags win over the file
+    options = tiny_options(out, data={"dataset": str(data), "seq_length": 64}, optimization={"max_steps": 5},
+                           adapter={"method": "lora"})
+    config.write_text(yaml.safe_dump(options.to_dict()))
+    # flags win over the file
+    main(["train", "--config", str(config), "--optimization.max_steps", "2", "--adapter.method", "mora"])
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["method"] == "mora"
     assert torch.isfinite(torch.tensor(summary["final"]["train_loss"]))
     resolved = yaml.safe_load((out / "train_config.yaml").read_text())
-    assert resolved["data"] == str(data) and resolved["max_steps"] == 2 and resolved["seq_length"] == 64
+    assert resolved["data"]["dataset"] == str(data) and resolved["data"]["seq_length"] == 64
+    assert resolved["optimization"]["max_steps"] == 2 and resolved["adapter"]["method"] == "mora"
 
 
 def test_eval_data_logs_perplexity(tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text("abc " * 100)
-    result = train(tiny_options(tmp_path / "run", data=str(text), eval_data=str(text), seq_length=32, eval_steps=2))
+    data = {"dataset": str(text), "eval_dataset": str(text), "seq_length": 32}
+    result = train(tiny_options(tmp_path / "run", data=data, output={"eval_steps": 2}))
     ppl = result.curve("eval_perplexity")
     assert [step for step, _ in ppl] == [2, 3] and all(1 < p < 200 for _, p in ppl)
 
 
 def test_training_options_bf16_checkpointing_accumulation_schedule(tmp_path):
     options = tiny_options(
-        tmp_path / "run", method="mora", compression="rotation", bf16=True, gradient_checkpointing=True,
-        gradient_accumulation_steps=2, warmup_steps=1, lr_scheduler="cosine", max_steps=-1, epochs=3, eval_steps=0,
+        tmp_path / "run",
+        adapter={"method": "mora", "compression": "rotation"},
+        optimization={"bf16": True, "gradient_checkpointing": True, "gradient_accumulation_steps": 2,
+                      "warmup_steps": 1, "lr_scheduler": "cosine", "max_steps": -1, "epochs": 3},
+        output={"eval_steps": 0},
     )
     result = train(options)
     # 8 pairs, 4 per forward pass, 2 passes per step: one step per epoch
@@ -113,7 +120,8 @@ def test_training_options_bf16_checkpointing_accumulation_schedule(tmp_path):
     assert [step for step, _ in losses] == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
     # the learning rate of each update: linear warmup from 0 over 1 step, then a cosine over the remaining 2
     lrs = [lr for _, lr in result.curve("learning_rate")]
-    assert lrs == pytest.approx([0.0, options.learning_rate, options.learning_rate / 2])
+    peak = options.optimization.learning_rate
+    assert lrs == pytest.approx([0.0, peak, peak / 2])
 
 
 def test_local_gpt2_directory(tmp_path):
@@ -131,8 +139,10 @@ def test_local_gpt2_directory(tmp_path):
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
     for method in ("mora", "lora"):
-        result = train(tiny_options(tmp_path / method, model=str(tmp_path / "gpt2"), data=str(data), method=method,
-                                    target_modules=["c_attn", "c_proj", "c_fc"], max_steps=2))
+        result = train(tiny_options(
+            tmp_path / method, model={"name_or_path": str(tmp_path / "gpt2")}, data={"dataset": str(data)},
+            adapter={"method": method, "target_modules": ["c_attn", "c_proj", "c_fc"]}, optimization={"max_steps": 2},
+        ))
         reloaded, tok, described = load_trained(str(result.output_dir))
         assert str(tmp_path / "gpt2") in described
         ids = torch.tensor([tok("1+1=").input_ids])

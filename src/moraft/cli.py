@@ -1,6 +1,8 @@
 """The ``moraft`` command line: one subcommand per typed function; its docstring is its ``--help``.
 
-Each subcommand is a plain function elsewhere in the package (the CLI is thin). Options come from flags, a YAML file
+Each subcommand is a plain function elsewhere in the package (the CLI is thin): its parameters are the flags, or,
+for a function taking an options dataclass (``train(options: TrainOptions)``), that dataclass's fields, nested
+dataclasses as groups (``--adapter.r``), each field's docstring as its help. Options come from flags, a YAML file
 (``--config FILE``), or both, with flags winning. Errors in what the user asked for (a missing path, a bad value:
 ``moraft.errors.UserError``) print one line and exit with status 2; set ``MORAFT_DEBUG=1`` for their traceback. Any
 other exception is a bug, not the user's fault, and crashes with its full traceback.
@@ -8,11 +10,13 @@ other exception is a bug, not the user's fault, and crashes with its full traceb
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
 import sys
-from typing import Callable
+import typing
+from typing import Callable, Optional
 
 from .errors import UserError
 
@@ -22,7 +26,7 @@ COMMANDS: dict[str, str] = {
     "export-lora": "moraft.interop.lora_export:export_lora",
     "merge": "moraft.interop.merge:merge_adapter",
     "serve": "moraft.serve.server:serve",
-    "train": "moraft.train.commands:train_command",
+    "train": "moraft.train.runner:train",
     "eval": "moraft.train.evaluate:eval_command",
     "demo": "moraft.train.demo:demo",
 }
@@ -33,47 +37,96 @@ def _load(spec: str) -> Callable:
     return getattr(importlib.import_module(module), func)
 
 
-def _description(func: Callable) -> str:
+def _options_class(func: Callable) -> Optional[type]:
+    """The dataclass a command takes as its first parameter (``train(options: TrainOptions)``), or None: its fields
+    (nested dataclasses as dotted groups, ``--adapter.r``) are then the command's flags."""
+    parameters = list(inspect.signature(func).parameters.values())
+    if not parameters:
+        return None
+    hint = parameters[0].annotation
+    if isinstance(hint, str):  # postponed annotations: a class name in the function's module
+        hint = func.__globals__.get(hint)
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def _description(target: Callable) -> str:
     """The docstring up to its ``Args:`` section: jsonargparse shows only the first line, we show all of it."""
-    doc = inspect.getdoc(func) or ""
+    doc = inspect.getdoc(target) or ""
     return doc.split("\nArgs:", 1)[0].strip()
 
 
+def option_types(func: Callable) -> dict[str, object]:
+    """Every flag of a command by its name without the dashes (``adapter.r``), with its type hint."""
+    options = _options_class(func)
+    if options is None:
+        hints = typing.get_type_hints(func)
+        return {name: hints.get(name) for name in inspect.signature(func).parameters}
+
+    def walk(cls: type, prefix: str) -> dict[str, object]:
+        found: dict[str, object] = {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                found.update(walk(hint, f"{prefix}{f.name}."))
+            else:
+                found[prefix + f.name] = hint
+        return found
+
+    return walk(options, "")
+
+
 def build_parser(commands: dict[str, Callable]):
-    """The ``moraft`` parser: a subcommand per function, flags from its signature, help from its docstring."""
+    """The ``moraft`` parser: a subcommand per function, flags from its signature (or from the fields of the options
+    dataclass it takes), help from the docstrings (a dataclass field's docstring is its flag's help)."""
     import argparse
 
-    from jsonargparse import DefaultHelpFormatter, auto_parser
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
     class Formatter(DefaultHelpFormatter):
         def _fill_text(self, text, width, indent):  # keep the docstring's paragraphs and lists as written
             return argparse.RawDescriptionHelpFormatter._fill_text(self, text, width, indent)
 
-    parser = auto_parser(
-        commands,
-        as_positional=True,
-        fail_untyped=True,
-        parser_mode="yaml",
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
         prog="moraft",
+        parser_mode="yaml",
         description="moraft: MoRA fine-tuning, conversion, merging and serving. `moraft COMMAND --help` for more.",
     )
-    for name, sub in parser._subcommands_action._name_parser_map.items():
-        sub.description = _description(commands[name])
-        sub.formatter_class = Formatter
+    subcommands = parser.add_subcommands()
+    for name, func in commands.items():
+        options = _options_class(func)
+        description = _description(options or func)
+        sub = ArgumentParser(description=description, formatter_class=Formatter, parser_mode="yaml")
+        sub.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it win.")
+        if options is not None:
+            sub.add_class_arguments(options, nested_key=None, as_group=False, fail_untyped=True)
+        else:
+            sub.add_function_arguments(func, as_positional=True, fail_untyped=True)
+        subcommands.add_subcommand(name, sub, help=description.split("\n", 1)[0])
     return parser
 
 
 def normalize_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]:
-    """Accept ``--merge-every`` for ``--merge_every``, and a bare ``--resume`` for ``--resume true``."""
+    """Accept ``--merge-every`` for ``--merge_every``, and a bare ``--output.resume`` for ``--output.resume true``.
+
+    A flag that names an option without its group (``--r``) raises `UserError` naming the grouped flag.
+    """
     if not argv or argv[0] not in commands:
         return argv
-    params = inspect.signature(commands[argv[0]]).parameters
-    booleans = {name for name, p in params.items() if p.annotation in (bool, "bool")}
+    types = option_types(commands[argv[0]])
+    booleans = {name for name, hint in types.items() if hint is bool}
+    leaves: dict[str, list[str]] = {}
+    for name in types:
+        leaves.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     out = argv[:1]
     for i, arg in enumerate(argv[1:], start=1):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             name = name.replace("-", "_")
+            if name not in types and name in leaves and "." not in name:
+                grouped = " or ".join(f"--{full}" for full in leaves[name])
+                raise UserError(f"unknown option --{name}; options are grouped: {grouped}")
             arg = f"--{name}{eq}{value}"
             following = argv[i + 1] if i + 1 < len(argv) else None
             if name in booleans and not eq and (following is None or following.lower() not in BOOL_WORDS):
@@ -99,14 +152,15 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     commands = {name: _load(spec) for name, spec in COMMANDS.items()}
     parser = build_parser(commands)
-    argv = normalize_flags(argv, commands)
-    cfg = parser.parse_args(argv)  # bad flags: argparse prints usage and exits 2
     try:
+        argv = normalize_flags(argv, commands)
+        cfg = parser.parse_args(argv)  # bad flags: argparse prints usage and exits 2
         init = parser.instantiate(cfg)
         name = init.subcommand
         kwargs = dict(init[name])
         kwargs.pop("config", None)
-        commands[name](**kwargs)
+        options = _options_class(commands[name])
+        commands[name](options(**kwargs)) if options is not None else commands[name](**kwargs)
         _end_distributed()
     except UserError as err:
         if os.environ.get("MORAFT_DEBUG"):

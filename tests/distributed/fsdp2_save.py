@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from moraft.train import TrainOptions
+from moraft.train import AdapterOptions
 from moraft.train.builtin import BUILTIN_MODEL
 from moraft.train.methods import apply_method, load_base
 
@@ -22,7 +22,7 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
 base, _ = load_base(BUILTIN_MODEL, hidden_size=64, num_layers=2)
-model = apply_method(base, TrainOptions(output_dir=str(out), method="mora", r=8))
+model = apply_method(base, AdapterOptions(method="mora", r=8))
 generator = torch.Generator().manual_seed(1)
 with torch.no_grad():
     for _, param in sorted(model.named_parameters()):

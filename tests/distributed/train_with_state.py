@@ -1,7 +1,7 @@
 """``moraft.train.train`` with a known final state: after training, every trainable parameter is set to seeded random
 values (under DeepSpeed ZeRO-3 through ``GatheredParameters``, which writes them back into each rank's partition), so
 a run under torchrun and a single process save the same adapter if, and only if, the save is right.
-argv: the run's `TrainOptions` as JSON."""
+argv: the run's `TrainOptions` as JSON (one mapping per group)."""
 
 from __future__ import annotations
 
@@ -31,4 +31,4 @@ class SetState(TrainerCallback):
 
 
 if __name__ == "__main__":
-    train(TrainOptions(**json.loads(sys.argv[1])), callbacks=[SetState()])
+    train(TrainOptions.from_dict(json.loads(sys.argv[1])), callbacks=[SetState()])

@@ -1,8 +1,12 @@
 """Training and evaluation: ``moraft train`` (MoRA, LoRA, DoRA or full fine-tuning through Hugging Face
 ``Trainer``), ``moraft eval`` and ``moraft demo``, and the pieces benchmarks reuse.
 
-    from moraft.train import TrainOptions, train
-    result = train(TrainOptions(method="lora", r=8, max_steps=400, output_dir="runs/lora"))
+    from moraft.train import AdapterOptions, OptimizationOptions, OutputOptions, TrainOptions, train
+    result = train(TrainOptions(
+        adapter=AdapterOptions(method="lora", r=8),
+        optimization=OptimizationOptions(max_steps=400),
+        output=OutputOptions(dir="runs/lora"),
+    ))
     result.curve("char_accuracy")   # [(step, accuracy), ...]
 """
 
@@ -10,13 +14,25 @@ from .builtin import BUILTIN_MODEL, char_tokenizer, tiny_llama
 from .data import UUID_MEMORY, Collator, load_examples, uuid_examples, uuid_pairs
 from .evaluate import load_trained, mean_loss, perplexity, uuid_accuracy
 from .methods import apply_method, load_base, merge_and_restart, peft_config
-from .options import TrainOptions
+from .options import (
+    AdapterOptions,
+    DataOptions,
+    ModelOptions,
+    OptimizationOptions,
+    OutputOptions,
+    TrainOptions,
+)
 from .runner import TrainResult, train
 
 __all__ = [
+    "AdapterOptions",
     "BUILTIN_MODEL",
     "UUID_MEMORY",
     "Collator",
+    "DataOptions",
+    "ModelOptions",
+    "OptimizationOptions",
+    "OutputOptions",
     "TrainOptions",
     "TrainResult",
     "apply_method",

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from .options import TrainOptions
+from .options import AdapterOptions, DataOptions, ModelOptions, OptimizationOptions, OutputOptions, TrainOptions
 from .plot import plot_curves
 from .runner import train
 
@@ -57,22 +57,17 @@ def demo(
     runs = {}
     for method in ("lora", "mora"):
         options = TrainOptions(
-            method=method,
-            r=r,
-            compression=compression if method == "mora" else "sharing",
-            builtin_hidden_size=hidden_size,
-            builtin_num_layers=num_layers,
-            num_pairs=num_pairs,
-            learning_rate=learning_rate,
-            lr_scheduler=lr_scheduler,
-            batch_size=batch_size,
-            max_steps=max_steps,
-            eval_steps=eval_steps,
-            logging_steps=max(1, eval_steps // 2),
-            save_steps=0,
-            seed=seed,
-            output_dir=str(root / f"{method}-r{r}"),
-            overwrite=True,
+            model=ModelOptions(builtin_hidden_size=hidden_size, builtin_num_layers=num_layers),
+            data=DataOptions(num_pairs=num_pairs),
+            adapter=AdapterOptions(method=method, r=r, compression=compression if method == "mora" else "sharing"),
+            optimization=OptimizationOptions(
+                learning_rate=learning_rate, lr_scheduler=lr_scheduler, batch_size=batch_size, max_steps=max_steps,
+                seed=seed,
+            ),
+            output=OutputOptions(
+                dir=str(root / f"{method}-r{r}"), overwrite=True, save_steps=0, eval_steps=eval_steps,
+                logging_steps=max(1, eval_steps // 2),
+            ),
         )
         runs[method] = train(options)
     seconds = time.perf_counter() - started

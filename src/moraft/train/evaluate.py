@@ -22,6 +22,7 @@ from ..adapters import read_adapter_config
 from ..errors import MissingPathError, UserError
 from .builtin import BUILTIN_MODEL
 from .data import Collator, text_examples, uuid_pairs, uuid_prompt
+from .options import ModelOptions, TrainOptions
 
 CONFIG_FILE = "train_config.yaml"
 MERGES_DIR = "merges"
@@ -92,10 +93,12 @@ def mean_loss(model: nn.Module, examples: list, pad_token_id: int, batch_size: i
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count)}
 
 
-def read_train_config(path: str | Path) -> dict:
-    """The options a run was trained with (its ``train_config.yaml``), or {} when ``path`` has none."""
+def read_train_config(path: str | Path) -> Optional[TrainOptions]:
+    """The options a run was trained with (its ``train_config.yaml``), or None when ``path`` has none."""
     file = Path(path) / CONFIG_FILE
-    return yaml.safe_load(file.read_text()) if file.is_file() else {}
+    if not file.is_file():
+        return None
+    return TrainOptions.from_dict(yaml.safe_load(file.read_text()), source=str(file))
 
 
 def merge_dirs(run_dir: str | Path) -> list[Path]:
@@ -116,11 +119,12 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
     """
     from .methods import load_base
 
-    config = read_train_config(path) if path != BUILTIN_MODEL else {}
+    config = read_train_config(path) if path != BUILTIN_MODEL else None
+    model_options = config.model if config is not None else ModelOptions()
     builtin = {
-        "hidden_size": config.get("builtin_hidden_size", 128),
-        "num_layers": config.get("builtin_num_layers", 4),
-        "model_seed": config.get("model_seed", 0),
+        "hidden_size": model_options.builtin_hidden_size,
+        "num_layers": model_options.builtin_num_layers,
+        "model_seed": model_options.seed,
     }
     if path == BUILTIN_MODEL:
         model, tokenizer = load_base(BUILTIN_MODEL, **builtin)
@@ -134,7 +138,7 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
         model, tokenizer = load_base(str(directory))
         return model, tokenizer, f"model {path}"
     adapter_config = read_adapter_config(directory, "eval")  # PEFT runs it: every method and LoRA variant
-    base_name = base or config.get("model") or adapter_config.base_model_name_or_path
+    base_name = base or (config and config.model.name_or_path) or adapter_config.base_model_name_or_path
     if not base_name:
         raise UserError(f"{path!r}: cannot tell its base model; pass --base")
     model, tokenizer = load_base(base_name, **builtin)
@@ -188,20 +192,20 @@ def eval_command(
         base: the base model under an adapter (default: the run's train_config.yaml, else the adapter's
             base_model_name_or_path).
         text: evaluate perplexity on this text file or directory instead of the uuid-memory task.
-        num_pairs: uuid-memory: how many pairs (default: the run's num_pairs, else 128).
-        data_seed: uuid-memory: seed of the pairs (default: the run's data_seed, else 0).
+        num_pairs: uuid-memory: how many pairs (default: the run's data.num_pairs, else 128).
+        data_seed: uuid-memory: seed of the pairs (default: the run's data.seed, else 0).
         seq_length: text: block length in tokens.
         batch_size: sequences per forward pass.
         output: also write the metrics to this JSON file.
     """
     model, tokenizer, described = load_trained(path, base)
-    config = read_train_config(path) if Path(path).is_dir() else {}
+    run = (read_train_config(path) if Path(path).is_dir() else None) or TrainOptions()
     if text is not None:
         metrics = {"task": "perplexity", "text": text, **perplexity(model, tokenizer, text, seq_length, batch_size)}
     else:
         pairs = uuid_pairs(
-            num_pairs if num_pairs is not None else config.get("num_pairs", 128),
-            data_seed if data_seed is not None else config.get("data_seed", 0),
+            num_pairs if num_pairs is not None else run.data.num_pairs,
+            data_seed if data_seed is not None else run.data.seed,
         )
         metrics = {"task": "uuid-memory", "num_pairs": len(pairs), **uuid_accuracy(model, tokenizer, pairs, batch_size)}
     metrics = {"evaluated": described, **metrics}

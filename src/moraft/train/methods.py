@@ -21,7 +21,7 @@ from ..errors import UserError
 from ..mora import MoraConfig, MoraLayer, MoraOperator
 from ..mora.model import adaptable_module_names, all_linear_names
 from .builtin import BUILTIN_MODEL, tiny_llama
-from .options import TrainOptions
+from .options import AdapterOptions
 
 ADAPTER = "default"  # the adapter name PEFT gives the one adapter get_peft_model creates
 
@@ -41,7 +41,7 @@ def load_base(
     return base, tokenizer
 
 
-def peft_config(options: TrainOptions, model: nn.Module | None = None) -> MoraConfig | LoraConfig:
+def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> MoraConfig | LoraConfig:
     """The PEFT config of ``options.method`` (mora, lora or dora) for ``model``.
 
     PEFT's LoraConfig refuses ``layers_to_transform`` with a string ``target_modules``, "all-linear" included; as that
@@ -81,10 +81,10 @@ def peft_config(options: TrainOptions, model: nn.Module | None = None) -> MoraCo
             init_lora_weights=options.init_weights,
         )
     except ValueError as err:  # PEFT's LoraConfig validates exactly the options given here
-        raise UserError(f"method={options.method!r}: {err}") from None
+        raise UserError(f"adapter.method={options.method!r}: {err}") from None
 
 
-def apply_method(model: nn.Module, options: TrainOptions) -> nn.Module:
+def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
     """``model`` ready to train with ``options.method``: a ``PeftModel``, or the model itself for ``full``."""
     if options.method == "full":
         model.requires_grad_(True)
@@ -96,7 +96,7 @@ def apply_method(model: nn.Module, options: TrainOptions) -> nn.Module:
     except ValueError as err:
         if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
             raise UserError(
-                f"target_modules={options.target_modules!r} matched no module of {type(model).__name__}. Modules "
+                f"adapter.target_modules={options.target_modules!r} matched no module of {type(model).__name__}. Modules "
                 f"that can be adapted: {', '.join(adaptable_module_names(model))}"
             ) from None
         raise

@@ -31,13 +31,13 @@ from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
 from .data import UUID_MEMORY, Collator, ExampleDataset, load_examples, uuid_pairs
 from .evaluate import CONFIG_FILE, mean_loss, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_base, merge_and_restart
-from .options import TrainOptions
+from .options import AdapterOptions, TrainOptions
 from .plot import plot_run
 
 SUMMARY_FILE = "train_summary.json"
 # options a resumed run may change: what is saved and logged, and how long it trains
-RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "save_steps", "save_total_limit", "logging_steps",
-                     "eval_steps", "max_steps", "epochs"}
+RESUMABLE_CHANGES = {"output.resume", "output.overwrite", "output.dir", "output.save_steps", "output.save_total_limit",
+                     "output.logging_steps", "output.eval_steps", "optimization.max_steps", "optimization.epochs"}
 
 
 @dataclass
@@ -94,31 +94,32 @@ class MoraftTrainer(Trainer):
 
 
 def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
-    """Check output_dir against overwrite/resume; the checkpoint to resume from (None for a fresh run)."""
-    out = Path(options.output_dir)
+    """Check output.dir against overwrite/resume; the checkpoint to resume from (None for a fresh run)."""
+    out = Path(options.output.dir)
     if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {str(out)!r} is a file, not a directory")
+        raise UserError(f"output.dir {str(out)!r} is a file, not a directory")
     occupied = out.is_dir() and any(out.iterdir())
-    if options.resume:
+    if options.output.resume:
         checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
         if checkpoint is None:
             raise UserError(f"resume: {str(out)!r} has no checkpoint-N directory to resume from")
         saved = read_train_config(out)
+        before = saved.flat() if saved is not None else {}
         differ = [
-            f"{key} ({saved[key]!r} before, {value!r} now)"
-            for key, value in options.to_dict().items()
-            if key in saved and key not in RESUMABLE_CHANGES and saved[key] != value
+            f"{key} ({before[key]!r} before, {value!r} now)"
+            for key, value in options.flat().items()
+            if key in before and key not in RESUMABLE_CHANGES and before[key] != value
         ]
         if differ:
             raise UserError(
                 f"resume: these options differ from the run in {str(out)!r}: {', '.join(differ)}; resume with "
-                f"--config {out / CONFIG_FILE} --resume true"
+                f"--config {out / CONFIG_FILE} --output.resume true"
             )
         return checkpoint
-    if occupied and not options.overwrite:
+    if occupied and not options.output.overwrite:
         raise UserError(
-            f"output_dir {str(out)!r} is not empty; pass --resume to continue its run, --overwrite to replace it, "
-            "or another --output_dir"
+            f"output.dir {str(out)!r} is not empty; pass --output.resume to continue its run, --output.overwrite to "
+            "replace it, or another --output.dir"
         )
     return None
 
@@ -171,26 +172,27 @@ def _device_arguments() -> dict:
 
 def _training_arguments(options: TrainOptions) -> TrainingArguments:
     """The ``TrainingArguments`` of a run (creating them also sets up the process group under torchrun)."""
+    opt, output = options.optimization, options.output
     return TrainingArguments(
-        output_dir=options.output_dir,
-        per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        learning_rate=options.learning_rate,
-        lr_scheduler_type=options.lr_scheduler,
-        warmup_steps=options.warmup_steps,
-        weight_decay=options.weight_decay,
-        num_train_epochs=options.epochs,
-        max_steps=options.max_steps,
-        max_grad_norm=options.max_grad_norm,
-        bf16=options.bf16,
-        activation_checkpointing=options.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
-        seed=options.seed,
-        data_seed=options.seed,
-        save_strategy="steps" if options.save_steps else "no",
-        save_steps=options.save_steps or 500,
-        save_total_limit=options.save_total_limit,
-        logging_steps=options.logging_steps,
+        output_dir=output.dir,
+        per_device_train_batch_size=opt.batch_size,
+        gradient_accumulation_steps=opt.gradient_accumulation_steps,
+        learning_rate=opt.learning_rate,
+        lr_scheduler_type=opt.lr_scheduler,
+        warmup_steps=opt.warmup_steps,
+        weight_decay=opt.weight_decay,
+        num_train_epochs=opt.epochs,
+        max_steps=opt.max_steps,
+        max_grad_norm=opt.max_grad_norm,
+        bf16=opt.bf16,
+        activation_checkpointing=opt.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if opt.gradient_checkpointing else None,
+        seed=opt.seed,
+        data_seed=opt.seed,
+        save_strategy="steps" if output.save_steps else "no",
+        save_steps=output.save_steps or 500,
+        save_total_limit=output.save_total_limit,
+        logging_steps=output.logging_steps,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         remove_unused_columns=False,
@@ -202,69 +204,71 @@ def _training_arguments(options: TrainOptions) -> TrainingArguments:
 
 
 def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
-    """Fine-tune ``options.model`` on ``options.data`` with ``options.method``; see `TrainOptions`.
+    """Fine-tune ``options.model`` on ``options.data`` with ``options.adapter.method``; see `TrainOptions`.
 
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects (e.g. to stop early). Returns a `TrainResult`
     with the logged history and final metrics. In a multi-process run (torchrun, accelerate launch) every process
     calls this; only the main one writes files.
     """
     options.validate()
+    data, adapter, output = options.data, options.adapter, options.output
     checkpoint = _prepare_output_dir(options)
     model, tokenizer = load_base(
-        options.model,
-        hidden_size=options.builtin_hidden_size,
-        num_layers=options.builtin_num_layers,
-        model_seed=options.model_seed,
+        options.model.name_or_path,
+        hidden_size=options.model.builtin_hidden_size,
+        num_layers=options.model.builtin_num_layers,
+        model_seed=options.model.seed,
     )
-    if options.model == BUILTIN_MODEL:
+    if options.model.name_or_path == BUILTIN_MODEL:
         model.config._name_or_path = BUILTIN_MODEL  # recorded as the adapter's base_model_name_or_path
-    load = dict(data_format=options.data_format, seq_length=options.seq_length, num_pairs=options.num_pairs,
-                seed=options.data_seed)
-    examples = load_examples(options.data, tokenizer, **load)
-    eval_examples = load_examples(options.eval_data, tokenizer, **load) if options.eval_data else None
-    set_seed(options.seed)  # the adapter's initialization
-    model = apply_method(model, options)
+    load = dict(data_format=data.format, seq_length=data.seq_length, num_pairs=data.num_pairs, seed=data.seed)
+    examples = load_examples(data.dataset, tokenizer, **load)
+    eval_examples = load_examples(data.eval_dataset, tokenizer, **load) if data.eval_dataset else None
+    set_seed(options.optimization.seed)  # the adapter's initialization
+    model = apply_method(model, adapter)
     trainable, total = count_parameters(model)
-    pairs = uuid_pairs(options.num_pairs, options.data_seed) if options.data == UUID_MEMORY else None
+    pairs = uuid_pairs(data.num_pairs, data.seed) if data.dataset == UUID_MEMORY else None
 
     def evaluate(model) -> dict:
         metrics = {}
         if pairs is not None:
             metrics.update(uuid_accuracy(model, tokenizer, pairs))
         if eval_examples is not None:
-            result = mean_loss(model, eval_examples, tokenizer.pad_token_id, options.batch_size)
+            result = mean_loss(model, eval_examples, tokenizer.pad_token_id, options.optimization.batch_size)
             metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
         return metrics
 
-    out = Path(options.output_dir)
+    out = Path(output.dir)
     existed = out.exists()
     args = _training_arguments(options)
     is_main = args.process_index == 0
-    recorder = Recorder(out, f"{options.method} r={options.r}" if options.method != "full" else "full", is_main)
-    own = [recorder, Evaluator(evaluate, options.eval_steps, recorder)]
-    if options.merge_every:
-        own.append(MergeEvery(options.merge_every, out, options.switch_grouping, options.seed, is_main))
+    recorder = Recorder(out, _label(adapter), is_main)
+    own = [recorder, Evaluator(evaluate, output.eval_steps, recorder)]
+    if adapter.merge_every:
+        seed = options.optimization.seed
+        own.append(MergeEvery(adapter.merge_every, out, adapter.switch_grouping, seed, is_main))
     trainer = MoraftTrainer(
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),
         data_collator=Collator(tokenizer.pad_token_id),
         callbacks=own + list(callbacks),
-        merge_every=options.merge_every,
-        merge_warmup=options.effective_merge_warmup,
+        merge_every=adapter.merge_every,
+        merge_warmup=adapter.effective_merge_warmup,
     )
     trainer.remove_callback(ProgressCallback)  # the Recorder draws the bar
     sharding = _sharding(trainer)
-    if sharding and options.merge_every:
+    if sharding and adapter.merge_every:
         if is_main and not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # Trainer creates output_dir; a refused run leaves none behind
+            out.rmdir()  # Trainer creates output.dir; a refused run leaves none behind
         raise UserError(
-            f"merge_every={options.merge_every}: ReMoRA/ReLoRA merge the adapter into the base weights, which "
-            f"{sharding} shards across processes; train with merge_every=0, or under DDP or DeepSpeed ZeRO-1/2"
+            f"adapter.merge_every={adapter.merge_every}: ReMoRA/ReLoRA merge the adapter into the base weights, "
+            f"which {sharding} shards across processes; train with adapter.merge_every=0, or under DDP or DeepSpeed "
+            "ZeRO-1/2"
         )
 
-    # -- everything is checked: from here on the run writes to output_dir -------------------------------------
-    if options.overwrite and is_main and out.is_dir():
+    # -- everything is checked: from here on the run writes to output.dir -------------------------------------
+    if output.overwrite and is_main and out.is_dir():
         shutil.rmtree(out)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -273,12 +277,12 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         _replay_merges(model, options, int(Path(checkpoint).name.split("-")[1]), is_main)
     started = time.perf_counter()
     try:
-        output = trainer.train(resume_from_checkpoint=checkpoint)
+        trained = trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         recorder.close()
     runtime = time.perf_counter() - started
     state = trainer.state
-    final = {"train_loss": output.training_loss}
+    final = {"train_loss": trained.training_loss}
     if pairs is not None or eval_examples is not None:  # on every rank: see Evaluator
         keys = ("char_accuracy", "eval_loss")
         done = [e for e in state.log_history if e["step"] == state.global_step and any(k in e for k in keys)]
@@ -312,14 +316,20 @@ def _replay_merges(model, options: TrainOptions, step: int, is_main: bool) -> No
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    for directory in merge_dirs(options.output_dir):
+    for directory in merge_dirs(options.output.dir):
         merged_at = int(directory.name.split("-")[1])
         if merged_at > step:
             if is_main:
                 shutil.rmtree(directory)
             continue
         set_peft_model_state_dict(model, load_file(directory / SAFETENSORS_WEIGHTS_NAME), ADAPTER)
-        merge_and_restart(model, switch_grouping=options.switch_grouping, seed=options.seed + merged_at)
+        seed = options.optimization.seed + merged_at
+        merge_and_restart(model, switch_grouping=options.adapter.switch_grouping, seed=seed)
+
+
+def _label(adapter: AdapterOptions) -> str:
+    """The run's name in progress bars and plots: ``mora r=8``, or ``full``."""
+    return f"{adapter.method} r={adapter.r}" if adapter.method != "full" else "full"
 
 
 def _save_model(trainer: Trainer, directory: Path, is_main: bool) -> None:
@@ -354,7 +364,7 @@ def _save_model(trainer: Trainer, directory: Path, is_main: bool) -> None:
 def _save_outputs(
     trainer: Trainer, tokenizer, options: TrainOptions, result: TrainResult, digests: list, is_main: bool
 ) -> None:
-    """The final adapter (or full model), tokenizer, config, summary and plot, moved into output_dir at once. Every
+    """The final adapter (or full model), tokenizer, config, summary and plot, moved into output.dir at once. Every
     rank calls this (see `_save_model`); only the main process writes."""
     out = result.output_dir
     tmp = out / ".final.tmp"
@@ -367,7 +377,7 @@ def _save_outputs(
     tokenizer.save_pretrained(tmp)
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
     summary = {
-        "method": options.method,
+        "method": options.adapter.method,
         "final": result.final,
         "steps": trainer.state.global_step,
         "trainable_parameters": result.trainable_parameters,
@@ -380,8 +390,8 @@ def _save_outputs(
         "merges": [d.name for d in merge_dirs(out)],
     }
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    plot_run(result.history, tmp / "loss.png", title=f"{options.method} r={options.r} on {options.data}")
+    plot_run(result.history, tmp / "loss.png", title=f"{_label(options.adapter)} on {options.data.dataset}")
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()
-    print(f"moraft train: saved {'the model' if options.method == 'full' else 'the adapter'} and loss.png to {out}")
+    print(f"moraft train: saved {'the model' if options.adapter.method == 'full' else 'the adapter'} and loss.png to {out}")
