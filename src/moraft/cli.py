@@ -83,21 +83,21 @@ def build_parser(commands: dict[str, Callable]):
 
     from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
-    class Formatter(DefaultHelpFormatter):
-        def _fill_text(self, text, width, indent):  # keep the docstring's paragraphs and lists as written
-            return argparse.RawDescriptionHelpFormatter._fill_text(self, text, width, indent)
+    class Formatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+        """jsonargparse's help (types, defaults) with the docstring's paragraphs and lists kept as written."""
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(
+    parser = ArgumentParser(  # its formatter_class is every subcommand's too (jsonargparse passes it down)
         prog="moraft",
         parser_mode="yaml",
+        formatter_class=Formatter,
         description="moraft: MoRA fine-tuning, conversion, merging and serving. `moraft COMMAND --help` for more.",
     )
     subcommands = parser.add_subcommands()
     for name, func in commands.items():
         options = _options_class(func)
         description = _description(options or func)
-        sub = ArgumentParser(description=description, formatter_class=Formatter, parser_mode="yaml")
+        sub = ArgumentParser(description=description, parser_mode="yaml")
         sub.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it win.")
         if options is not None:
             sub.add_class_arguments(options, nested_key=None, as_group=False, fail_untyped=True)
