@@ -7,6 +7,7 @@ import inspect
 import json
 
 import pytest
+import yaml
 from _train_helpers import tiny_flags, tiny_options
 
 from moraft.cli import COMMANDS, main
@@ -34,7 +35,9 @@ def test_train_help_documents_every_option(capsys):
     for name in TrainOptions().flat():
         assert f"--{name} " in out or f"--{name}\n" in out, name
     for name, group in TrainOptions().groups().items():  # each group titled by its class's docstring
-        assert f"{inspect.getdoc(type(group)).rstrip('.')}:\n  --{name} CONFIG" in out, name
+        assert f"{inspect.getdoc(type(group)).rstrip('.')}:\n  --{name}" in out, name
+        # a group's name alone sets its main option, where it has one
+        assert (f"Short for --{name}.{group.SHORTCUT}." in " ".join(out.split())) == bool(group.SHORTCUT), name
     words = " ".join(out.split())  # argparse wraps to the terminal's width
     assert "--adapter.r R The rank. LoRA/DoRA: the rank." in words and "(type: int, default: 8)" in words
     assert "Hugging Face Trainer" in words and "--config CONFIG" in out
@@ -47,6 +50,9 @@ BAD = {
         ["--optimization.learning_rate=-1e-4"], "optimization.learning_rate=-0.0001 is invalid; expected a number > 0"
     ),
     "an option without its group": (["--r", "4"], "unknown option --r; options are grouped: --adapter.r"),
+    "a group without a main option": (
+        ["--optimization", "3"], "--optimization is a group of options; set them one by one: --optimization.learning_rate"
+    ),
     "a seed without its group": (
         ["--seed", "4"], "unknown option --seed; options are grouped: --model.seed or --data.seed or --optimization.seed"
     ),
@@ -204,6 +210,20 @@ def test_dashed_flags_and_bare_booleans(tmp_path, capsys):
     config = (out_dir / "train_config.yaml").read_text()
     assert "merge_every: 2" in config and "overwrite: true" in config
     assert (out_dir / "merges" / "step-2").is_dir()
+
+
+def test_a_group_name_alone_sets_its_main_option(tmp_path, capsys):
+    """`--data FILE` is `--data.dataset FILE` (likewise --model, --adapter, --output)."""
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "completion": str(2 * a)}) + "\n" for a in range(4)))
+    out = tmp_path / "run"
+    flags = ["--data", str(data), "--adapter=lora", "--model", "builtin:tiny-llama", "--output", str(out)]
+    status, _, err = run_cli(["train", *tiny_flags(tmp_path / "ignored"), *flags, "--optimization.max_steps", "1"],
+                             capsys)
+    assert status == 0, err
+    resolved = TrainOptions.from_dict(yaml.safe_load((out / "train_config.yaml").read_text()))
+    assert resolved.data.dataset == str(data) and resolved.adapter.method == "lora"
+    assert resolved.output.dir == str(out) and not (tmp_path / "ignored").exists()
 
 
 def test_eval_of_a_corrupted_adapter_is_one_line(tmp_path, capsys):

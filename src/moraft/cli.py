@@ -55,6 +55,20 @@ def _description(target: Callable) -> str:
     return doc.split("\nArgs:", 1)[0].strip()
 
 
+def shortcuts(func: Callable) -> dict[str, Optional[str]]:
+    """The option groups of a command taking an options dataclass, each with the option its name alone sets
+    (``{"data": "data.dataset", "optimization": None}``); empty for other commands."""
+    options = _options_class(func)
+    if options is None:
+        return {}
+    hints = typing.get_type_hints(options)
+    found = {}
+    for f in dataclasses.fields(options):
+        shortcut = getattr(hints[f.name], "SHORTCUT", None)
+        found[f.name] = f"{f.name}.{shortcut}" if shortcut else None
+    return found
+
+
 def option_types(func: Callable) -> dict[str, object]:
     """Every flag of a command by its name without the dashes (``adapter.r``), with its type hint."""
     options = _options_class(func)
@@ -101,6 +115,14 @@ def build_parser(commands: dict[str, Callable]):
         sub.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it win.")
         if options is not None:
             sub.add_class_arguments(options, nested_key=None, as_group=False, fail_untyped=True)
+            # jsonargparse gives each group a flag of its own (--data CONFIG, a file of the group's options);
+            # `normalize_flags` makes it set the group's main option instead, and its help says so
+            short = shortcuts(func)
+            for action in sub._actions:  # argparse keeps no public list of a parser's actions
+                if action.option_strings and action.option_strings[0][2:] in short:
+                    target = short[action.option_strings[0][2:]]
+                    action.metavar = target.rsplit(".", 1)[1].upper() if target else None
+                    action.help = f"Short for --{target}." if target else argparse.SUPPRESS
         else:
             sub.add_function_arguments(func, as_positional=True, fail_untyped=True)
         subcommands.add_subcommand(name, sub, help=description.split("\n", 1)[0])
@@ -108,13 +130,16 @@ def build_parser(commands: dict[str, Callable]):
 
 
 def normalize_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]:
-    """Accept ``--merge-every`` for ``--merge_every``, and a bare ``--output.resume`` for ``--output.resume true``.
+    """Accept ``--merge-every`` for ``--merge_every``, a bare ``--output.resume`` for ``--output.resume true``, and a
+    group's name for its main option (``--data x.jsonl`` for ``--data.dataset x.jsonl``).
 
-    A flag that names an option without its group (``--r``) raises `UserError` naming the grouped flag.
+    A flag that names an option without its group (``--r``), or a group without a main option, raises `UserError`
+    naming the grouped flags.
     """
     if not argv or argv[0] not in commands:
         return argv
     types = option_types(commands[argv[0]])
+    groups = shortcuts(commands[argv[0]])
     booleans = {name for name, hint in types.items() if hint is bool}
     leaves: dict[str, list[str]] = {}
     for name in types:
@@ -124,7 +149,12 @@ def normalize_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             name = name.replace("-", "_")
-            if name not in types and name in leaves and "." not in name:
+            if name in groups:
+                if groups[name] is None:
+                    listed = ", ".join(f"--{option}" for option in types if option.startswith(f"{name}."))
+                    raise UserError(f"--{name} is a group of options; set them one by one: {listed}")
+                name = groups[name]
+            elif name not in types and name in leaves and "." not in name:
                 grouped = " or ".join(f"--{full}" for full in leaves[name])
                 raise UserError(f"unknown option --{name}; options are grouped: {grouped}")
             arg = f"--{name}{eq}{value}"

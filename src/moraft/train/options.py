@@ -3,7 +3,8 @@
 The groups are the model (`ModelOptions`), the data (`DataOptions`), the adapter (`AdapterOptions`), the
 optimization (`OptimizationOptions`) and the outputs (`OutputOptions`). The same classes are:
 
-- the command line: ``moraft train --adapter.method lora --adapter.r 8 --optimization.max_steps 100``;
+- the command line: ``moraft train --adapter.method lora --adapter.r 8 --optimization.max_steps 100``, where a group
+  name alone sets its main option (``--model DIR``, ``--data FILE``, ``--adapter METHOD``, ``--output DIR``);
 - the YAML file of ``--config run.yaml``: one mapping per group (``adapter: {method: lora, r: 8}``);
 - the Python API: ``train(TrainOptions(adapter=AdapterOptions(method="lora"), output=OutputOptions(dir="runs/a")))``;
 - the resolved config saved beside the adapter (``train_config.yaml``, read back by `TrainOptions.from_dict`).
@@ -29,6 +30,7 @@ class _Group:
     """What every option group shares: checks whose errors name the flag (``adapter.r=0 is invalid; ...``)."""
 
     GROUP: ClassVar[str]
+    SHORTCUT: ClassVar[Optional[str]] = None  # the option ``--GROUP VALUE`` sets (``--data x.jsonl``), if any
 
     def _fail(self, name: str, expected: str) -> None:
         raise UserError(f"{self.GROUP}.{name}={getattr(self, name)!r} is invalid; expected {expected}")
@@ -54,6 +56,7 @@ class ModelOptions(_Group):
     """The base model."""
 
     GROUP: ClassVar[str] = "model"
+    SHORTCUT: ClassVar[Optional[str]] = "name_or_path"
 
     name_or_path: str = BUILTIN_MODEL
     """A transformers causal LM: a local directory or a model already in the local Hugging Face cache (never
@@ -76,6 +79,7 @@ class DataOptions(_Group):
     """The training (and evaluation) data."""
 
     GROUP: ClassVar[str] = "data"
+    SHORTCUT: ClassVar[Optional[str]] = "dataset"
 
     dataset: str = UUID_MEMORY
     """"uuid-memory" (num_pairs random UUID pairs "key:value" made from the seed; loss over the whole sequence, as in
@@ -106,6 +110,7 @@ class AdapterOptions(_Group):
     """The method and its adapter."""
 
     GROUP: ClassVar[str] = "adapter"
+    SHORTCUT: ClassVar[Optional[str]] = "method"
 
     method: Literal["mora", "lora", "dora", "full"] = "mora"
     """mora, lora (PEFT's LoRA), dora (PEFT's LoRA with use_dora) or full (every weight trained)."""
@@ -245,6 +250,7 @@ class OutputOptions(_Group):
     """Where the run is written, checkpoints and logging."""
 
     GROUP: ClassVar[str] = "output"
+    SHORTCUT: ClassVar[Optional[str]] = "dir"
 
     dir: str = "runs/train"
     """Where everything is written (created; must be empty unless resume or overwrite)."""
