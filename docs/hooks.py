@@ -1,4 +1,4 @@
-"""mkdocs hooks (``hooks:`` in mkdocs.yml): what makes the site from the repository without copying anything into it.
+"""mkdocs hooks (``hooks:`` in mkdocs.yml): the site is built from the repository as it is, nothing copied into docs/.
 
 - **The home page is README.md.** It is added as ``index.md`` at build time, so the front door is written once;
   links to README.md go there.
@@ -142,7 +142,8 @@ def _train_actions() -> dict[str, object]:
     from moraft.train.runner import train
 
     parser = build_parser({"train": train})
-    sub = parser._subcommands_action._name_parser_map["train"]  # jsonargparse keeps subparsers here, as argparse
+    # jsonargparse (pinned <5) keeps its subcommand parsers here; if that moves, this build fails, not silently
+    sub = parser._subcommands_action._name_parser_map["train"]
     return {action.dest: action for action in sub._actions}
 
 

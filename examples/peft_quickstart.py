@@ -94,7 +94,8 @@ def main() -> None:
     merged.save_pretrained(out / "merged")
     with torch.no_grad():
         error = (merged(input_ids=batch).logits - trained).abs().max().item()
-    check(error < 1e-4, f"the merged model gives the same logits (max difference {error:.1e}); saved to {out / 'merged'}")
+    check(error < 1e-4, f"the merged model gives the same logits (max difference {error:.1e}); saved to "
+          f"{out / 'merged'}")
 
 
 if __name__ == "__main__":

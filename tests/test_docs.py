@@ -61,7 +61,8 @@ def test_every_page_and_figure_is_built(site):
         assert built.is_file(), page
     home = text_of(site / "index.html")
     assert "bash scripts/demo.sh" in home and "bash scripts/test.sh" in home  # the home page is the README
-    for figure in ("assets/demo.png", "repo/benchmarks/results/memory_task.png", "repo/benchmarks/results/pretrain.png"):
+    figures = ("assets/demo.png", "repo/benchmarks/results/memory_task.png", "repo/benchmarks/results/pretrain.png")
+    for figure in figures:
         assert (site / figure).is_file(), figure
 
 
