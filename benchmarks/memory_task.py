@@ -15,7 +15,7 @@ and the accuracy per evaluation step (mean over seeds), writes memory_task.json 
 (mean over seeds, shaded min–max) to --output. The JSON is rewritten after every run, so an interrupted run keeps
 what it finished.
 
-    python benchmarks/memory_task.py  # what docs/readme-results.md reports (33 minutes on 2 shared cores)
+    python benchmarks/memory_task.py  # what docs/results.md reports (33 minutes on 2 shared cores)
     python benchmarks/memory_task.py --bases random --methods lora-r8 mora-r8-sharing --seeds 1
 """
 

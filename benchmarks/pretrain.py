@@ -15,7 +15,7 @@ that comparison on the built-in tiny LLaMA (character tokenizer) through `moraft
 
 Prints validation perplexity per evaluation step and writes pretrain.json and pretrain.png to --output.
 
-    python benchmarks/pretrain.py  # what docs/readme-results.md reports (18 minutes on 2 shared cores)
+    python benchmarks/pretrain.py  # what docs/results.md reports (18 minutes on 2 shared cores)
     python benchmarks/pretrain.py --methods lora mora --max_steps 100
 """
 

@@ -14,7 +14,7 @@ Tokens/s counts generated tokens over wall time, prefill included, all requests 
 CPU-second divides by the process's CPU time instead, which moves less when other jobs share the CPU. The adapters
 are loaded before timing. Prints a Markdown table with each row's ratio to the merged model through the engine.
 
-    python benchmarks/serve.py                       # the README's table
+    python benchmarks/serve.py                       # the table in docs/results.md
     python benchmarks/serve.py --hidden 256 --layers 2 --new_tokens 8 --requests 16 --mixes 1 4 16   # a smoke run
 """
 

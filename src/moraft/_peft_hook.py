@@ -4,7 +4,7 @@ PEFT has no public way to add a method from outside its package: ``peft.utils.re
 members of its ``PeftType`` enum. PEFT looks methods up in four dicts in ``peft.mapping`` keyed by the
 ``peft_type`` string, so adding our config, tuner and parameter prefix under the key ``"MORA"`` makes
 ``get_peft_model``, ``PeftModel.from_pretrained`` and saving work unchanged. Tested with PEFT 0.21; the project pins
-``peft>=0.21,<0.22`` and ``tests/test_peft_hook.py`` fails with a clear message if a release moves these dicts.
+``peft>=0.21,<0.22`` and ``tests/test_config_errors.py`` fails with a clear message if a release moves these dicts.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ other exception is a bug, not the user's fault, and crashes with its full traceb
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import inspect
@@ -17,6 +18,8 @@ import os
 import sys
 import typing
 from typing import Callable, Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
 from .errors import UserError
 
@@ -32,12 +35,12 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _load(spec: str) -> Callable:
+def load_command(spec: str) -> Callable:
     module, _, func = spec.partition(":")
     return getattr(importlib.import_module(module), func)
 
 
-def _options_class(func: Callable) -> Optional[type]:
+def options_class(func: Callable) -> Optional[type]:
     """The dataclass a command takes as its first parameter (``train(options: TrainOptions)``), or None: its fields
     (nested dataclasses as dotted groups, ``--adapter.r``) are then the command's flags."""
     parameters = list(inspect.signature(func).parameters.values())
@@ -49,7 +52,7 @@ def _options_class(func: Callable) -> Optional[type]:
     return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
-def _description(target: Callable) -> str:
+def description(target: Callable) -> str:
     """The docstring up to its ``Args:`` section: jsonargparse shows only the first line, we show all of it."""
     doc = inspect.getdoc(target) or ""
     return doc.split("\nArgs:", 1)[0].strip()
@@ -58,7 +61,7 @@ def _description(target: Callable) -> str:
 def shortcuts(func: Callable) -> dict[str, Optional[str]]:
     """The option groups of a command taking an options dataclass, each with the option its name alone sets
     (``{"data": "data.dataset", "optimization": None}``); empty for other commands."""
-    options = _options_class(func)
+    options = options_class(func)
     if options is None:
         return {}
     hints = typing.get_type_hints(options)
@@ -71,7 +74,7 @@ def shortcuts(func: Callable) -> dict[str, Optional[str]]:
 
 def option_types(func: Callable) -> dict[str, object]:
     """Every flag of a command by its name without the dashes (``adapter.r``), with its type hint."""
-    options = _options_class(func)
+    options = options_class(func)
     if options is None:
         hints = typing.get_type_hints(func)
         return {name: hints.get(name) for name in inspect.signature(func).parameters}
@@ -90,17 +93,35 @@ def option_types(func: Callable) -> dict[str, object]:
     return walk(options, "")
 
 
-def build_parser(commands: dict[str, Callable]):
-    """The ``moraft`` parser: a subcommand per function, flags from its signature (or from the fields of the options
-    dataclass it takes), help from the docstrings (a dataclass field's docstring is its flag's help)."""
-    import argparse
+class Formatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (types, defaults) with the docstring's paragraphs and lists kept as written."""
 
-    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
-    class Formatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
-        """jsonargparse's help (types, defaults) with the docstring's paragraphs and lists kept as written."""
-
+def command_parser(func: Callable):
+    """The parser of one subcommand: flags from ``func``'s signature (or from the fields of the options dataclass it
+    takes, a field's docstring its flag's help), its docstring as the description. The docs' generated reference
+    reads the help from here, so it is what ``--help`` prints."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    options = options_class(func)
+    sub = ArgumentParser(description=description(options or func), parser_mode="yaml", formatter_class=Formatter)
+    sub.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it win.")
+    if options is None:
+        sub.add_function_arguments(func, as_positional=True, fail_untyped=True)
+        return sub
+    sub.add_class_arguments(options, nested_key=None, as_group=False, fail_untyped=True)
+    # jsonargparse gives each group a flag of its own (--data CONFIG, a file of the group's options);
+    # `normalize_flags` makes it set the group's main option instead, and its help says so
+    short = shortcuts(func)
+    for action in sub._actions:  # argparse keeps no public list of a parser's actions
+        if action.option_strings and action.option_strings[0][2:] in short:
+            target = short[action.option_strings[0][2:]]
+            action.metavar = target.rsplit(".", 1)[1].upper() if target else None
+            action.help = f"Short for --{target}." if target else argparse.SUPPRESS
+    return sub
+
+
+def build_parser(commands: dict[str, Callable]):
+    """The ``moraft`` parser: a subcommand per function (`command_parser`)."""
     parser = ArgumentParser(  # its formatter_class is every subcommand's too (jsonargparse passes it down)
         prog="moraft",
         parser_mode="yaml",
@@ -109,23 +130,8 @@ def build_parser(commands: dict[str, Callable]):
     )
     subcommands = parser.add_subcommands()
     for name, func in commands.items():
-        options = _options_class(func)
-        description = _description(options or func)
-        sub = ArgumentParser(description=description, parser_mode="yaml")
-        sub.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it win.")
-        if options is not None:
-            sub.add_class_arguments(options, nested_key=None, as_group=False, fail_untyped=True)
-            # jsonargparse gives each group a flag of its own (--data CONFIG, a file of the group's options);
-            # `normalize_flags` makes it set the group's main option instead, and its help says so
-            short = shortcuts(func)
-            for action in sub._actions:  # argparse keeps no public list of a parser's actions
-                if action.option_strings and action.option_strings[0][2:] in short:
-                    target = short[action.option_strings[0][2:]]
-                    action.metavar = target.rsplit(".", 1)[1].upper() if target else None
-                    action.help = f"Short for --{target}." if target else argparse.SUPPRESS
-        else:
-            sub.add_function_arguments(func, as_positional=True, fail_untyped=True)
-        subcommands.add_subcommand(name, sub, help=description.split("\n", 1)[0])
+        sub = command_parser(func)
+        subcommands.add_subcommand(name, sub, help=sub.description.split("\n", 1)[0])
     return parser
 
 
@@ -180,7 +186,7 @@ def _end_distributed() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``moraft`` command."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {name: _load(spec) for name, spec in COMMANDS.items()}
+    commands = {name: load_command(spec) for name, spec in COMMANDS.items()}
     parser = build_parser(commands)
     try:
         argv = normalize_flags(argv, commands)
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         name = init.subcommand
         kwargs = dict(init[name])
         kwargs.pop("config", None)
-        options = _options_class(commands[name])
+        options = options_class(commands[name])
         commands[name](options(**kwargs)) if options is not None else commands[name](**kwargs)
         _end_distributed()
     except UserError as err:

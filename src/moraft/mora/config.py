@@ -18,62 +18,93 @@ class MoraConfig(PeftConfig):
     """Configuration of a MoRA adapter (https://arxiv.org/abs/2405.12130).
 
     Each targeted layer W0 (d × k) gets one trainable square matrix M (r̂ × r̂), with r̂ chosen so that M has the
-    parameters of a LoRA of rank ``r`` on that layer: r̂ = round(sqrt((d + k)·r)).
+    parameters of a LoRA of rank ``r`` on that layer: r̂ = round(sqrt((d + k)·r)). MoRA has no ``alpha``: its scale
+    is 1. Every field is validated; a bad value raises `moraft.errors.UserError` (a ``ValueError``) naming it and
+    what is accepted.
 
-    Args:
-        r: the LoRA rank whose parameter budget MoRA matches, per layer (e.g. r=8 on a 4096×4096 layer gives
-            r̂=256, 65,536 parameters). An integer >= 1.
-        mora_rank: an explicit r̂ for every targeted layer instead of deriving it from ``r``.
-        compression: the fixed operators around M: ``sharing`` (sum input chunks, tile outputs; rank(ΔW) <= r̂;
-            recommended for large r), ``rotation`` (RoPE-rotated input blocks; ΔW can be full rank; recommended for
-            small r such as 8), ``decouple`` (block-diagonal copies of M), ``truncation`` (M in the top-left
-            corner; the paper's weakest baseline).
-        input_grouping: ``sharing`` only. ``strided``: input feature i is summed into group i mod r̂ (the paper's
-            default); ``contiguous``: consecutive features share a group (ReMoRA alternates the two).
-        output_grouping: ``sharing`` only. ``strided``: the r̂ outputs are tiled to fill d; ``contiguous``: each
-            output is repeated in place.
-        target_modules: module names to adapt: a list (exact names or name suffixes), a regex matched against the
-            full module name, or ``"all-linear"`` (every Linear/Conv1D except the output head). ``None`` uses the
-            architecture's default (as PEFT's LoRA does).
-        exclude_modules: module names (list or regex) never to adapt.
-        layers_to_transform: only adapt these layer indices (an int or a list of ints).
-        layers_pattern: the name of the module list holding the layers (e.g. ``"layers"``), with
-            ``layers_to_transform``.
-        rank_pattern: per-module overrides of ``r``: ``{"regex or suffix": r}``.
-        mora_rank_pattern: per-module overrides of r̂: ``{"regex or suffix": r̂}``.
-        dropout: dropout probability applied to the adapter's input, in [0, 1).
-        modules_to_save: modules besides the adapted ones to train fully and save (e.g. ``["lm_head"]``).
-        init_weights: ``True`` starts M at zero (the model is unchanged at step 0, as in the paper). ``False``
-            starts it random; only useful for tests.
-        peft_mora_compat: reproduce peft-mora's output truncation (rotation with k > d drops the block outputs
-            past d). Set by ``convert_peft_mora``; leave it off for new adapters.
+    Each field is documented once, in its ``metadata["help"]`` as PEFT's own configs do; the docs' configuration
+    reference is generated from those.
     """
 
-    r: int = field(default=8, metadata={"help": "LoRA rank whose parameter budget MoRA matches (per layer)."})
-    mora_rank: Optional[int] = field(default=None, metadata={"help": "Explicit r̂ for every layer."})
-    compression: str = field(default="sharing", metadata={"help": f"One of {', '.join(COMPRESSIONS)}."})
-    input_grouping: str = field(default="strided", metadata={"help": "sharing only: strided or contiguous."})
-    output_grouping: str = field(default="strided", metadata={"help": "sharing only: strided or contiguous."})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": "The LoRA rank whose parameter budget MoRA matches, per layer (r=8 on a 4096×4096 layer gives "
+            "r̂=256, 65,536 parameters). An integer >= 1."
+        },
+    )
+    mora_rank: Optional[int] = field(
+        default=None,
+        metadata={"help": "An explicit r̂ for every targeted layer instead of deriving it from r (even for rotation)."},
+    )
+    compression: str = field(
+        default="sharing",
+        metadata={
+            "help": "The fixed operators around M: sharing (sum input chunks, tile outputs; rank(ΔW) <= r̂; "
+            "recommended for large r), rotation (RoPE-rotated input blocks; ΔW can be full rank; recommended for "
+            "small r such as 8), decouple (block-diagonal copies of M), truncation (M in the top-left corner; the "
+            "paper's weakest baseline)."
+        },
+    )
+    input_grouping: str = field(
+        default="strided",
+        metadata={
+            "help": "sharing only. strided: input feature i is summed into group i mod r̂ (the paper's default); "
+            "contiguous: consecutive features share a group (ReMoRA alternates the two)."
+        },
+    )
+    output_grouping: str = field(
+        default="strided",
+        metadata={
+            "help": "sharing only. strided: the r̂ outputs are tiled to fill d; contiguous: each output is repeated "
+            "in place."
+        },
+    )
     target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names, a regex, or 'all-linear'."}
+        default=None,
+        metadata={
+            "help": "Module names to adapt: a list (exact names or name suffixes), a regex matched against the full "
+            "module name, or 'all-linear' (every Linear/Conv1D except the output head). None uses the "
+            "architecture's default (as PEFT's LoRA does)."
+        },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or a regex never to adapt."}
+        default=None, metadata={"help": "Module names (a list) or a regex never to adapt."}
     )
     layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt these layer indices."}
+        default=None, metadata={"help": "Only adapt these layer indices (an int or a list of ints)."}
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the layer list, with layers_to_transform."}
+        default=None,
+        metadata={"help": "The name of the module list holding the layers (e.g. 'layers'), with layers_to_transform."},
     )
-    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module r: {pattern: r}."})
-    mora_rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module r̂: {pattern: r̂}."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    rank_pattern: dict = field(
+        default_factory=dict, metadata={"help": "Per-module overrides of r: {regex or suffix: r}."}
+    )
+    mora_rank_pattern: dict = field(
+        default_factory=dict, metadata={"help": "Per-module overrides of r̂: {regex or suffix: r̂}."}
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout probability applied to the adapter's input, in [0, 1)."}
+    )
     modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Other modules to train fully and save."}
+        default=None,
+        metadata={"help": "Modules besides the adapted ones to train fully and save (e.g. ['lm_head'])."},
     )
-    init_weights: bool = field(default=True, metadata={"help": "True: M starts at zero. False: random (tests)."})
-    peft_mora_compat: bool = field(default=False, metadata={"help": "Reproduce peft-mora's output truncation."})
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True starts M at zero (the model is unchanged at step 0, as in the paper). False starts it "
+            "random; only useful for tests."
+        },
+    )
+    peft_mora_compat: bool = field(
+        default=False,
+        metadata={
+            "help": "Reproduce peft-mora's output truncation (rotation with k > d drops the block outputs past d). "
+            "Set by convert_peft_mora; leave it off for new adapters."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

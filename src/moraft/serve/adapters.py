@@ -266,7 +266,10 @@ class AdapterStore:
         concurrent requests for an adapter being loaded wait for that one load.
 
         Raises:
-            UnknownAdapter, AdapterLoadError, AdapterTooLarge, AdapterBusy
+            UnknownAdapter: there is no directory ``name``.
+            AdapterLoadError: its files cannot be read or do not fit the base model.
+            AdapterTooLarge: it alone needs more than the bound.
+            AdapterBusy: no room could be made in time, every resident adapter being in use.
         """
         if not self.exists(name):
             raise UnknownAdapter(name)

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +153,7 @@ class Engine:
         batch_window: seconds an idle engine waits after a request arrives for others to join its first step.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, row_adapters: RowAdapters,
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, row_adapters: RowAdapters,
                  release: Callable[[LoadedAdapter], None], metrics: ServeMetrics, context_length: int,
                  max_batch_size: int = 64, max_prefill_tokens: int = 8192, batch_window: float = 0.0) -> None:
         self.model = model
