@@ -119,9 +119,9 @@ NET_ROWS = [
     for d, k, r in shapes
 ]
 
-# widths that are not multiples of r̂ (80 and 216, as the custom network's)
-LLAMA = partial(tiny_llama, hidden_size=80, intermediate_size=216)
-GPT2 = partial(tiny_gpt2, hidden_size=48)
+# one decoder layer (every kind of layer; more would only take longer), widths that are not multiples of r̂
+LLAMA = partial(tiny_llama, hidden_size=80, intermediate_size=216, num_layers=1)
+GPT2 = partial(tiny_gpt2, hidden_size=48, num_layers=1)
 MODEL_ROWS = [
     Case(f"{arch}-{name}", base, partial(config, r=8, target_modules=targets, **kwargs))
     for arch, base, targets, fan_in_fan_out in (
@@ -279,7 +279,9 @@ class TestInvariants:
             else:  # one low-precision rounding of W + ΔW, then of the difference
                 torch.testing.assert_close(after.float(), before[name].float(), atol=2e-2, rtol=1e-2)
 
-    def test_save_load_roundtrip(self, case, tmp_path):
+    def test_save_load_roundtrip(self, case, tmp_path, monkeypatch):
+        # PEFT's model card (README.md, written by other tests) is not what this checks, and costs ~10 ms a row
+        monkeypatch.setattr(PeftModel, "create_or_update_model_card", lambda self, output_dir: None)
         model = make(case).eval()
         x = case.inputs()
         expected = output(model, x)
@@ -300,18 +302,18 @@ class TestInvariants:
         adapter = adapter_parameters(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         x = case.inputs()
-        losses = []
-        for step in range(5):
-            value = loss(model, x)
-            value.backward()
-            if step == 0:
-                assert adapter and {n for n, p in model.named_parameters() if p.grad is not None} == set(adapter)
-                for name, param in adapter.items():
-                    assert param.grad.dtype == torch.float32 and param.grad.abs().sum() > 0, name
-            optimizer.step()
+        first = loss(model, x)
+        first.backward()
+        assert adapter and {n for n, p in model.named_parameters() if p.grad is not None} == set(adapter)
+        for name, param in adapter.items():
+            assert param.grad.dtype == torch.float32 and param.grad.abs().sum() > 0, name
+        optimizer.step()
+        for _ in range(2):
             optimizer.zero_grad()
-            losses.append(value.item())
-        assert losses[-1] < 0.98 * losses[0], losses
+            loss(model, x).backward()
+            optimizer.step()
+        with torch.no_grad():
+            assert loss(model, x) < 0.98 * first
         for name, param in model.named_parameters():
             changed = not torch.equal(param, before[name])
             assert changed == (name in adapter), f"{name} {'changed' if changed else 'did not train'}"
