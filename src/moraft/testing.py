@@ -10,6 +10,7 @@ Everything is made in code and seeded, so it needs no download and is the same o
   merge, a save/load or a served adapter cannot pass a check by doing nothing.
 - :func:`input_ids` and :func:`logits`: a seeded batch of token ids and a model's float32 logits on it.
 
+    from moraft import MoraConfig
     from moraft.testing import input_ids, logits, save_adapter, tiny_llama
     model = save_adapter(tiny_llama(), MoraConfig(r=8, target_modules="all-linear"), "out/adapter")
     logits(model, input_ids())
@@ -18,6 +19,7 @@ Everything is made in code and seeded, so it needs no download and is the same o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
@@ -26,6 +28,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from moraft.train.builtin import CHARACTERS, SPECIAL_TOKENS, char_tokenizer, tiny_llama_config
+
+Model = TypeVar("Model", bound=nn.Module)
 
 VOCAB_SIZE = len(SPECIAL_TOKENS) + len(CHARACTERS)
 """The size of :func:`char_tokenizer`'s vocabulary: the default vocabulary of every model made here."""
@@ -51,8 +55,8 @@ def tiny_llama(
         hidden_size: model width.
         intermediate_size: MLP width; ``None`` means 2 × hidden_size.
         num_layers: number of decoder layers.
-        vocab_size: the embedding's rows; more than :func:`char_tokenizer` has only for a benchmark of the model's
-            size (the tokenizer cannot write the extra ids).
+        vocab_size: the embedding's rows: :func:`char_tokenizer`'s by default; a benchmark may ask for more (ids
+            that tokenizer cannot write).
         dtype: build the weights directly in this dtype (no float32 copy of a large model); float32 if ``None``.
         config: any other ``LlamaConfig`` field, e.g. ``num_key_value_heads=2``.
     """
@@ -85,7 +89,9 @@ def tiny_gpt2(
     return _build(GPT2LMHeadModel, GPT2Config(**{**fields, **config}), seed, dtype)
 
 
-def _build(cls: type[PreTrainedModel], config: PretrainedConfig, seed: int, dtype: torch.dtype | None):
+def _build(
+    cls: type[PreTrainedModel], config: PretrainedConfig, seed: int, dtype: torch.dtype | None
+) -> PreTrainedModel:
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)
@@ -129,7 +135,7 @@ def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> dic
 
 
 @torch.no_grad()
-def randomize_adapter(model: nn.Module, seed: int = 0, std: float = 0.1, adapter_name: str | None = None) -> nn.Module:
+def randomize_adapter(model: Model, seed: int = 0, std: float = 0.1, adapter_name: str | None = None) -> Model:
     """Fill every adapter weight of ``model`` (see :func:`adapter_parameters`) with seeded random non-zero values, in
     place; returns ``model``.
 
