@@ -22,7 +22,7 @@ from moraft.testing import char_tokenizer, input_ids, logits, randomize_adapter,
 
 
 def _adapter(name: str, model):
-    """The adapter rows: every one random and non-zero, so a merge cannot pass by doing nothing."""
+    """The adapter rows, as their configs initialise them."""
     everywhere = dict(r=8, target_modules="all-linear")
     if name == "mora_rotation":
         return get_peft_model(model, MoraConfig(compression="rotation", **everywhere))
@@ -45,12 +45,13 @@ def _adapter(name: str, model):
         "kasa": dict(kasa_config=KasaConfig()),  # ΔW = B·diag·A, and the base weight loses its r smallest singular values
     }
     if name in variants:
-        return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], **variants[name]))
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], **variants[name])
+        return get_peft_model(model, config)
     raise KeyError(name)
 
 
 def adapted(name: str, base_dir: Path, **load):
-    """The row's adapter on the base in ``base_dir``, random and non-zero."""
+    """The row's adapter on the base in ``base_dir``, random and non-zero, so a merge cannot pass by doing nothing."""
     return randomize_adapter(_adapter(name, AutoModelForCausalLM.from_pretrained(base_dir, **load)))
 
 

@@ -112,7 +112,8 @@ def test_concurrent_requests_for_different_adapters_match_offline_and_share_a_ba
         assert answer["choices"][0]["text"] == expected[model], model
         # every token generated counts, the EOS that stopped it and special tokens that leave no text too
         n = len(generated[model])
-        assert answer["choices"][0]["finish_reason"] == ("stop" if generated[model][-1] == tok.eos_token_id else "length")
+        finish = "stop" if generated[model][-1] == tok.eos_token_id else "length"
+        assert answer["choices"][0]["finish_reason"] == finish
         assert answer["usage"] == {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
     assert before <= metric(live.client, "moraft_batch_adapters_max") >= 4
 
