@@ -77,11 +77,11 @@ def save_served_adapter(base_dir: Path, out: Path, kind: str, seed: int, **overr
         config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **overrides)
     else:
         config = MoraConfig(r=4, compression=kind, target_modules="all-linear", **overrides)
-    save_adapter(peft_model(base_dir), config, out, seed=seed, std=0.3 if kind == "lora" else 0.5)
+    save_adapter(load_model(base_dir), config, out, seed=seed, std=0.3 if kind == "lora" else 0.5)
     return out
 
 
-def peft_model(base_dir: Path, adapter_dir: Path | None = None) -> torch.nn.Module:
+def load_model(base_dir: Path, adapter_dir: Path | None = None) -> torch.nn.Module:
     """The base model saved in ``base_dir``, with the adapter in ``adapter_dir`` through PEFT (or none), in eval
     mode: what a served request must compute."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -92,7 +92,7 @@ def reference(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], m
               ignore_eos: bool = False) -> list[int]:
     """Offline greedy generation with PEFT (or the plain base): ``generate``, stopped after the first EOS; with
     ``ignore_eos``, a plain loop that recomputes the whole sequence each step (no KV cache at all)."""
-    model = peft_model(base_dir, adapter_dir)
+    model = load_model(base_dir, adapter_dir)
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         if ignore_eos:

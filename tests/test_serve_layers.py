@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import peft_model, save_served_adapter
+from helpers import load_model, save_served_adapter
 from peft import KasaConfig, LoraConfig
 
 import moraft
@@ -50,7 +50,7 @@ def env(serve_base, tmp_path_factory):
 
 
 def served_model(base: Path, adapters: Path, max_bytes: int = 2**30):
-    model = peft_model(base)
+    model = load_model(base)
     rows, shapes = wrap_model(model)
     return model, rows, AdapterStore(adapters, shapes, torch.device("cpu"), max_bytes)
 
@@ -70,10 +70,10 @@ def test_mixed_batch_logits_equal_each_adapters_peft_model(env, layout):
         served = model(input_ids=ids).logits
     for name in set(names):
         index = torch.tensor([row for row, n in enumerate(names) if n == name])
-        expected = logits(peft_model(base, adapters / name if name else None), ids[index])
+        expected = logits(load_model(base, adapters / name if name else None), ids[index])
         torch.testing.assert_close(served[index], expected, atol=2e-5, rtol=1e-5, msg=f"adapter {name}")
     # the adapters really change the output (so the comparison above could fail)
-    plain = logits(peft_model(base), ids[:1])
+    plain = logits(load_model(base), ids[:1])
     assert (served[0] - plain[0]).abs().max() > 1e-2
 
 
@@ -82,8 +82,8 @@ def test_conv1d_base_gpt2(gpt2_dir, tmp_path):
     configs = {"mora": moraft.MoraConfig(r=4, compression="rotation", target_modules=["c_attn", "c_proj", "c_fc"]),
                "lora": LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)}
     for name, config in configs.items():
-        save_adapter(peft_model(gpt2_dir), config, tmp_path / "ad" / name)
-    model = peft_model(gpt2_dir)
+        save_adapter(load_model(gpt2_dir), config, tmp_path / "ad" / name)
+    model = load_model(gpt2_dir)
     rows, shapes = wrap_model(model)
     assert isinstance(model.transformer.h[0].attn.c_attn, ServedLinear)
     store = AdapterStore(tmp_path / "ad", shapes, torch.device("cpu"), 2**30)
@@ -91,7 +91,8 @@ def test_conv1d_base_gpt2(gpt2_dir, tmp_path):
     rows.assign([store.acquire("mora"), store.acquire("lora"), None])
     served = logits(model, ids)
     for row, name in enumerate(["mora", "lora", None]):
-        expected = logits(peft_model(gpt2_dir, tmp_path / "ad" / name if name else None), ids[row : row + 1])
+        reference = load_model(gpt2_dir, tmp_path / "ad" / name if name else None)
+        expected = logits(reference, ids[row : row + 1])
         torch.testing.assert_close(served[row : row + 1], expected, atol=2e-5, rtol=1e-5)
 
 
@@ -189,16 +190,17 @@ def test_load_errors_name_the_problem(env, tmp_path):
     fails(bad_config, r"adapter_config\.json is not valid JSON")
     # a LoRA variant the server cannot apply per row
     dora = tmp_path / "dora"
-    save_adapter(peft_model(base), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), dora)
+    save_adapter(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), dora)
     fails(dora, r"moraft serve \(which applies each adapter per request\) cannot apply this adapter exactly: "
                 r"use_dora=True \(a LoRA variant")
     # a variant whose lora_A/lora_B look plain, so that only PEFT's field metadata tells it apart (KaSA: ΔW = B·diag·A)
     kasa = tmp_path / "kasa"
-    save_adapter(peft_model(base), LoraConfig(r=2, target_modules=["q_proj"], kasa_config=KasaConfig()), kasa)
+    save_adapter(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], kasa_config=KasaConfig()), kasa)
     fails(kasa, r"kasa_config=KasaConfig\(.*a LoRA variant")
     # modules_to_save
     mts = tmp_path / "mts"
-    save_adapter(peft_model(base), moraft.MoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), mts)
+    save_adapter(load_model(base), moraft.MoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                 mts)
     fails(mts, "cannot apply per request")
     # trained on another base: a module this base lacks
     other = tmp_path / "other"
@@ -311,7 +313,7 @@ def test_engine_logits_equal_full_recompute_while_rows_join_and_leave(env):
         steps = seen[request.id]
         assert len(steps) == n, name
         tokens = [int(l.argmax()) for l in steps]
-        reference_model = peft_model(base, adapters / name if name else None)
+        reference_model = load_model(base, adapters / name if name else None)
         full = logits(reference_model, torch.tensor([request.prompt_ids + tokens]))[0]
         expected = full[len(request.prompt_ids) - 1 : len(request.prompt_ids) - 1 + n]
         torch.testing.assert_close(torch.stack(steps), expected, atol=5e-5, rtol=1e-5, msg=f"adapter {name}")
