@@ -59,31 +59,17 @@ MEASURE = textwrap.dedent(
 def build(workdir: Path, args: argparse.Namespace) -> int:
     """Save the base model and a random MoRA adapter; return the base's size on disk in bytes."""
     import torch
-    from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from moraft import MoraConfig
+    from moraft.testing import save_adapter, tiny_llama
 
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 128 if args.hidden >= 128 else 1,
-        num_key_value_heads=args.hidden // 128 if args.hidden >= 128 else 1,
-        vocab_size=args.vocab,
-        tie_word_embeddings=False,
-    )
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy of the whole model
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    heads = args.hidden // 128 if args.hidden >= 128 else 1
+    model = tiny_llama(hidden_size=args.hidden, intermediate_size=args.intermediate, num_layers=args.layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab,
+                       dtype=getattr(torch, args.dtype))  # built in the target dtype: no float32 copy of the model
     model.save_pretrained(workdir / "base")
-    mora = MoraConfig(r=args.r, compression=args.compression, target_modules="all-linear", init_weights=False)
-    get_peft_model(model, mora).save_pretrained(workdir / "adapter")
+    save_adapter(model, MoraConfig(r=args.r, compression=args.compression, target_modules="all-linear"),
+                 workdir / "adapter")
     return sum(p.stat().st_size for p in (workdir / "base").glob("*.safetensors"))
 
 

@@ -32,7 +32,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import moraft
 from moraft.serve.adapters import AdapterStore
@@ -40,10 +40,12 @@ from moraft.serve.engine import Engine, Finished, Request
 from moraft.serve.layers import wrap_model
 from moraft.serve.metrics import ServeMetrics
 from moraft.serve.sampling import SamplingParams
+from moraft.testing import randomize_adapter, tiny_llama
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Token i is the word "t<i>" (ids 0-2 special): decodes any id the model can produce."""
+    """Token i is the word "t<i>" (ids 0-2 special, as in moraft.testing's models): decodes any id of a vocabulary of
+    any size (the character tokenizer of the tests has 105 tokens; a served model's vocabulary is larger)."""
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -55,17 +57,12 @@ def make_adapters(base: LlamaForCausalLM, root: Path, kind: str, count: int, arg
     names = []
     model = copy.deepcopy(base)
     if kind == "lora":
-        config = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", init_lora_weights=False)
+        config = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear")
     else:
-        config = moraft.MoraConfig(r=args.r, compression=kind, target_modules="all-linear", init_weights=False)
+        config = moraft.MoraConfig(r=args.r, compression=kind, target_modules="all-linear")
     peft_model = get_peft_model(model, config)
     for i in tqdm(range(count), desc=f"saving {kind} adapters", leave=False):
-        torch.manual_seed(1000 + i)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "mora_M" in name or "lora_" in name:
-                    p.normal_(0, 0.02)
-        peft_model.save_pretrained(root / f"{kind}-{i}")
+        randomize_adapter(peft_model, seed=1000 + i, std=0.02).save_pretrained(root / f"{kind}-{i}")
         names.append(f"{kind}-{i}")
     return names
 
@@ -139,12 +136,9 @@ def main() -> None:
     if most > args.requests:
         parser.error(f"--mixes {most} is more than --requests {args.requests}")
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-                         max_position_embeddings=args.prompt_len + args.new_tokens + 8, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
-    base = LlamaForCausalLM(config).eval()
+    base = tiny_llama(hidden_size=args.hidden, intermediate_size=args.intermediate, num_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+                      max_position_embeddings=args.prompt_len + args.new_tokens + 8)
     tokenizer = word_tokenizer(args.vocab)
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, args.vocab, (args.requests, args.prompt_len), generator=gen).tolist()

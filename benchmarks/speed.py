@@ -31,30 +31,23 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import moraft  # noqa: F401  (registers MoRA with PEFT)
 from moraft import COMPRESSIONS, MoraConfig
+from moraft.testing import randomize_adapter, tiny_llama
 
 METHODS = ["lora"] + [f"mora-{c}" for c in COMPRESSIONS]
+VOCAB = 256
 
 
-def llama_config(hidden: int, layers: int) -> LlamaConfig:
-    intermediate = int(hidden * 2.6875) // 16 * 16  # LLaMA's 11008 / 4096 ratio
-    return LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 64),
-        vocab_size=256,
-        max_position_embeddings=4096,
-    )
+def intermediate_size(hidden: int) -> int:
+    return int(hidden * 2.6875) // 16 * 16  # LLaMA's 11008 / 4096 ratio
 
 
-def build(method: str, config: LlamaConfig, device: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+def build(method: str, hidden: int, layers: int, device: str, dtype: torch.dtype):
+    heads = max(1, hidden // 64)
+    base = tiny_llama(hidden_size=hidden, intermediate_size=intermediate_size(hidden), num_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
+                      max_position_embeddings=4096, dtype=dtype).to(device)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if method == "lora":
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=targets)
@@ -63,12 +56,7 @@ def build(method: str, config: LlamaConfig, device: str, dtype: torch.dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = get_peft_model(base, peft_config)
-    # random, non-zero adapters: merge does real work
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.01)
-    return model
+    return randomize_adapter(model, std=0.01)  # random, non-zero adapters: merge does real work
 
 
 def linear_macs(model, method: str) -> float:
@@ -139,10 +127,9 @@ def time_merge(model, device: str) -> float:
 
 def run(hidden: int, args) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    config = llama_config(hidden, args.layers)
     torch.manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=args.device)
-    models = {m: build(m, config, args.device, dtype).train() for m in METHODS}
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq), device=args.device)
+    models = {m: build(m, hidden, args.layers, args.device, dtype).train() for m in METHODS}
     optimizers = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) for m, model in models.items()}
     params = {m: model.get_nb_trainable_parameters()[0] for m, model in models.items()}
     macs = {m: linear_macs(model, m) for m, model in models.items()}
@@ -155,7 +142,7 @@ def run(hidden: int, args) -> dict:
         for m, model in models.items():
             step[m].append(time_steps(model, optimizers[m], ids, args.steps, args.device))
             merge[m].append(time_merge(model, args.device))
-    result = {"hidden": hidden, "intermediate": config.intermediate_size, "layers": args.layers, "methods": {}}
+    result = {"hidden": hidden, "intermediate": intermediate_size(hidden), "layers": args.layers, "methods": {}}
     for m in METHODS:
         step_ratio = [s / l for s, l in zip(step[m], step["lora"])]
         merge_ratio = [s / l for s, l in zip(merge[m], merge["lora"])]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from interop_helpers import FIXTURE
+from helpers import FIXTURE
 from peft import KasaConfig, LoraConfig
 
 from moraft import MoraConfig

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 import torch
-from interop_helpers import input_ids, leftovers, logits, save_adapter, tiny_gpt2, tiny_llama
-from peft import PeftModel, get_peft_model
+from helpers import leftovers
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -20,6 +20,7 @@ from moraft.cli import main
 from moraft.errors import UserError
 from moraft.interop import export_lora
 from moraft.interop.lora_export import lora_factors
+from moraft.testing import input_ids, logits, save_adapter, tiny_gpt2, tiny_llama
 
 # name -> (model builder, MoraConfig kwargs, export rank)
 EXACT = {
@@ -65,17 +66,14 @@ VANILLA = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, llama_dir, gpt2_dir):
     """Every row exported, MoRA reference logits computed here, LoRA logits computed by a vanilla subprocess."""
     root = tmp_path_factory.mktemp("export")
     ids = input_ids()
     rows, jobs = {}, {}
     for name, (build, kwargs, rank) in {**EXACT, **APPROXIMATE}.items():
-        base_dir = root / f"{build.__name__}_base"
-        if not base_dir.exists():
-            build().save_pretrained(base_dir)
-        mora = get_peft_model(build(), MoraConfig(init_weights=False, **kwargs))
-        mora.save_pretrained(root / f"{name}_mora")
+        base_dir = {tiny_llama: llama_dir, tiny_gpt2: gpt2_dir}[build]  # the same weights as build()
+        mora = save_adapter(build(), MoraConfig(**kwargs), root / f"{name}_mora")
         result = export_lora(root / f"{name}_mora", root / f"{name}_lora", rank=rank, base=base_dir)
         rows[name] = dict(result=result, mora_logits=logits(mora.eval(), ids), base=base_dir, mora=mora)
         jobs[name] = {"base": str(base_dir), "adapter": str(result.path)}
@@ -171,30 +169,26 @@ def test_lora_factors_reproduce_delta_weight(op):
     torch.testing.assert_close(b @ a, op.delta_weight(m), atol=1e-5, rtol=0)
 
 
-def test_full_rank_without_rank_is_an_error_saying_why(tmp_path):
-    base = tiny_llama()
-    base.save_pretrained(tmp_path / "base")
+def test_full_rank_without_rank_is_an_error_saying_why(tmp_path, llama_dir):
     for compression, kwargs in (("rotation", {}), ("decouple", {"mora_rank": 16})):
         adapter = tmp_path / compression
         config = MoraConfig(r=8, compression=compression, target_modules=["q_proj"], **kwargs)
         save_adapter(tiny_llama(), config, adapter)
         why = rf"full-rank ΔW.*compression='{compression}'.*Pass --rank N.*truncated SVD"
         with pytest.raises(UserError, match=why):
-            export_lora(adapter, tmp_path / "out", base=tmp_path / "base")
+            export_lora(adapter, tmp_path / "out", base=llama_dir)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_modules_to_save_and_missing_base_are_errors(tmp_path):
-    base = tiny_llama()
-    base.save_pretrained(tmp_path / "base")
+def test_modules_to_save_and_missing_base_are_errors(tmp_path, llama_dir):
     config = MoraConfig(r=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
-    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / "with_head")
+    save_adapter(tiny_llama(), config, tmp_path / "with_head")
     with pytest.raises(UserError, match=r"modules_to_save=\['lm_head'\].*moraft merge"):
-        export_lora(tmp_path / "with_head", tmp_path / "out", base=tmp_path / "base")
+        export_lora(tmp_path / "with_head", tmp_path / "out", base=llama_dir)
 
     model = tiny_llama()
     model.name_or_path = ""
-    get_peft_model(model, MoraConfig(r=8, target_modules=["q_proj"])).save_pretrained(tmp_path / "no_base")
+    save_adapter(model, MoraConfig(r=8, target_modules=["q_proj"]), tmp_path / "no_base")
     with pytest.raises(UserError, match=r"records none.*pass --base DIR"):
         export_lora(tmp_path / "no_base", tmp_path / "out")
     with pytest.raises(UserError, match=r"nowhere.* is not a local directory"):
@@ -202,10 +196,9 @@ def test_modules_to_save_and_missing_base_are_errors(tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_cli_prints_each_module_error(tmp_path, capsys):
-    tiny_llama().save_pretrained(tmp_path / "base")
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # records where it came from
-    config = MoraConfig(r=8, compression="rotation", target_modules=["q_proj", "down_proj"], init_weights=False)
+def test_cli_prints_each_module_error(tmp_path, capsys, llama_dir):
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)  # records where it came from
+    config = MoraConfig(r=8, compression="rotation", target_modules=["q_proj", "down_proj"])
     save_adapter(base, config, tmp_path / "rot")
     main(["export-lora", str(tmp_path / "rot"), str(tmp_path / "out"), "--rank", "16"])  # base from the adapter
     lines = [line for line in capsys.readouterr().out.splitlines() if "relative Frobenius error" in line]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interop_helpers import FIXTURE, fixture_base, fixture_expected, input_ids, leftovers, logits, tiny_llama
+from helpers import FIXTURE, fixture_base, fixture_expected, leftovers
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -18,6 +18,7 @@ import moraft
 from moraft.cli import main
 from moraft.errors import UserError
 from moraft.interop import convert_peft_mora, export_lora, merge_adapter
+from moraft.testing import input_ids, logits, save_adapter, tiny_llama
 
 TOL = 1e-5
 
@@ -161,18 +162,18 @@ def write_fork_adapter(path: Path, model, mora_type: int, r: int, rank_pattern: 
 def test_remora_types_match_reference(tmp_path, mora_type, rank_pattern):
     # widths 40 and 100 with r=4 give r̂ = 18 and 24 (17 for down_proj at r=2): none divides, so every padding and
     # uneven-group path runs
-    base = tiny_llama(hidden=40, intermediate=100)
+    base = tiny_llama(hidden_size=40, intermediate_size=100)
     base.save_pretrained(tmp_path / "base")
     tensors, shapes = write_fork_adapter(tmp_path / "fork", base, mora_type, r=4, rank_pattern=rank_pattern)
     out = convert_peft_mora(tmp_path / "fork", tmp_path / "moraft", base=tmp_path / "base")
 
-    reference = tiny_llama(hidden=40, intermediate=100)
+    reference = tiny_llama(hidden_size=40, intermediate_size=100)
     want = {}
     for name, (k, d) in shapes.items():
         want[name] = fork_delta(tensors[f"base_model.model.{name}.lora_A.weight"], k, d, mora_type)
         reference.get_submodule(name).weight.data += want[name]
 
-    model = PeftModel.from_pretrained(tiny_llama(hidden=40, intermediate=100), out).eval()
+    model = PeftModel.from_pretrained(tiny_llama(hidden_size=40, intermediate_size=100), out).eval()
     deltas = model.base_model.delta_weights()
     assert sorted(deltas) == sorted(want)
     for name in want:
@@ -186,10 +187,7 @@ def test_remora_types_match_reference(tmp_path, mora_type, rank_pattern):
 
 
 def test_not_a_peft_mora_adapter_names_the_file(tmp_path):
-    model = moraft.MoraConfig(r=4, target_modules=["q_proj"])
-    from peft import get_peft_model
-
-    get_peft_model(tiny_llama(), model).save_pretrained(tmp_path / "moraft_adapter")
+    save_adapter(tiny_llama(), moraft.MoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "moraft_adapter")
     with pytest.raises(UserError, match=r"moraft_adapter/adapter_config\.json: not a peft-mora adapter.*MORA"):
         convert_peft_mora(tmp_path / "moraft_adapter", tmp_path / "out")
     with pytest.raises(UserError, match=r"nowhere is not a directory"):
@@ -238,7 +236,7 @@ def test_bad_mora_type_and_tensors_are_named(tmp_path):
 
 
 def test_base_with_other_shapes_is_an_error_at_conversion_and_at_load(tmp_path):
-    other = tiny_llama(hidden=64, intermediate=128)
+    other = tiny_llama()
     other.save_pretrained(tmp_path / "other_base")
     with pytest.raises(
         UserError,

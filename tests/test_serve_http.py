@@ -15,29 +15,28 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_utils import LiveServer, free_socket, load_base, reference, save_adapter, save_tiny_base
+from helpers import LiveServer, free_socket, reference, save_served_adapter
 
+from moraft.adapters import load_causal_lm
 from moraft.serve.adapters import load_adapter
 from moraft.serve.server import build_server
 
-CONTEXT = 128
+CONTEXT = 128  # the serve_base fixture's
 ADAPTERS = {"share": "sharing", "rot": "rotation", "lora": "lora"}
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-http")
-    base = save_tiny_base(root / "base", context=CONTEXT)
-    adapters = root / "adapters"
+def env(serve_base, tmp_path_factory):
+    adapters = tmp_path_factory.mktemp("serve-http-adapters")
     for seed, (name, kind) in enumerate(ADAPTERS.items()):
-        save_adapter(base, adapters / name, kind, seed=seed + 1)
-    return base, adapters
+        save_served_adapter(serve_base, adapters / name, kind, seed=seed + 1)
+    return serve_base, adapters
 
 
 @pytest.fixture(scope="module")
 def live(env):
     base, adapters = env
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_causal_lm(base)
     # a batching window so that requests sent together start decoding in the same step
     server = build_server(model, tokenizer, adapters, base_name="tiny-base", batch_window_ms=300)
     with LiveServer(server.app) as live:
@@ -48,10 +47,13 @@ def live(env):
     server.close()
 
 
-def expected_text(env, tokenizer, model: str, prompt_ids: list[int], n: int, ignore_eos: bool = False) -> str:
+def expected_ids(env, model: str, prompt_ids: list[int], n: int, ignore_eos: bool = False) -> list[int]:
     base, adapters = env
-    ids = reference(base, None if model == "tiny-base" else adapters / model, prompt_ids, n, ignore_eos=ignore_eos)
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    return reference(base, None if model == "tiny-base" else adapters / model, prompt_ids, n, ignore_eos=ignore_eos)
+
+
+def expected_text(env, tokenizer, model: str, prompt_ids: list[int], n: int, ignore_eos: bool = False) -> str:
+    return tokenizer.decode(expected_ids(env, model, prompt_ids, n, ignore_eos), skip_special_tokens=True)
 
 
 def metric(client: httpx.Client, name: str, default: float | None = None) -> float:
@@ -93,7 +95,8 @@ def test_concurrent_requests_for_different_adapters_match_offline_and_share_a_ba
     prompt = "The cat sat on"
     ids = tok(prompt)["input_ids"]
     models = [*ADAPTERS, "tiny-base"]
-    expected = {m: expected_text(env, tok, m, ids, 24) for m in models}
+    generated = {m: expected_ids(env, m, ids, 24) for m in models}
+    expected = {m: tok.decode(g, skip_special_tokens=True) for m, g in generated.items()}
     assert len(set(expected.values())) == 4  # the adapters really differ
 
     before = metric(live.client, "moraft_batch_adapters_max")
@@ -107,10 +110,11 @@ def test_concurrent_requests_for_different_adapters_match_offline_and_share_a_ba
     for model, answer in answers.items():
         assert answer["object"] == "text_completion" and answer["model"] == model
         assert answer["choices"][0]["text"] == expected[model], model
-        n = len(tok(expected[model], add_special_tokens=False)["input_ids"])
-        finish = answer["choices"][0]["finish_reason"]
-        assert answer["usage"] == {"prompt_tokens": len(ids), "completion_tokens": n + (finish == "stop"),
-                                   "total_tokens": len(ids) + n + (finish == "stop")}
+        # every token generated counts, the EOS that stopped it and special tokens that leave no text too
+        n = len(generated[model])
+        finish = "stop" if generated[model][-1] == tok.eos_token_id else "length"
+        assert answer["choices"][0]["finish_reason"] == finish
+        assert answer["usage"] == {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
     assert before <= metric(live.client, "moraft_batch_adapters_max") >= 4
 
 
@@ -249,7 +253,7 @@ def test_adapter_added_while_running_is_served_without_restart(live, env):
     tok = live.tokenizer
     new = adapters / "late-rot"
     try:
-        save_adapter(base, new, "rotation", seed=42)
+        save_served_adapter(base, new, "rotation", seed=42)
         assert "late-rot" in [m["id"] for m in live.client.get("/v1/models").json()["data"]]
         ids = tok("Hello")["input_ids"]
         r = live.client.post("/v1/completions", json={"model": "late-rot", "prompt": "Hello", "max_tokens": 10,
@@ -263,14 +267,14 @@ def test_eviction_under_a_small_memory_bound(env):
     """Two of the three adapters fit: serving all three evicts the least recently used, and an evicted adapter is
     reloaded (and still correct) when asked for again."""
     base, adapters = env
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_causal_lm(base)
     sizes = {}
     server = build_server(model, tokenizer, adapters, base_name="tiny-base", max_adapter_memory_mb=1.0)
     for name in ADAPTERS:
         sizes[name] = load_adapter(name, adapters / name, server.store.modules, "cpu").nbytes
     server.close()
     bound = sorted(sizes.values())[-1] + sorted(sizes.values())[-2] + min(sizes.values()) // 2
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_causal_lm(base)
     server = build_server(model, tokenizer, adapters, base_name="tiny-base", max_adapter_memory_mb=bound / 2**20)
     try:
         with LiveServer(server.app) as live, httpx.Client(base_url=live.url, timeout=60) as client:
@@ -339,7 +343,7 @@ def test_broken_adapter_fails_only_its_requests(live, env):
     base, adapters = env
     broken = adapters / "broken"
     try:
-        save_adapter(base, broken, "sharing", seed=5)
+        save_served_adapter(base, broken, "sharing", seed=5)
         (broken / "adapter_model.safetensors").write_bytes(b"\x00garbage")
         e = error_of(live.client.post("/v1/completions", json={"model": "broken", "prompt": "hi"}), 500)
         assert e["code"] == "adapter_load_failed" and "broken" in e["message"]

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import KasaConfig, LoraConfig, PeftModel, get_peft_model
-from serve_utils import char_tokenizer, load_base, save_adapter, save_tiny_base
-from transformers import GPT2Config, GPT2LMHeadModel
+from helpers import load_model, save_served_adapter
+from peft import KasaConfig, LoraConfig
 
 import moraft
+from moraft.adapters import load_causal_lm
 from moraft.serve.adapters import (
     AdapterBusy,
     AdapterLoadError,
@@ -23,6 +23,7 @@ from moraft.serve.adapters import (
 )
 from moraft.serve.layers import ServedLinear, wrap_model
 from moraft.serve.sampling import SamplingParams, TextTracker, sample
+from moraft.testing import char_tokenizer, input_ids, logits, save_adapter
 
 # one row per kind of adapter moraft trains: (adapter kind, config overrides)
 ADAPTERS = {
@@ -41,27 +42,17 @@ ADAPTERS = {
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-layers")
-    base = save_tiny_base(root / "base")
-    adapters = root / "adapters"
+def env(serve_base, tmp_path_factory):
+    adapters = tmp_path_factory.mktemp("serve-layers-adapters")
     for seed, (name, (kind, overrides)) in enumerate(ADAPTERS.items()):
-        save_adapter(base, adapters / name, kind, seed=10 + seed, **overrides)
-    return base, adapters
+        save_served_adapter(serve_base, adapters / name, kind, seed=10 + seed, **overrides)
+    return serve_base, adapters
 
 
 def served_model(base: Path, adapters: Path, max_bytes: int = 2**30):
-    model, _ = load_base(base)
+    model = load_model(base)
     rows, shapes = wrap_model(model)
     return model, rows, AdapterStore(adapters, shapes, torch.device("cpu"), max_bytes)
-
-
-def peft_logits(base: Path, adapter_dir: Path | None, ids: torch.Tensor) -> torch.Tensor:
-    model, _ = load_base(base)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("layout", ["distinct", "segments"])
@@ -79,37 +70,29 @@ def test_mixed_batch_logits_equal_each_adapters_peft_model(env, layout):
         served = model(input_ids=ids).logits
     for name in set(names):
         index = torch.tensor([row for row, n in enumerate(names) if n == name])
-        expected = peft_logits(base, adapters / name if name else None, ids[index])
+        expected = logits(load_model(base, adapters / name if name else None), ids[index])
         torch.testing.assert_close(served[index], expected, atol=2e-5, rtol=1e-5, msg=f"adapter {name}")
     # the adapters really change the output (so the comparison above could fail)
-    plain = peft_logits(base, None, ids[:1])
+    plain = logits(load_model(base), ids[:1])
     assert (served[0] - plain[0]).abs().max() > 1e-2
 
 
-def test_conv1d_base_gpt2(tmp_path):
+def test_conv1d_base_gpt2(gpt2_dir, tmp_path):
     """Conv1D layers (GPT-2) with a MoRA and a LoRA adapter in one batch."""
-    torch.manual_seed(0)
-    base_dir = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=64)).save_pretrained(base_dir)
-    configs = {"mora": moraft.MoraConfig(r=4, compression="rotation", target_modules=["c_attn", "c_proj", "c_fc"],
-                                         init_weights=False),
-               "lora": LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False, fan_in_fan_out=True)}
+    configs = {"mora": moraft.MoraConfig(r=4, compression="rotation", target_modules=["c_attn", "c_proj", "c_fc"]),
+               "lora": LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)}
     for name, config in configs.items():
-        get_peft_model(GPT2LMHeadModel.from_pretrained(base_dir), config).save_pretrained(tmp_path / "ad" / name)
-    model = GPT2LMHeadModel.from_pretrained(base_dir).eval()
+        save_adapter(load_model(gpt2_dir), config, tmp_path / "ad" / name)
+    model = load_model(gpt2_dir)
     rows, shapes = wrap_model(model)
     assert isinstance(model.transformer.h[0].attn.c_attn, ServedLinear)
     store = AdapterStore(tmp_path / "ad", shapes, torch.device("cpu"), 2**30)
-    ids = torch.randint(0, 100, (3, 5))
+    ids = input_ids(rows=3, length=5)
     rows.assign([store.acquire("mora"), store.acquire("lora"), None])
-    with torch.no_grad():
-        served = model(input_ids=ids).logits
+    served = logits(model, ids)
     for row, name in enumerate(["mora", "lora", None]):
-        reference = GPT2LMHeadModel.from_pretrained(base_dir).eval()
-        if name:
-            reference = PeftModel.from_pretrained(reference, tmp_path / "ad" / name).eval()
-        with torch.no_grad():
-            expected = reference(input_ids=ids[row : row + 1]).logits
+        reference = load_model(gpt2_dir, tmp_path / "ad" / name if name else None)
+        expected = logits(reference, ids[row : row + 1])
         torch.testing.assert_close(served[row : row + 1], expected, atol=2e-5, rtol=1e-5)
 
 
@@ -150,13 +133,13 @@ def test_store_discovers_new_adapters_and_reloads_changed_ones(env, tmp_path):
     assert store.available() == []
     with pytest.raises(UnknownAdapter):
         store.acquire("late")
-    save_adapter(base, tmp_path / "late", "sharing", seed=1)
+    save_served_adapter(base, tmp_path / "late", "sharing", seed=1)
     assert store.available() == ["late"]
     first = store.acquire("late")
     store.release(first)
     assert store.acquire("late") is first  # cached
     store.release(first)
-    save_adapter(base, tmp_path / "late", "sharing", seed=2)  # re-trained in place
+    save_served_adapter(base, tmp_path / "late", "sharing", seed=2)  # re-trained in place
     os.utime(tmp_path / "late" / "adapter_model.safetensors", ns=(1, 1))  # a different stamp even within one tick
     second = store.acquire("late")
     assert second is not first and store.loads == 2
@@ -168,15 +151,15 @@ def test_store_discovers_new_adapters_and_reloads_changed_ones(env, tmp_path):
 def test_a_replaced_copy_counts_against_the_bound_until_its_last_request_ends(env, tmp_path):
     base, adapters = env
     _, _, probe = served_model(base, adapters)
-    save_adapter(base, tmp_path / "a", "sharing", seed=1)
+    save_served_adapter(base, tmp_path / "a", "sharing", seed=1)
     size = load_adapter("a", tmp_path / "a", probe.modules, torch.device("cpu")).nbytes
     store = AdapterStore(tmp_path, probe.modules, torch.device("cpu"), max_bytes=2 * size + size // 2, wait_timeout=0.2)
     old = store.acquire("a")  # a running request holds the first copy
-    save_adapter(base, tmp_path / "a", "sharing", seed=2)  # re-trained while it runs
+    save_served_adapter(base, tmp_path / "a", "sharing", seed=2)  # re-trained while it runs
     os.utime(tmp_path / "a" / "adapter_model.safetensors", ns=(1, 1))
     new = store.acquire("a")
     assert new is not old and store.resident_bytes == 2 * size  # both copies are live
-    save_adapter(base, tmp_path / "b", "sharing", seed=3)
+    save_served_adapter(base, tmp_path / "b", "sharing", seed=3)
     with pytest.raises(AdapterBusy):  # a third copy would pass the bound: the old one is still in use
         store.acquire("b")
     store.release(old)  # its last request ends
@@ -197,32 +180,31 @@ def test_load_errors_name_the_problem(env, tmp_path):
 
     # corrupt weights
     broken = tmp_path / "broken"
-    save_adapter(base, broken, "rotation", seed=3)
+    save_served_adapter(base, broken, "rotation", seed=3)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     fails(broken, "cannot read its weights")
     # unparsable config
     bad_config = tmp_path / "bad-config"
-    save_adapter(base, bad_config, "sharing", seed=3)
+    save_served_adapter(base, bad_config, "sharing", seed=3)
     (bad_config / "adapter_config.json").write_text("{nope")
     fails(bad_config, r"adapter_config\.json is not valid JSON")
     # a LoRA variant the server cannot apply per row
     dora = tmp_path / "dora"
-    get_peft_model(load_base(base)[0], LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).save_pretrained(dora)
+    save_adapter(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), dora)
     fails(dora, r"moraft serve \(which applies each adapter per request\) cannot apply this adapter exactly: "
                 r"use_dora=True \(a LoRA variant")
     # a variant whose lora_A/lora_B look plain, so that only PEFT's field metadata tells it apart (KaSA: ΔW = B·diag·A)
     kasa = tmp_path / "kasa"
-    get_peft_model(load_base(base)[0], LoraConfig(r=2, target_modules=["q_proj"], kasa_config=KasaConfig(),
-                                                  init_lora_weights=False)).save_pretrained(kasa)
+    save_adapter(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], kasa_config=KasaConfig()), kasa)
     fails(kasa, r"kasa_config=KasaConfig\(.*a LoRA variant")
     # modules_to_save
     mts = tmp_path / "mts"
-    get_peft_model(load_base(base)[0], moraft.MoraConfig(r=2, target_modules=["q_proj"],
-                                                         modules_to_save=["lm_head"])).save_pretrained(mts)
+    save_adapter(load_model(base), moraft.MoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                 mts)
     fails(mts, "cannot apply per request")
     # trained on another base: a module this base lacks
     other = tmp_path / "other"
-    save_adapter(base, other, "lora", seed=3)
+    save_served_adapter(base, other, "lora", seed=3)
     config = json.loads((other / "adapter_config.json").read_text())
     from safetensors.torch import load_file, save_file
 
@@ -232,7 +214,7 @@ def test_load_errors_name_the_problem(env, tmp_path):
     fails(other, "model.layers.7.*not a Linear/Conv1D layer of the base model")
     # wrong shapes
     wrong = tmp_path / "wrong"
-    save_adapter(base, wrong, "lora", seed=3)
+    save_served_adapter(base, wrong, "lora", seed=3)
     state = load_file(wrong / "adapter_model.safetensors")
     key = next(k for k in state if k.endswith("lora_A.weight"))
     state[key] = torch.zeros(state[key].shape[0], 3)
@@ -292,7 +274,7 @@ def test_engine_logits_equal_full_recompute_while_rows_join_and_leave(env):
     from moraft.serve.metrics import ServeMetrics
 
     base, adapters = env
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_causal_lm(base)
     rows, shapes = wrap_model(model)
     store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30)
     engine = Engine(model, tokenizer, rows, store.release, ServeMetrics(), context_length=128)
@@ -328,16 +310,13 @@ def test_engine_logits_equal_full_recompute_while_rows_join_and_leave(env):
                 engine._decode()
     assert not engine._rows and all(r.done for r in requests)
     for (name, _, n), request in zip(plan, requests):
-        logits = seen[request.id]
-        assert len(logits) == n, name
-        tokens = [int(l.argmax()) for l in logits]
-        reference_model = load_base(base)[0]
-        if name:
-            reference_model = PeftModel.from_pretrained(reference_model, adapters / name).eval()
-        with torch.no_grad():
-            full = reference_model(input_ids=torch.tensor([request.prompt_ids + tokens])).logits[0]
+        steps = seen[request.id]
+        assert len(steps) == n, name
+        tokens = [int(l.argmax()) for l in steps]
+        reference_model = load_model(base, adapters / name if name else None)
+        full = logits(reference_model, torch.tensor([request.prompt_ids + tokens]))[0]
         expected = full[len(request.prompt_ids) - 1 : len(request.prompt_ids) - 1 + n]
-        torch.testing.assert_close(torch.stack(logits), expected, atol=5e-5, rtol=1e-5, msg=f"adapter {name}")
+        torch.testing.assert_close(torch.stack(steps), expected, atol=5e-5, rtol=1e-5, msg=f"adapter {name}")
 
 
 @pytest.mark.parametrize("compression", moraft.COMPRESSIONS)
@@ -360,7 +339,7 @@ def test_engine_survives_a_failing_forward(env):
     from moraft.serve.metrics import ServeMetrics
 
     base, adapters = env
-    model, tokenizer = load_base(base)
+    model, tokenizer = load_causal_lm(base)
     rows, shapes = wrap_model(model)
     store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30)
     engine = Engine(model, tokenizer, rows, store.release, ServeMetrics(), context_length=128).start()

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import yaml
-from _train_helpers import tiny_flags, tiny_options
+from helpers import tiny_flags, tiny_options
 
-from moraft.cli import COMMANDS, main
+from moraft.cli import main
 from moraft.train import TrainOptions, load_trained, train
 
 
@@ -23,10 +23,6 @@ def run_cli(argv, capsys):
         status = exit_.code
     captured = capsys.readouterr()
     return status, captured.out, captured.err
-
-
-def test_commands_registered():
-    assert {"train", "eval", "demo"} <= set(COMMANDS)
 
 
 def test_train_help_documents_every_option(capsys):

@@ -7,6 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from moraft import testing
 from moraft.errors import UserError
 from moraft.train.builtin import char_tokenizer, tiny_llama
 from moraft.train.data import IGNORE, Collator, load_examples, uuid_pairs
@@ -43,6 +44,10 @@ def test_builtin_model_is_the_same_for_the_same_seed():
     c, _ = tiny_llama(seed=4, hidden_size=32, num_layers=1)
     wa, wb, wc = (m.model.layers[0].self_attn.q_proj.weight for m in (a, b, c))
     assert wa.equal(wb) and not wa.equal(wc)
+    # the tests' factory builds on the same config: the same arguments give the built-in model
+    factory = testing.tiny_llama(3, hidden_size=32, num_layers=1)
+    assert all(x.equal(y) for x, y in zip(factory.state_dict().values(), a.state_dict().values(), strict=True))
+    assert factory.config.vocab_size == testing.VOCAB_SIZE == len(char_tokenizer())
 
 
 def test_uuid_memory_loss_on_whole_sequence(tok):

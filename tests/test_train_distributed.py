@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
-from _train_helpers import logits, tiny_flags, tiny_options
+from helpers import tiny_flags, tiny_options
 from safetensors.torch import load_file
 
+from moraft.testing import logits
 from moraft.train import load_trained
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -9,12 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _train_helpers import logits, tiny_options
+from helpers import tiny_options
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from moraft.errors import UserError
+from moraft.testing import logits, randomize_adapter
 from moraft.train import AdapterOptions, apply_method, load_trained, merge_and_restart, tiny_llama, train
 from moraft.train.callbacks import MergeEvery, restarting_schedule
 
@@ -43,7 +44,7 @@ def test_merge_and_restart_keeps_function_and_restarts_adapter(tmp_path, method,
 
     if compression == "sharing" and method == "mora":
         # a trained M under the switched grouping, merged again: the function is still kept and grouping switches back
-        layer.mora_M["default"].data.normal_(0, 0.05)
+        randomize_adapter(model, std=0.05)
         before = logits(model, IDS)
         merge_and_restart(model, seed=2)
         torch.testing.assert_close(logits(model, IDS), before, rtol=0, atol=2e-5)

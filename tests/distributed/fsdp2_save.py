@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
+from moraft.testing import input_ids, randomize_adapter
 from moraft.train import AdapterOptions
 from moraft.train.builtin import BUILTIN_MODEL
 from moraft.train.methods import apply_method, load_base
@@ -20,15 +21,9 @@ from moraft.train.methods import apply_method, load_base
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-torch.manual_seed(0)
 base, _ = load_base(BUILTIN_MODEL, hidden_size=64, num_layers=2)
-model = apply_method(base, AdapterOptions(method="mora", r=8))
-generator = torch.Generator().manual_seed(1)
-with torch.no_grad():
-    for _, param in sorted(model.named_parameters()):
-        if param.requires_grad:  # random, non-zero adapter weights, the same on every rank
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-ids = torch.randint(0, base.config.vocab_size, (2, 12), generator=generator)
+model = randomize_adapter(apply_method(base, AdapterOptions(method="mora", r=8)), seed=1)  # the same on every rank
+ids = input_ids(rows=2, length=12)
 with torch.no_grad():
     expected = model(input_ids=ids).logits
 if rank == 0:

@@ -1,4 +1,4 @@
-"""``moraft.train.train`` with a known final state: after training, every trainable parameter is set to seeded random
+"""``moraft.train.train`` with a known final state: after training, every adapter weight is set to seeded random
 values (under DeepSpeed ZeRO-3 through ``GatheredParameters``, which writes them back into each rank's partition), so
 a run under torchrun and a single process save the same adapter if, and only if, the save is right.
 argv: the run's `TrainOptions` as JSON (one mapping per group)."""
@@ -9,25 +9,22 @@ import contextlib
 import json
 import sys
 
-import torch
 from transformers import TrainerCallback
 
+from moraft.testing import adapter_parameters, randomize_adapter
 from moraft.train import TrainOptions, train
 
 
 class SetState(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        params = [param for _, param in sorted(model.named_parameters()) if param.requires_grad]
-        partitioned = all(hasattr(param, "ds_shape") for param in params)
+        params = list(adapter_parameters(model).values())
         gather = contextlib.nullcontext()
-        if partitioned:
+        if all(hasattr(param, "ds_shape") for param in params):  # partitioned
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-        generator = torch.Generator().manual_seed(1)
-        with gather, torch.no_grad():
-            for param in params:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        with gather:
+            randomize_adapter(model, seed=1)
 
 
 if __name__ == "__main__":

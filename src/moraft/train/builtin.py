@@ -58,10 +58,11 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama_config(
-    vocab_size: int, hidden_size: int = 128, num_layers: int = 4, intermediate_size: int | None = None
+    vocab_size: int, hidden_size: int = 128, num_layers: int = 4, intermediate_size: int | None = None, **overrides
 ) -> LlamaConfig:
-    """A LLaMA config of the given width and depth (4 heads of width hidden/4, untied embeddings)."""
-    return LlamaConfig(
+    """A LLaMA config of the given width and depth (4 heads of width hidden/4, untied embeddings); ``overrides``
+    replace any other ``LlamaConfig`` field (passed to its constructor, so derived fields such as head_dim follow)."""
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
@@ -74,6 +75,7 @@ def tiny_llama_config(
         eos_token_id=SPECIAL_TOKENS.index("</s>"),
         pad_token_id=SPECIAL_TOKENS.index("<pad>"),
     )
+    return LlamaConfig(**{**fields, **overrides})
 
 
 def tiny_llama(

@@ -1,0 +1,138 @@
+"""Helpers of the tests that are not model factories (those are in `moraft.testing`): short training runs, the
+peft-mora fixture, PEFT reference models for the serve tests and a real uvicorn server on a loopback port."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from moraft import MoraConfig
+from moraft.testing import save_adapter
+from moraft.train import TrainOptions
+
+# -- short training runs ------------------------------------------------------------------------------------------
+
+TINY = {
+    "model": {"builtin_hidden_size": 32, "builtin_num_layers": 2},
+    "data": {"num_pairs": 8},
+    "optimization": {"batch_size": 4, "max_steps": 3, "learning_rate": 1e-2},
+    "output": {"logging_steps": 1, "save_steps": 0},
+}
+
+
+def tiny_options(output_dir, **groups: dict) -> TrainOptions:
+    """Options for a run of a few seconds: a 2-layer, 32-wide built-in model on 8 UUID pairs. ``groups`` override
+    options by group, e.g. ``tiny_options(tmp, adapter={"method": "lora"}, optimization={"max_steps": 2})``."""
+    return TrainOptions.from_dict(TINY).replace(output={"dir": str(output_dir)}).replace(**groups)
+
+
+def tiny_flags(output_dir) -> list[str]:
+    """`tiny_options` as ``moraft train`` flags."""
+    flags = [f"--{group}.{key}={value}" for group, values in TINY.items() for key, value in values.items()]
+    return flags + ["--output.dir", str(output_dir)]
+
+
+# -- outputs ------------------------------------------------------------------------------------------------------
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Staging directories left beside an output (there must be none)."""
+    return sorted(p.name for p in parent.iterdir() if re.match(r"\..*\.(partial|replaced)$", p.name))
+
+
+# -- the checkpoints written by the MoRA authors' peft-mora ---------------------------------------------------------
+
+# CI clones the repository with shared/ beside it
+FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "kongds-peft-mora"
+
+
+def fixture_base() -> LlamaForCausalLM:
+    """The fixture's base model, loaded as its README says."""
+    assert FIXTURE.is_dir(), f"the peft-mora fixture is missing: expected {FIXTURE} (shared/ beside the repository)"
+    model = LlamaForCausalLM(LlamaConfig.from_pretrained(FIXTURE / "base"))
+    model.load_state_dict(load_file(FIXTURE / "base" / "model.safetensors"))
+    return model.eval()
+
+
+def fixture_expected() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURE / "expected.safetensors")
+
+
+# -- references for the serve tests -------------------------------------------------------------------------------
+
+
+def save_served_adapter(base_dir: Path, out: Path, kind: str, seed: int, **overrides) -> Path:
+    """An all-linear r=4 adapter for the base in ``base_dir`` (kind: a MoRA compression or "lora"; ``overrides``:
+    more config fields), its weights random and large enough (std 0.5 for M, 0.3 for LoRA's A and B) that every
+    adapter changes the greedy continuation."""
+    if kind == "lora":
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **overrides)
+    else:
+        config = MoraConfig(r=4, compression=kind, target_modules="all-linear", **overrides)
+    save_adapter(load_model(base_dir), config, out, seed=seed, std=0.3 if kind == "lora" else 0.5)
+    return out
+
+
+def load_model(base_dir: Path, adapter_dir: Path | None = None) -> torch.nn.Module:
+    """The base model saved in ``base_dir``, with the adapter in ``adapter_dir`` through PEFT (or none), in eval
+    mode: what a served request must compute."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    return model if adapter_dir is None else PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def reference(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int,
+              ignore_eos: bool = False) -> list[int]:
+    """Offline greedy generation with PEFT (or the plain base): ``generate``, stopped after the first EOS; with
+    ``ignore_eos``, a plain loop that recomputes the whole sequence each step (no KV cache at all)."""
+    model = load_model(base_dir, adapter_dir)
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        if ignore_eos:
+            for _ in range(max_new_tokens):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+            return ids[0, len(prompt_ids) :].tolist()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class LiveServer:
+    """``uvicorn`` serving an app on 127.0.0.1 in a background thread (a real TCP socket, a real ASGI stack)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.sock = free_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
