@@ -52,4 +52,6 @@ if rank == 0:
         "max_logit_difference": (got - expected).abs().max().item(),
         "plain_save": plain,
     }))
-dist.barrier()  # torchrun tears the process group down (destroy_process_group at exit races gloo's threads)
+dist.barrier()
+# destroyed here, as moraft's CLI does: left to interpreter exit, gloo's threads have aborted a finished rank
+dist.destroy_process_group()

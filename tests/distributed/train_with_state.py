@@ -9,6 +9,7 @@ import contextlib
 import json
 import sys
 
+import torch
 from transformers import TrainerCallback
 
 from moraft.testing import adapter_parameters, randomize_adapter
@@ -29,3 +30,5 @@ class SetState(TrainerCallback):
 
 if __name__ == "__main__":
     train(TrainOptions.from_dict(json.loads(sys.argv[1])), callbacks=[SetState()])
+    if torch.distributed.is_initialized():  # as moraft's CLI ends a run: see moraft.cli
+        torch.distributed.destroy_process_group()
