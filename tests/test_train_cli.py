@@ -36,7 +36,7 @@ def test_train_help_documents_every_option(capsys):
         assert (f"Short for --{name}.{group.SHORTCUT}." in " ".join(out.split())) == bool(group.SHORTCUT), name
     words = " ".join(out.split())  # argparse wraps to the terminal's width
     assert "--adapter.r R The rank. LoRA/DoRA: the rank." in words and "(type: int, default: 8)" in words
-    assert "Hugging Face Trainer" in words and "--config CONFIG" in out
+    assert "TRL's SFTTrainer" in words and "--config CONFIG" in out
 
 
 BAD = {
@@ -45,12 +45,12 @@ BAD = {
     "negative learning rate": (
         ["--optimization.learning_rate=-1e-4"], "optimization.learning_rate=-0.0001 is invalid; expected a number > 0"
     ),
-    "an option without its group": (["--r", "4"], "unknown option --r; options are grouped: --adapter.r"),
     "a group without a main option": (
         ["--optimization", "3"], "--optimization is a group of options; set them one by one: --optimization.learning_rate"
     ),
     "a seed without its group": (
-        ["--seed", "4"], "unknown option --seed; options are grouped: --model.seed or --data.seed or --optimization.seed"
+        ["--seed", "4"], "option --seed is in several groups; give its group: --model.seed or --data.seed or "
+        "--optimization.seed"
     ),
     "mora targets nothing": (
         ["--adapter.target_modules", "[nope, nada]"],
@@ -60,15 +60,34 @@ BAD = {
         ["--adapter.method", "lora", "--adapter.target_modules", "[nope]"],
         "adapter.target_modules=['nope'] matched no module of LlamaForCausalLM. Modules that can be adapted: down_proj",
     ),
-    "malformed jsonl": (["--data.dataset", "{bad_jsonl}"], "bad.jsonl line 2: not valid JSON (Expecting property name"),
-    "missing data": (["--data.dataset", "/no/such/data.jsonl"], "data '/no/such/data.jsonl' is neither 'uuid-memory'"),
+    "malformed jsonl": (["--data.dataset", "{bad_jsonl}"], "bad.jsonl' cannot be read:"),
+    "missing data": (["--data.dataset", "/no/such/data.jsonl"], "data source '/no/such/data.jsonl' does not exist"),
+    "not in the cache": (["--data", "nobody/nothing"], "'nobody/nothing' is neither a file, a directory, nor a dataset "
+                         "in the local Hugging Face cache (moraft never downloads"),
     "mora option with lora": (
         ["--adapter.method", "lora", "--adapter.compression", "rotation"], "adapter.compression is a mora option"
     ),
-    "parquet": (["--data.dataset", "{parquet}"], "rows.parquet' is a Parquet file; moraft train reads JSONL"),
-    "parquet as chat": (["--data.dataset", "{parquet}", "--data.format", "chat"], "rows.parquet' is a Parquet file"),
-    "parquet under another name": (["--data.dataset", "{parquet_txt}"], "rows.txt' is a Parquet file"),
-    "binary as chat": (["--data.dataset", "{binary}", "--data.format", "chat"], "binary.jsonl line 1: not UTF-8 text"),
+    "broken parquet": (["--data.dataset", "{parquet}"], "rows.parquet' cannot be read:"),
+    "binary as chat": (["--data.dataset", "{binary}", "--data.format", "chat"], "binary.jsonl' cannot be read"),
+    "missing column": (["--data", "{good_jsonl}", "--data.completion_field", "answer"],
+                       "good.jsonl' has no column 'answer' (data.completion_field); its columns are: prompt, completion"),
+    "unknown format": (["--data", "{good_jsonl}", "--data.format", "chat"],
+                       "good.jsonl' has no column 'messages' (data.messages_field, the messages of chat data)"),
+    "no format": (["--data", "{odd_jsonl}"], "odd.jsonl': cannot tell its format from its columns (question, answer)"),
+    "unknown split": (["--data", "{good_jsonl}", "--data.split", "validation"],
+                      "data split 'validation' is not a split of"),
+    "deepspeed config does not parse": (["--deepspeed", "{bad_json}"],
+                                        "distributed.deepspeed='{bad_json}' does not parse as JSON: Expecting"),
+    "deepspeed config missing": (["--deepspeed", "/no/zero3.json"], "distributed.deepspeed='/no/zero3.json' is not a file"),
+    "tracker not installed": (["--report_to", "comet_ml"], "output.report_to='comet_ml': its package is not installed"),
+    "unknown tracker": (["--report_to", "tensorbored"], "output.report_to='tensorbored' is invalid; expected one or more"),
+    "mixed weights": (["--data", "[uuid-memory, uuid-memory]", "--data.weights", "[1]"],
+                      "data.weights=[1.0] is invalid; expected 2 numbers >= 0"),
+    "dpo on text": (["--data", "{good_jsonl}", "--optimization.objective", "dpo"],
+                    "optimization.objective='dpo' needs preference data (prompt, chosen, rejected)"),
+    "preference without dpo": (["--data", "{pref_jsonl}"], "pref.jsonl' is preference data"),
+    "streaming without max_steps": (["--data.streaming", "--optimization.max_steps", "-1"],
+                                    "is invalid with data.streaming; expected a step count"),
 }
 
 
@@ -81,9 +100,15 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     (tmp_path / "rows.parquet").write_bytes(parquet)
     (tmp_path / "rows.txt").write_bytes(parquet)
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe{\x00")
-    places = {"{bad_jsonl}": bad, "{parquet}": tmp_path / "rows.parquet", "{parquet_txt}": tmp_path / "rows.txt",
-              "{binary}": tmp_path / "binary.jsonl"}
+    (tmp_path / "good.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "odd.jsonl").write_text('{"question": "a", "answer": "b"}\n')
+    (tmp_path / "pref.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3,}}')
+    places = {"{bad_jsonl}": bad, "{parquet}": tmp_path / "rows.parquet", "{good_jsonl}": tmp_path / "good.jsonl",
+              "{binary}": tmp_path / "binary.jsonl", "{pref_jsonl}": tmp_path / "pref.jsonl",
+              "{bad_json}": tmp_path / "zero3.json", "{odd_jsonl}": tmp_path / "odd.jsonl"}
     flags = [str(places.get(f, f)) for f in flags]
+    expected = expected.replace("{bad_json}", str(places["{bad_json}"]))
     out_dir = tmp_path / "out"
     status, _, err = run_cli(["train", *tiny_flags(out_dir), *flags], capsys)
     assert status == 2

@@ -136,11 +136,12 @@ def build_parser(commands: dict[str, Callable]):
 
 
 def normalize_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]:
-    """Accept ``--merge-every`` for ``--merge_every``, a bare ``--output.resume`` for ``--output.resume true``, and a
-    group's name for its main option (``--data x.jsonl`` for ``--data.dataset x.jsonl``).
+    """Accept ``--merge-every`` for ``--merge_every``, a bare ``--output.resume`` for ``--output.resume true``, a
+    group's name for its main option (``--data x.jsonl`` for ``--data.dataset x.jsonl``), and an option without its
+    group when exactly one group has it (``--report_to`` for ``--output.report_to``, as TRL and axolotl spell it).
 
-    A flag that names an option without its group (``--r``), or a group without a main option, raises `UserError`
-    naming the grouped flags.
+    An option that several groups have (``--seed``), or a group without a main option, raises `UserError` naming the
+    grouped flags.
     """
     if not argv or argv[0] not in commands:
         return argv
@@ -161,8 +162,10 @@ def normalize_flags(argv: list[str], commands: dict[str, Callable]) -> list[str]
                     raise UserError(f"--{name} is a group of options; set them one by one: {listed}")
                 name = groups[name]
             elif name not in types and name in leaves and "." not in name:
-                grouped = " or ".join(f"--{full}" for full in leaves[name])
-                raise UserError(f"unknown option --{name}; options are grouped: {grouped}")
+                if len(leaves[name]) > 1:
+                    grouped = " or ".join(f"--{full}" for full in leaves[name])
+                    raise UserError(f"option --{name} is in several groups; give its group: {grouped}")
+                name = leaves[name][0]
             arg = f"--{name}{eq}{value}"
             following = argv[i + 1] if i + 1 < len(argv) else None
             if name in booleans and not eq and (following is None or following.lower() not in BOOL_WORDS):

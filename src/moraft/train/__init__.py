@@ -1,5 +1,5 @@
-"""Training and evaluation: ``moraft train`` (MoRA, LoRA, DoRA or full fine-tuning through Hugging Face
-``Trainer``), ``moraft eval`` and ``moraft demo``, and the pieces benchmarks reuse.
+"""Training and evaluation: ``moraft train`` (MoRA, LoRA, DoRA or full fine-tuning through TRL's trainers on
+🤗 datasets), ``moraft eval`` and ``moraft demo``, and the pieces benchmarks reuse.
 
     from moraft.train import AdapterOptions, OptimizationOptions, OutputOptions, TrainOptions, train
     result = train(TrainOptions(
@@ -11,12 +11,13 @@
 """
 
 from .builtin import BUILTIN_MODEL, char_tokenizer, tiny_llama
-from .data import UUID_MEMORY, Collator, load_examples, uuid_examples, uuid_pairs
+from .data import UUID_MEMORY, load_data, uuid_dataset, uuid_pairs
 from .evaluate import load_trained, mean_loss, perplexity, uuid_accuracy
 from .methods import apply_method, load_base, merge_and_restart, peft_config
 from .options import (
     AdapterOptions,
     DataOptions,
+    DistributedOptions,
     ModelOptions,
     OptimizationOptions,
     OutputOptions,
@@ -28,8 +29,8 @@ __all__ = [
     "AdapterOptions",
     "BUILTIN_MODEL",
     "UUID_MEMORY",
-    "Collator",
     "DataOptions",
+    "DistributedOptions",
     "ModelOptions",
     "OptimizationOptions",
     "OutputOptions",
@@ -38,7 +39,7 @@ __all__ = [
     "apply_method",
     "char_tokenizer",
     "load_base",
-    "load_examples",
+    "load_data",
     "load_trained",
     "mean_loss",
     "merge_and_restart",
@@ -47,6 +48,6 @@ __all__ = [
     "tiny_llama",
     "train",
     "uuid_accuracy",
-    "uuid_examples",
+    "uuid_dataset",
     "uuid_pairs",
 ]

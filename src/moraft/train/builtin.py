@@ -20,12 +20,16 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|
 CHARACTERS = string.printable[:95] + "\n\t"  # printable ASCII (space to ~), newline, tab
 
 # Roles are special tokens, so a rendered chat never splits them into characters. The template is prefix-stable
-# (rendering the first i messages gives a prefix of rendering all of them), which is what lets training find the
-# assistant turns by rendering successive prefixes.
+# (rendering the first i messages gives a prefix of rendering all of them), and marks each assistant reply and its
+# end-of-turn token with {% generation %}, which is how transformers and TRL find the tokens to train on.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' + '\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )

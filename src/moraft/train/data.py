@@ -1,34 +1,63 @@
-"""Training data: the built-in ``uuid-memory`` task and the three file formats, turned into token ids and labels.
+"""Training data through 🤗 datasets, in the formats TRL trains on.
 
-| format | input | loss on |
+``data.dataset`` names one source or several; each is read with ``datasets``, its columns are mapped to TRL's
+standard names, and the sources are mixed. TRL's trainers then tokenize, mask and pack (see `moraft.train.runner`).
+
+| format | columns (after mapping) | loss on (in TRL) |
 | --- | --- | --- |
-| ``uuid-memory`` | N random UUID pairs ``key:value`` made from a seed (the paper's memory task) | the whole sequence |
-| ``chat`` | JSONL, ``{"messages": [{"role", "content"}, ...]}`` per line, through the chat template | assistant turns |
-| ``prompt-completion`` | JSONL, one ``{"prompt": ..., "completion": ...}`` per line | the completion |
-| ``text`` | text files (or a directory of ``*.txt``), concatenated, cut into ``seq_length`` blocks | every token |
+| ``text`` | ``text`` | every token (continued pretraining; packed into ``seq_length`` blocks by default) |
+| ``chat`` | ``messages`` (a list of ``{"role", "content"}``) | the assistant turns (the chat template's ``{% generation %}`` markers) |
+| ``prompt-completion`` | ``prompt``, ``completion`` | the completion |
+| ``preference`` | ``prompt``, ``chosen``, ``rejected`` | DPO's objective (``optimization.objective=dpo``) |
 
-Every example is a dict of ``input_ids`` and ``labels`` (``-100`` where no loss is taken); `Collator` pads a batch.
+A source is ``uuid-memory`` (the built-in memory task), a file (JSON/JSONL, Parquet, Arrow, CSV/TSV, text), a
+directory of such files, a directory written by ``Dataset.save_to_disk``, or the name of a dataset already in the
+local Hugging Face cache (never downloaded).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import uuid
-import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
 from ..errors import MissingPathError, UserError
 
+if TYPE_CHECKING:
+    from datasets import Dataset, IterableDataset
+
+    from .options import DataOptions
+
 IGNORE = -100  # label of a position that takes no loss (the value PyTorch's cross entropy skips)
 UUID_MEMORY = "uuid-memory"
-FORMATS = ("auto", "chat", "prompt-completion", "text")
+FORMATS = ("auto", "text", "chat", "prompt-completion", "preference")
+# the standard TRL columns of each format, and the DataOptions field that names each one in the source
+COLUMNS = {
+    "text": ("text",),
+    "chat": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+FIELD_OPTION = {
+    "text": "text_field",
+    "messages": "messages_field",
+    "prompt": "prompt_field",
+    "completion": "completion_field",
+    "chosen": "chosen_field",
+    "rejected": "rejected_field",
+}
+# file extensions datasets reads, by builder (compressed variants such as .jsonl.gz are read the same way)
+BUILDERS = {
+    ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".arrow": "arrow",
+    ".csv": "csv", ".tsv": "csv", ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
+}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+QUIET_BELOW = 64 * 2**20  # bytes of data files read without a progress bar
+TOKEN_SAMPLE = 1000  # examples per source whose tokens estimate its mean length when mixing by tokens
 
-Example = dict[str, list[int]]
+Data = Union["Dataset", "IterableDataset"]
 
 
 # -- the uuid-memory task ------------------------------------------------------------------------------------------
@@ -48,230 +77,282 @@ def uuid_prompt(key: str) -> str:
     return f"{key}:"
 
 
-def uuid_examples(pairs: Sequence[tuple[str, str]], tokenizer) -> list[Example]:
-    """``<bos>key:value<eos>`` per pair, with the loss over the whole sequence as in the paper."""
-    examples = []
-    for key, value in pairs:
-        ids = tokenizer(uuid_prompt(key) + value).input_ids + [tokenizer.eos_token_id]
-        examples.append({"input_ids": ids, "labels": list(ids)})
-    return examples
+def uuid_dataset(num_pairs: int, seed: int = 0) -> "Dataset":
+    """The memory task as a text dataset: ``key:value`` per pair; TRL adds BOS and EOS and takes the loss over the
+    whole sequence, as in the paper."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": [uuid_prompt(key) + value for key, value in uuid_pairs(num_pairs, seed)]})
 
 
-# -- files ------------------------------------------------------------------------------------------------------------
+# -- reading one source ----------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file; a bad line raises `UserError` naming the file, the line and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingPathError(f"data file {str(path)!r} does not exist")
-    records = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UserError(
-                    f"{path} line {number}: not UTF-8 text ({err.reason} at byte {err.start} of the line), so not "
-                    "JSONL"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
-    if not records:
-        raise UserError(f"{path}: no examples (the file is empty)")
-    return records
+def _builder(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    while suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def detect_format(path: str | Path, records: list | None = None) -> str:
-    """``chat``, ``prompt-completion`` or ``text`` from a file's extension and its first record's keys."""
-    path = Path(path)
-    if path.is_dir() or path.suffix not in (".jsonl", ".json"):
-        return "text"
-    _, first = records[0]
-    if "messages" in first:
-        return "chat"
-    if "prompt" in first and "completion" in first:
-        return "prompt-completion"
+def _data_files(directory: Path) -> tuple[str, list[str]]:
+    """The builder and files of a directory of data files (every file of the one kind it holds)."""
+    kinds: dict[str, list[str]] = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        kind = _builder(file)
+        if kind is not None:
+            kinds.setdefault(kind, []).append(str(file))
+    if not kinds:
+        raise UserError(
+            f"data source {str(directory)!r}: a directory with no data files (expected {', '.join(sorted(BUILDERS))} "
+            "files, or a Dataset.save_to_disk directory)"
+        )
+    if len(kinds) > 1:
+        found = ", ".join(f"{len(files)} {kind}" for kind, files in sorted(kinds.items()))
+        raise UserError(f"data source {str(directory)!r} mixes kinds of files ({found}); give one kind per source")
+    ((kind, files),) = kinds.items()
+    return kind, files
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[None]:
+    """datasets' progress bars while reading a source: shown for large files only, so a small file's bad input is one
+    line of error and nothing else."""
+    from datasets.utils import logging as datasets_logging
+
+    before = datasets_logging.is_progress_bar_enabled()
+    if not show:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            datasets_logging.enable_progress_bar()
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """datasets resolves a name from the local cache only (as with HF_HUB_OFFLINE=1), never from the Hub."""
+    import datasets.config
+
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
+
+
+def _pick_split(loaded, source: str, split: str, streaming: bool) -> Data:
+    """One split of a DatasetDict (or the dataset itself), with an error naming the splits there are."""
+    from datasets import DatasetDict, IterableDatasetDict
+
+    if isinstance(loaded, (DatasetDict, IterableDatasetDict)):
+        if split not in loaded:
+            raise UserError(
+                f"data split {split!r} is not a split of {source!r}; its splits are: {', '.join(loaded)}"
+            )
+        loaded = loaded[split]
+    if streaming and hasattr(loaded, "to_iterable_dataset"):  # a saved Dataset, streamed from its Arrow files
+        loaded = loaded.to_iterable_dataset()
+    return loaded
+
+
+def read_source(source: str, options: "DataOptions", split: str) -> Data:
+    """One source as a ``datasets`` dataset (``IterableDataset`` when ``options.streaming``), columns as stored."""
+    import datasets
+
+    if source == UUID_MEMORY:
+        data = uuid_dataset(options.num_pairs, options.seed)
+        return data.to_iterable_dataset() if options.streaming else data
+    path = Path(source)
+    kwargs: dict = {"streaming": options.streaming}
+    if path.is_dir() and any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+        loaded = datasets.load_from_disk(str(path))
+        return _pick_split(loaded, source, split, options.streaming)
+    if path.exists():
+        if path.is_dir():
+            kind, files = _data_files(path)
+        else:
+            kind, files = _builder(path), [str(path)]
+            if kind is None:
+                kind = "text"  # any other file is read as UTF-8 text
+        if kind == "text":
+            kwargs["sample_by"] = options.sample_by
+        elif path.suffix.lower() == ".tsv" or any(f.endswith((".tsv", ".tsv.gz")) for f in files):
+            kwargs["sep"] = "\t"
+        big = sum(Path(f).stat().st_size for f in files) > QUIET_BELOW
+        with _datasets_errors(source), _progress(big):
+            loaded = datasets.load_dataset(kind, data_files={"train": files}, **kwargs)
+        if split != "train":
+            raise UserError(
+                f"data split {split!r} is not a split of {source!r}; a data file has one split: train"
+            )
+        return loaded["train"]
+    if source.count("/") > 1 or source.startswith((".", "~")) or Path(source).suffix in BUILDERS:
+        raise MissingPathError(f"data source {source!r} does not exist (expected {UUID_MEMORY!r}, a file, a directory, "
+                               "or the name of a dataset in the local Hugging Face cache)")
+    with _offline(), _datasets_errors(source, name=True), _progress(False):
+        loaded = datasets.load_dataset(source, **kwargs)
+    return _pick_split(loaded, source, split, options.streaming)
+
+
+@contextmanager
+def _datasets_errors(source: str, name: bool = False) -> Iterator[None]:
+    """datasets' errors about a source, as one line that names it."""
+    try:
+        yield
+    except (FileNotFoundError, ConnectionError) as err:
+        if name:
+            raise MissingPathError(
+                f"data source {source!r} is neither a file, a directory, nor a dataset in the local Hugging Face cache "
+                "(moraft never downloads: load it once with datasets.load_dataset, or save it with save_to_disk)"
+            ) from None
+        raise UserError(f"data source {source!r}: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"data source {source!r}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except Exception as err:  # noqa: BLE001 - datasets wraps parse errors of every builder in its own classes
+        if type(err).__module__.startswith(("datasets", "pyarrow", "json")):
+            cause = err.__cause__ or err
+            message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            raise UserError(f"data source {source!r} cannot be read: {message}") from None
+        raise
+
+
+# -- columns and formats ------------------------------------------------------------------------------------------
+
+
+def _columns(data: Data) -> list[str]:
+    names = data.column_names
+    if names is None:  # an IterableDataset whose features are unknown until read
+        names = list(next(iter(data)).keys())
+    return list(names)
+
+
+def detect_format(present: set[str], columns: Sequence[str], source: str, options: "DataOptions") -> str:
+    """The format of a source from the standard columns it has (``present``, after mapping), or ``options.format``
+    when it is not ``auto``."""
+    if options.format != "auto":
+        return options.format
+    for fmt in ("preference", "chat", "prompt-completion", "text"):
+        if set(COLUMNS[fmt]) <= present:
+            return fmt
+    expected = "; ".join(f"{fmt}: {', '.join(COLUMNS[fmt])}" for fmt in ("text", "chat", "prompt-completion", "preference"))
     raise UserError(
-        f"{path} line {records[0][0]}: cannot tell the data format from keys {sorted(first)}: expected 'messages' "
-        "(chat) or 'prompt' and 'completion'; or pass --data_format"
+        f"data source {source!r}: cannot tell its format from its columns ({', '.join(columns)}); expected the "
+        f"columns of one format ({expected}): map yours with --data.text_field, --data.messages_field, "
+        "--data.prompt_field, --data.completion_field, --data.chosen_field, --data.rejected_field, or pass --data.format"
     )
 
 
-def _text_field(path: Path, number: int, record: dict, key: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str):
-        got = "missing" if key not in record else f"a {type(value).__name__}"
-        raise UserError(f"{path} line {number}: {key!r} must be a string, but it is {got}")
-    return value
-
-
-def chat_examples(records: list, tokenizer, max_length: int, path: Path) -> list[Example]:
-    """Render each conversation with the chat template; train on the assistant turns only.
-
-    The tokens of assistant turn i are those that rendering messages[:i+1] adds to rendering messages[:i] with the
-    generation prompt, so the loss covers the reply and the template's end-of-turn marker but not the role header.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{path}: chat data needs a tokenizer with a chat template, and this tokenizer has none")
-
-    def render(messages: list, generation_prompt: bool = False) -> list[int]:
-        return list(
-            tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
-            )
-        )
-
-    examples = []
-    for number, record in records:
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise UserError(f"{path} line {number}: 'messages' must be a non-empty list of {{role, content}} objects")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
-                message.get("content"), str
-            ):
-                raise UserError(f"{path} line {number}: message {i} must be an object with string 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{path} line {number}: no 'assistant' message, so nothing to train on")
-        ids = render(messages)
-        labels = [IGNORE] * len(ids)
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            start, end = len(render(messages[:i], generation_prompt=True)), len(render(messages[: i + 1]))
-            if ids[:end] != render(messages[: i + 1]):
-                raise UserError(
-                    f"{path} line {number}: the tokenizer's chat template is not prefix-stable (rendering the first "
-                    f"{i + 1} messages is not a prefix of rendering all), so the assistant turns cannot be located"
-                )
-            labels[start:end] = ids[start:end]
-        examples.append(_truncate({"input_ids": ids, "labels": labels}, max_length))
-    return examples
-
-
-def prompt_completion_examples(records: list, tokenizer, max_length: int, path: Path) -> list[Example]:
-    """``<bos>prompt completion<eos>`` with the loss on the completion and the end-of-sequence token."""
-    examples = []
-    for number, record in records:
-        prompt = tokenizer(_text_field(path, number, record, "prompt")).input_ids
-        completion = tokenizer(_text_field(path, number, record, "completion"), add_special_tokens=False).input_ids
-        completion = completion + [tokenizer.eos_token_id]
-        example = {"input_ids": prompt + completion, "labels": [IGNORE] * len(prompt) + completion}
-        examples.append(_truncate(example, max_length))
-    return examples
-
-
-def text_files(path: Path) -> list[Path]:
-    """The file itself, or every ``*.txt`` under a directory (sorted)."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise UserError(f"{path}: directory has no *.txt files")
-        return files
-    if not path.is_file():
-        raise MissingPathError(f"data file {str(path)!r} does not exist")
-    return [path]
-
-
-def text_examples(path: Path, tokenizer, seq_length: int) -> list[Example]:
-    """Every file tokenized (``<bos>text<eos>``), concatenated, and cut into blocks of ``seq_length`` (the
-    remainder is dropped); the loss is on every token."""
-    stream: list[int] = []
-    for file in text_files(path):
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise UserError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        stream += tokenizer(text).input_ids + [tokenizer.eos_token_id]
-    blocks = len(stream) // seq_length
-    if blocks == 0:
-        raise UserError(f"{path}: {len(stream)} tokens, fewer than one block of seq_length={seq_length}")
-    chunks = [stream[i * seq_length : (i + 1) * seq_length] for i in range(blocks)]
-    return [{"input_ids": chunk, "labels": list(chunk)} for chunk in chunks]
-
-
-def _truncate(example: Example, max_length: int) -> Example:
-    if len(example["input_ids"]) <= max_length:
-        return example
-    warnings.warn(f"an example of {len(example['input_ids'])} tokens was cut to seq_length={max_length}", stacklevel=3)
-    return {key: value[:max_length] for key, value in example.items()}
-
-
-# Data files moraft train does not read (yet), known by their extension or their first bytes
-_TABULAR = {".parquet": (b"PAR1", "Parquet"), ".arrow": (b"ARROW1", "Arrow"), ".feather": (b"ARROW1", "Arrow")}
-
-
-def _refuse_tabular(path: Path) -> None:
-    """A Parquet or Arrow file is not text: name it and say what is read, instead of training on its bytes."""
-    if not path.is_file():
-        return
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    for suffix, (magic, kind) in _TABULAR.items():
-        if path.suffix.lower() == suffix or head.startswith(magic):
+def standardize(data: Data, source: str, options: "DataOptions") -> tuple[Data, str]:
+    """The source with only the columns of its format, renamed to their standard names; its format."""
+    columns = _columns(data)
+    field = {std: getattr(options, option) for std, option in FIELD_OPTION.items()}  # standard name -> column
+    for std, column in field.items():
+        if column != std and column not in columns:  # a column named on purpose must be there
             raise UserError(
-                f"data file {str(path)!r} is a {kind} file; moraft train reads JSONL (.jsonl/.json: chat or "
-                "prompt/completion records) and UTF-8 text files. Write its rows as JSONL first (e.g. with "
-                "datasets: Dataset.from_parquet(PATH).to_json(OUT.jsonl))"
+                f"data source {source!r} has no column {column!r} (data.{FIELD_OPTION[std]}); its columns are: "
+                f"{', '.join(columns)}"
             )
+    fmt = detect_format({std for std, column in field.items() if column in columns}, columns, source, options)
+    for std in COLUMNS[fmt]:
+        if field[std] not in columns:
+            raise UserError(
+                f"data source {source!r} has no column {field[std]!r} (data.{FIELD_OPTION[std]}, the {std} of "
+                f"{fmt} data); its columns are: {', '.join(columns)}"
+            )
+    data = data.select_columns([field[std] for std in COLUMNS[fmt]])
+    renames = {field[std]: std for std in COLUMNS[fmt] if field[std] != std}
+    return (data.rename_columns(renames) if renames else data), fmt
 
 
-def load_examples(
-    data: str, tokenizer, *, data_format: str = "auto", seq_length: int = 512, num_pairs: int = 128, seed: int = 0
-) -> list[Example]:
-    """The training examples for ``data``: ``"uuid-memory"`` or a path, in ``data_format`` (``auto`` detects it)."""
-    if data == UUID_MEMORY:
-        return uuid_examples(uuid_pairs(num_pairs, seed), tokenizer)
-    if data_format not in FORMATS:
-        raise UserError(f"data_format={data_format!r} is not one of {', '.join(FORMATS)}")
-    path = Path(data)
-    if not path.exists():
-        raise MissingPathError(f"data {data!r} is neither {UUID_MEMORY!r} nor an existing file or directory")
-    _refuse_tabular(path)
-    if data_format == "text" or (data_format == "auto" and (path.is_dir() or path.suffix not in (".jsonl", ".json"))):
-        return text_examples(path, tokenizer, seq_length)
-    records = read_jsonl(path)
-    kind = detect_format(path, records) if data_format == "auto" else data_format
-    if kind == "chat":
-        return chat_examples(records, tokenizer, seq_length, path)
-    return prompt_completion_examples(records, tokenizer, seq_length, path)
+def _lift_text(data: Data) -> Data:
+    """Text as prompt-completion with an empty prompt: TRL then takes the loss on every token after BOS, exactly
+    as on text (the first position has no label anyway), so text mixes with prompt-completion data."""
+    return data.map(lambda example: {"prompt": "", "completion": example["text"]}, remove_columns=["text"])
 
 
-class ExampleDataset(torch.utils.data.Dataset):
-    """A list of examples as a map-style dataset (what ``Trainer`` takes)."""
-
-    def __init__(self, examples: list[Example]) -> None:
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> Example:
-        return self.examples[index]
+# -- mixing ------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Collator:
-    """Pads a batch of examples on the right: ``input_ids`` with the pad token, ``labels`` with -100."""
+def example_tokens(example: dict, fmt: str, tokenizer) -> int:
+    """The tokens TRL will train on for one example (before truncation), to weigh sources by tokens."""
+    if fmt == "chat":
+        return len(tokenizer.apply_chat_template(example["messages"], tokenize=True, return_dict=False))
+    if fmt == "text":
+        return len(tokenizer(example["text"]).input_ids) + 1
+    if fmt == "preference":
+        return len(tokenizer(example["prompt"] + example["chosen"]).input_ids) + 1
+    return len(tokenizer(example["prompt"] + example["completion"]).input_ids) + 1
 
-    pad_token_id: int
 
-    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
-        width = max(len(example["input_ids"]) for example in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, example in enumerate(batch):
-            n = len(example["input_ids"])
-            input_ids[row, :n] = torch.tensor(example["input_ids"])
-            labels[row, :n] = torch.tensor(example["labels"])
-            attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+def mean_tokens(data: Data, fmt: str, tokenizer, sample: int = TOKEN_SAMPLE) -> float:
+    """The mean tokens per example over the first ``sample`` examples."""
+    counts = [example_tokens(example, fmt, tokenizer) for example in data.take(sample)]
+    return sum(counts) / max(len(counts), 1)
+
+
+def mixing_probabilities(
+    weights: Sequence[float], mean_lengths: Sequence[float] | None = None
+) -> list[float]:
+    """Sampling probabilities of the sources: the weights normalized (by examples), or, given each source's mean
+    tokens per example, the probabilities that make each source's share of the *tokens* follow the weights."""
+    per_example = [w / length for w, length in zip(weights, mean_lengths)] if mean_lengths else list(weights)
+    total = sum(per_example)
+    return [p / total for p in per_example]
+
+
+def load_data(options: "DataOptions", tokenizer, *, eval: bool = False) -> tuple[Data, str]:
+    """The training (or, with ``eval``, the evaluation) dataset of ``options`` and its format.
+
+    Sources are read (`read_source`), their columns mapped to the standard names (`standardize`) and mixed: without
+    ``weights`` they are concatenated; with weights they are interleaved with those sampling probabilities, per
+    example or, with ``mix_by="tokens"``, so that each source's share of the tokens follows its weight (each source's
+    mean length is measured on its first 1,000 examples). Text mixed with prompt-completion data becomes
+    prompt-completion with an empty prompt (the same loss).
+    """
+    from datasets import concatenate_datasets, interleave_datasets
+
+    if eval:
+        sources = [options.eval_dataset]
+        split = options.eval_split or options.split
+    else:
+        sources = [options.dataset] if isinstance(options.dataset, str) else list(options.dataset)
+        split = options.split
+    loaded = []
+    for source in sources:
+        data, fmt = standardize(read_source(source, options, split), source, options)
+        loaded.append((source, data, fmt))
+    formats = {fmt for _, _, fmt in loaded}
+    if len(formats) > 1:
+        if formats == {"text", "prompt-completion"}:
+            loaded = [(s, _lift_text(d) if f == "text" else d, "prompt-completion") for s, d, f in loaded]
+        else:
+            found = ", ".join(f"{source!r} is {fmt}" for source, _, fmt in loaded)
+            raise UserError(
+                f"data.dataset mixes formats that train differently ({found}); TRL trains one format at a time. Text "
+                "and prompt-completion mix; give chat or preference data on its own (or render the chat data to text)"
+            )
+    fmt = loaded[0][2]
+    datasets = [data for _, data, _ in loaded]
+    if len(datasets) == 1:
+        return datasets[0], fmt
+    if options.weights is None:
+        return concatenate_datasets(datasets), fmt
+    lengths = [mean_tokens(d, fmt, tokenizer) for d in datasets] if options.mix_by == "tokens" else None
+    probabilities = mixing_probabilities(options.weights, lengths)
+    mixed = interleave_datasets(
+        datasets, probabilities=probabilities, seed=options.seed, stopping_strategy="all_exhausted"
+    )
+    return mixed, fmt
+
+
+def describe_mix(options: "DataOptions") -> str:
+    """How the sources are mixed, in words (for the log)."""
+    sources = [options.dataset] if isinstance(options.dataset, str) else list(options.dataset)
+    if len(sources) == 1:
+        return sources[0]
+    if options.weights is None:
+        return " + ".join(sources)
+    return ", ".join(f"{s} ×{w:g}" for s, w in zip(sources, options.weights)) + f" (by {options.mix_by})"

@@ -21,8 +21,8 @@ from .._peft_hook import quiet_peft_deprecation
 from ..adapters import read_adapter_config
 from ..errors import MissingPathError, UserError
 from .builtin import BUILTIN_MODEL
-from .data import Collator, text_examples, uuid_pairs, uuid_prompt
-from .options import ModelOptions, TrainOptions
+from .data import uuid_pairs, uuid_prompt
+from .options import DataOptions, ModelOptions, TrainOptions
 
 CONFIG_FILE = "train_config.yaml"
 MERGES_DIR = "merges"
@@ -68,18 +68,30 @@ def uuid_accuracy(
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, path: str | Path, seq_length: int = 512, batch_size: int = 8) -> dict:
-    """Mean token negative log-likelihood (``loss``) and ``perplexity`` = exp(loss) on a text file or directory."""
-    examples = text_examples(Path(path), tokenizer, seq_length)
-    return mean_loss(model, examples, tokenizer.pad_token_id, batch_size)
+    """Mean token negative log-likelihood (``loss``) and ``perplexity`` = exp(loss) on a text source (a file, a
+    directory of text files, or any source `moraft.train.data.read_source` reads with a text column), each document
+    as ``<bos>text<eos>``, concatenated and cut into blocks of ``seq_length`` tokens (TRL's wrapped packing)."""
+    from trl import pack_dataset
+
+    from .data import load_data
+
+    data, _ = load_data(DataOptions(dataset=str(path), format="text"), tokenizer)
+    eos = tokenizer.eos_token_id
+    tokenized = data.map(lambda row: {"input_ids": tokenizer(row["text"]).input_ids + [eos]}, remove_columns=["text"])
+    return mean_loss(model, pack_dataset(tokenized, seq_length, strategy="wrapped"), tokenizer.pad_token_id, batch_size)
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, examples: list, pad_token_id: int, batch_size: int = 8) -> dict:
-    """Token-weighted mean loss and perplexity of ``model`` over tokenized examples (their ``labels``)."""
+def mean_loss(model: nn.Module, examples, pad_token_id: int, batch_size: int = 8) -> dict:
+    """Token-weighted mean loss and perplexity of ``model`` over tokenized examples (``input_ids``, and ``labels``
+    with -100 where no loss is taken; without labels every token counts), padded by TRL's collator."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     was_training = model.training
     model.eval()
-    collate = Collator(pad_token_id)
+    collate = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
     device = next(model.parameters()).device
+    examples = [{k: v for k, v in e.items() if k in ("input_ids", "labels")} for e in examples]
     total = count = 0.0
     try:
         for start in range(0, len(examples), batch_size):
@@ -183,8 +195,8 @@ def eval_command(
 
     Without --text: the uuid-memory task: each value is generated greedily from "key:" and compared with the true
     value (char_accuracy: fraction of characters right at their position; exact_match: fraction of values exactly
-    right). With --text FILE: loss and perplexity on that text (a file or a directory of *.txt), cut into blocks of
-    seq_length tokens. Prints the metrics as one JSON object.
+    right). With --text SOURCE: loss and perplexity on that text (a text file, a directory of text files, or a
+    JSONL/Parquet/... file or dataset with a "text" column), cut into blocks of seq_length tokens. Prints the metrics as one JSON object.
 
     Args:
         path: a `moraft train` output directory, a PEFT adapter directory (MoRA, LoRA or DoRA), a model directory

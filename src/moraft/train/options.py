@@ -1,7 +1,8 @@
-"""`TrainOptions`: every option of ``moraft train``, in five groups; each field's docstring is its ``--help``.
+"""`TrainOptions`: every option of ``moraft train``, in six groups; each field's docstring is its ``--help``.
 
 The groups are the model (`ModelOptions`), the data (`DataOptions`), the adapter (`AdapterOptions`), the
-optimization (`OptimizationOptions`) and the outputs (`OutputOptions`). The same classes are:
+optimization (`OptimizationOptions`), the outputs (`OutputOptions`) and the sharding across processes
+(`DistributedOptions`). The same classes are:
 
 - the command line: ``moraft train --adapter.method lora --adapter.r 8 --optimization.max_steps 100``, where a group
   name alone sets its main option (``--model DIR``, ``--data FILE``, ``--adapter METHOD``, ``--output DIR``);
@@ -22,6 +23,9 @@ from .builtin import BUILTIN_MODEL
 from .data import FORMATS, UUID_MEMORY
 
 METHODS = ("mora", "lora", "dora", "full")
+PACKINGS = ("auto", "none", "bfd", "bfd_split", "wrapped")
+OBJECTIVES = ("sft", "dpo")
+REPORTERS = ("none", "all", "tensorboard", "wandb", "mlflow")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
@@ -76,33 +80,86 @@ class ModelOptions(_Group):
 
 @dataclass
 class DataOptions(_Group):
-    """The training (and evaluation) data."""
+    """The training (and evaluation) data, read with 🤗 datasets and prepared by TRL."""
 
     GROUP: ClassVar[str] = "data"
     SHORTCUT: ClassVar[Optional[str]] = "dataset"
 
-    dataset: str = UUID_MEMORY
-    """"uuid-memory" (num_pairs random UUID pairs "key:value" made from the seed; loss over the whole sequence, as in
-    the paper's memory task), or a path: a JSONL file of chat ({"messages": [...]}, loss on the assistant turns) or
-    prompt/completion ({"prompt", "completion"}, loss on the completion) records, or a text file / directory of
-    *.txt files (continual pretraining, packed into seq_length blocks)."""
-    format: Literal["auto", "chat", "prompt-completion", "text"] = "auto"
-    """How to read the dataset: auto (chat or prompt-completion from the JSONL keys; text for other files), chat,
-    prompt-completion or text."""
+    dataset: Union[str, list[str]] = UUID_MEMORY
+    """What to train on: "uuid-memory" (num_pairs random UUID pairs "key:value" made from the seed; loss over the
+    whole sequence, as in the paper's memory task); a file (.json/.jsonl, .parquet, .arrow, .csv/.tsv, or text, also
+    compressed); a directory of such files or one written by Dataset.save_to_disk; or the name of a dataset already in
+    the local Hugging Face cache (never downloaded). A list of sources is mixed (see weights)."""
+    split: str = "train"
+    """The split to train on (a data file has one split, train)."""
+    format: Literal["auto", "text", "chat", "prompt-completion", "preference"] = "auto"
+    """auto (from the columns: messages is chat; prompt and completion is prompt-completion; prompt, chosen and
+    rejected is preference; text is text), text (loss on every token), chat (loss on the assistant turns),
+    prompt-completion (loss on the completion) or preference (for optimization.objective=dpo)."""
+    text_field: str = "text"
+    """The column holding the text of text data."""
+    messages_field: str = "messages"
+    """The column holding the conversation of chat data (a list of {"role", "content"})."""
+    prompt_field: str = "prompt"
+    """The column holding the prompt of prompt-completion and preference data."""
+    completion_field: str = "completion"
+    """The column holding the completion of prompt-completion data."""
+    chosen_field: str = "chosen"
+    """The column holding the preferred answer of preference data."""
+    rejected_field: str = "rejected"
+    """The column holding the rejected answer of preference data."""
+    weights: Optional[list[float]] = None
+    """With several datasets: their weights in the mix (e.g. [1, 1]); None concatenates them."""
+    mix_by: Literal["examples", "tokens"] = "examples"
+    """With weights: mix by examples (each source's share of the examples follows its weight) or by tokens (its share
+    of the tokens does, from each source's mean example length over its first 1,000 examples)."""
+    streaming: bool = False
+    """Read the data as it trains instead of preparing it all first (for corpora larger than memory); needs
+    optimization.max_steps."""
+    sample_by: Literal["document", "paragraph", "line"] = "document"
+    """Text files: one example per file (document), per blank-line separated paragraph, or per line."""
     seq_length: int = 512
-    """The longest example in tokens (longer ones are cut, with a warning); the block length for text."""
+    """The longest example in tokens (longer ones are cut); the block length when packing."""
+    packing: Literal["auto", "none", "bfd", "bfd_split", "wrapped"] = "auto"
+    """Pack examples into seq_length blocks (TRL): bfd (best-fit decreasing; examples stay whole and attend only to
+    themselves), bfd_split (bfd, long examples split), wrapped (concatenated and cut, as in pretraining) or none.
+    auto: wrapped for text data (uuid-memory excepted), none otherwise."""
+    chat_template: Optional[str] = None
+    """Chat data: a Jinja file, or a tokenizer directory, whose chat template to train with (it needs {% generation %}
+    markers around the assistant turns, which TRL adds itself for the templates it knows)."""
     num_pairs: int = 128
     """uuid-memory: how many pairs."""
     seed: int = 0
-    """uuid-memory: the seed of the pairs."""
+    """uuid-memory: the seed of the pairs; mixed datasets: the seed of the interleaving."""
     eval_dataset: Optional[str] = None
-    """A held-out file in the same format as the dataset: its loss and perplexity are logged every
-    output.eval_steps."""
+    """A held-out source in the same format as the training data: its loss and perplexity are logged every
+    output.eval_steps and at the end."""
+    eval_split: Optional[str] = None
+    """The split of eval_dataset; None means split."""
+    num_proc: Optional[int] = None
+    """Processes that prepare (tokenize, pack) the data; None: one."""
 
     def validate(self) -> None:
         self._choice("format", FORMATS)
+        self._choice("mix_by", ("examples", "tokens"))
+        self._choice("sample_by", ("document", "paragraph", "line"))
+        self._choice("packing", PACKINGS)
         for name in ("seq_length", "num_pairs"):
             self._integer(name, 1)
+        self._check(self.num_proc is None or self.num_proc >= 1, "num_proc", "None or an integer >= 1")
+        sources = [self.dataset] if isinstance(self.dataset, str) else self.dataset
+        self._check(isinstance(sources, list) and len(sources) >= 1 and all(isinstance(s, str) and s for s in sources),
+                    "dataset", "a source or a non-empty list of sources")
+        if self.weights is not None:
+            ok = len(self.weights) == len(sources) and all(w >= 0 for w in self.weights) and sum(self.weights) > 0
+            self._check(ok, "weights", f"{len(sources)} numbers >= 0, one per dataset, not all 0")
+        if self.mix_by != "examples" and self.weights is None:
+            raise UserError(f"data.mix_by={self.mix_by!r} needs data.weights (the mix to follow)")
+
+    @property
+    def sources(self) -> list[str]:
+        """The dataset's sources as a list."""
+        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
 
 
 @dataclass
@@ -232,8 +289,24 @@ class OptimizationOptions(_Group):
     """Recompute activations in the backward pass to save memory."""
     seed: int = 0
     """The seed of the data order, dropout and the adapter's initialization."""
+    objective: Literal["sft", "dpo"] = "sft"
+    """sft (supervised fine-tuning and continued pretraining, TRL's SFTTrainer) or dpo (preference tuning on
+    prompt/chosen/rejected data, TRL's DPOTrainer; the reference model is the base, i.e. the model with the
+    adapter disabled)."""
+    dpo_beta: float = 0.1
+    """dpo: how far the trained model may move from the reference (DPO's β; higher stays closer)."""
+    neftune_noise_alpha: Optional[float] = None
+    """NEFTune: add uniform noise of this scale to the input embeddings while training (e.g. 5); None: off."""
+    use_liger_kernel: bool = False
+    """Liger's Triton kernels for the model's layers (needs the liger-kernel package and a GPU)."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile."""
 
     def validate(self) -> None:
+        self._choice("objective", OBJECTIVES)
+        self._check(self.dpo_beta > 0, "dpo_beta", "a number > 0")
+        self._check(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, "neftune_noise_alpha",
+                    "None or a number > 0")
         self._choice("lr_scheduler", SCHEDULERS)
         for name in ("batch_size", "gradient_accumulation_steps"):
             self._integer(name, 1)
@@ -268,8 +341,24 @@ class OutputOptions(_Group):
     eval_steps: int = 0
     """Evaluate every N steps (uuid-memory: character accuracy and exact match by greedy generation;
     data.eval_dataset: loss and perplexity); 0: only at the end."""
+    report_to: Union[str, list[str]] = "none"
+    """Where to log besides metrics.jsonl and loss.png: none, tensorboard (event files under dir/runs), wandb, mlflow,
+    a list of them, all, or any other tracker transformers integrates (its package must be installed)."""
+    run_name: Optional[str] = None
+    """The run's name in the trackers (default: dir)."""
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to as a list; [] for none."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        return [] if names == ["none"] else names
 
     def validate(self) -> None:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        known = ("none", "all", *INTEGRATION_TO_CALLBACK)
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        self._check(bool(names) and all(n in known for n in names), "report_to", f"one or more of {', '.join(known)}")
         self._integer("logging_steps", 1)
         for name in ("save_steps", "eval_steps"):
             self._integer(name, 0)
@@ -279,10 +368,49 @@ class OutputOptions(_Group):
 
 
 @dataclass
+class DistributedOptions(_Group):
+    """Sharding across processes, passed to TrainingArguments (launch the processes with torchrun or accelerate)."""
+
+    GROUP: ClassVar[str] = "distributed"
+
+    deepspeed: Optional[str] = None
+    """A DeepSpeed config (JSON file): ZeRO-2 or ZeRO-3, see examples/distributed/. Launch with
+    `torchrun --nproc-per-node N -m moraft train ...` or `accelerate launch`."""
+    fsdp: str = ""
+    """torch FSDP, as TrainingArguments' fsdp: e.g. "full_shard auto_wrap" (with fsdp_config
+    examples/distributed/fsdp2.json for FSDP2); "" for none. Needs GPUs: accelerate runs FSDP only on them."""
+    fsdp_config: Optional[str] = None
+    """The FSDP config (JSON file), as TrainingArguments' fsdp_config."""
+
+    def validate(self) -> None:
+        import json
+        from pathlib import Path
+
+        for name in ("deepspeed", "fsdp_config"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = Path(value)
+            if not path.is_file():
+                raise UserError(f"distributed.{name}={value!r} is not a file; expected a JSON config file")
+            try:
+                parsed = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                where = f" (line {err.lineno}, column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+                raise UserError(f"distributed.{name}={value!r} does not parse as JSON: {err.args[0]}{where}") from None
+            self._check(isinstance(parsed, dict), name, "a JSON object")
+        if self.deepspeed and self.fsdp:
+            raise UserError("distributed.deepspeed and distributed.fsdp are two ways to shard; pass one")
+        if self.fsdp_config and not self.fsdp:
+            raise UserError(f"distributed.fsdp_config={self.fsdp_config!r} needs distributed.fsdp (e.g. full_shard)")
+
+
+@dataclass
 class TrainOptions:
-    """Fine-tune a model with MoRA, LoRA, DoRA or full fine-tuning (Hugging Face Trainer underneath).
+    """Fine-tune a model with MoRA, LoRA, DoRA or full fine-tuning (TRL's SFTTrainer or DPOTrainer underneath).
 
     Options come from flags (--adapter.r 8), a YAML file (--config FILE, one mapping per group), or both; flags win.
+    A flag without its group (--r 8, --report_to tensorboard) is accepted when exactly one group has that option.
     With no options it trains MoRA r=8 on the built-in uuid-memory task with the built-in tiny LLaMA, offline. Runs
     under `torchrun`/`accelerate launch` like any Trainer script. Writes to output.dir: the adapter (never a copy
     of the base; the whole model for method=full), the tokenizer, train_config.yaml (these options, resolved),
@@ -295,9 +423,10 @@ class TrainOptions:
     adapter: AdapterOptions = field(default_factory=AdapterOptions)
     optimization: OptimizationOptions = field(default_factory=OptimizationOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
+    distributed: DistributedOptions = field(default_factory=DistributedOptions)
 
     def groups(self) -> dict[str, _Group]:
-        """The five option groups by name."""
+        """The option groups by name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def validate(self) -> None:
@@ -307,6 +436,20 @@ class TrainOptions:
             if not isinstance(group, _Group):
                 raise UserError(f"{name}={group!r} is invalid; expected a {cls} (or a mapping of its options)")
             group.validate()
+        if self.data.streaming and self.optimization.max_steps <= 0:
+            raise UserError(
+                f"optimization.max_steps={self.optimization.max_steps!r} is invalid with data.streaming; expected a step "
+                "count (> 0): a stream has no length to count epochs by"
+            )
+        if self.optimization.objective == "dpo":
+            if self.data.sources == [UUID_MEMORY]:
+                raise UserError("optimization.objective='dpo' trains on preference data (prompt, chosen, rejected); "
+                                "pass it with --data FILE")
+            if self.adapter.merge_every:
+                raise UserError(
+                    f"adapter.merge_every={self.adapter.merge_every!r} is invalid with optimization.objective='dpo': "
+                    "DPO's reference is the base without the adapter, which a merge would change; expected 0"
+                )
         if self.adapter.merge_every and self.optimization.max_steps <= 0:
             raise UserError(
                 f"optimization.max_steps={self.optimization.max_steps!r} is invalid; expected a step count (> 0) "

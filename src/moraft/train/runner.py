@@ -1,5 +1,9 @@
-"""The training loop: `train(options)` checks everything, then fine-tunes with Hugging Face ``Trainer`` and
-writes the run's outputs. ``moraft train`` is this function; benchmarks call it directly.
+"""The training loop: `train(options)` checks everything, then fine-tunes with TRL's ``SFTTrainer`` (or
+``DPOTrainer``) and writes the run's outputs. ``moraft train`` is this function; benchmarks call it directly.
+
+The data comes from `moraft.train.data` as a 🤗 dataset in one of TRL's formats; TRL tokenizes it, masks the loss
+(assistant turns of chat data, completions of prompt-completion data) and packs it. moraft adds the method (MoRA,
+ReMoRA's merges), the run directory's files and the checks.
 
 Every check that can fail on bad input (options, model path, data, target modules) runs before anything is
 written, so a bad command leaves the output directory as it was. Final files are written to a temporary directory
@@ -10,17 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import yaml
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -28,8 +35,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..errors import UserError
 from .builtin import BUILTIN_MODEL
 from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
-from .data import UUID_MEMORY, Collator, ExampleDataset, load_examples, uuid_pairs
-from .evaluate import CONFIG_FILE, mean_loss, merge_dirs, read_train_config, uuid_accuracy
+from .data import UUID_MEMORY, describe_mix, load_data, uuid_pairs
+from .evaluate import CONFIG_FILE, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_base, merge_and_restart
 from .options import AdapterOptions, TrainOptions
 from .plot import plot_run
@@ -37,7 +44,8 @@ from .plot import plot_run
 SUMMARY_FILE = "train_summary.json"
 # options a resumed run may change: what is saved and logged, and how long it trains
 RESUMABLE_CHANGES = {"output.resume", "output.overwrite", "output.dir", "output.save_steps", "output.save_total_limit",
-                     "output.logging_steps", "output.eval_steps", "optimization.max_steps", "optimization.epochs"}
+                     "output.logging_steps", "output.eval_steps", "optimization.max_steps", "optimization.epochs",
+                     "output.report_to", "output.run_name"}
 
 
 @dataclass
@@ -77,13 +85,14 @@ class TrainResult:
         return [(entry["step"], entry[key]) for entry in self.history if key in entry]
 
 
-class MoraftTrainer(Trainer):
-    """``Trainer`` with ReLoRA's jagged learning-rate schedule when the adapter is merged every N steps."""
+class _MoraftTrainerMixin:
+    """What moraft adds to TRL's trainers: ReMoRA/ReLoRA's learning rate, which restarts with a short warmup after
+    every merge (see `restarting_schedule`), and the perplexity beside each evaluation loss."""
 
     def __init__(self, *args, merge_every: int = 0, merge_warmup: int = 1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
         self.merge_every = merge_every
         self.merge_warmup = merge_warmup
+        super().__init__(*args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -91,6 +100,19 @@ class MoraftTrainer(Trainer):
             if self.merge_every:
                 self.lr_scheduler = restarting_schedule(scheduler, self.merge_every, self.merge_warmup)
         return self.lr_scheduler
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        super().log(logs, *args, **kwargs)
+
+
+class MoraftSFTTrainer(_MoraftTrainerMixin, SFTTrainer):
+    """TRL's SFTTrainer with ReMoRA's restarting schedule."""
+
+
+class MoraftDPOTrainer(_MoraftTrainerMixin, DPOTrainer):
+    """TRL's DPOTrainer (merge_every is refused with DPO: see `TrainOptions.validate`)."""
 
 
 def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
@@ -159,23 +181,61 @@ def _gather(value: str) -> list[str]:
     return [value]
 
 
-def _device_arguments() -> dict:
+def _device_arguments(options: TrainOptions) -> dict:
     """``use_cpu``/``ddp_backend`` for this machine. accelerate treats torchrun on CPU as distributed (gloo) only with
-    ``use_cpu``, but enables DeepSpeed (``accelerate launch --use_deepspeed``, ``DS_ACCELERATOR=cpu``) only without it,
-    given an explicit backend."""
+    ``use_cpu``, but enables DeepSpeed (``distributed.deepspeed``, or ``accelerate launch --use_deepspeed``, with
+    ``DS_ACCELERATOR=cpu``) only without it, given an explicit backend."""
     if _has_accelerator():
         return {}
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if options.distributed.fsdp:
+        raise UserError(
+            f"distributed.fsdp={options.distributed.fsdp!r}: accelerate runs FSDP only on GPUs (and other "
+            "accelerators), and this machine has none; shard on CPU with distributed.deepspeed (ZeRO-3)"
+        )
+    if options.distributed.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         return {"use_cpu": False, "ddp_backend": "gloo"}
     return {"use_cpu": True}
 
 
-def _training_arguments(options: TrainOptions) -> TrainingArguments:
-    """The ``TrainingArguments`` of a run (creating them also sets up the process group under torchrun)."""
-    opt, output = options.optimization, options.output
-    return TrainingArguments(
+def _packing(options: TrainOptions, fmt: str) -> Optional[str]:
+    """TRL's packing strategy for the data, or None: data.packing, where auto packs text (wrapped) but not the
+    uuid-memory task, whose examples must stay whole."""
+    packing = options.data.packing
+    if packing == "auto":
+        return "wrapped" if fmt == "text" and UUID_MEMORY not in options.data.sources else None
+    return None if packing == "none" else packing
+
+
+def _check_trackers(options: TrainOptions) -> None:
+    """Each tracker of output.report_to must be installed (transformers would fail deep inside Trainer)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = get_available_reporting_integrations()
+    for name in options.output.trackers:
+        if name != "all" and name not in available:
+            package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name, name)
+            raise UserError(
+                f"output.report_to={name!r}: its package is not installed; pip install {package} (or moraft[trackers])"
+            )
+
+
+def _check_kernels(options: TrainOptions) -> None:
+    import importlib.util
+
+    if options.optimization.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("optimization.use_liger_kernel=True needs the liger-kernel package (pip install liger-kernel) "
+                        "and a GPU")
+
+
+def _training_arguments(options: TrainOptions, fmt: str) -> TrainingArguments:
+    """TRL's config (SFTConfig or DPOConfig) of a run (creating it also sets up the process group under torchrun)."""
+    opt, output, data, dist = options.optimization, options.output, options.data, options.distributed
+    evaluating = data.eval_dataset is not None and output.eval_steps > 0
+    common = dict(
         output_dir=output.dir,
         per_device_train_batch_size=opt.batch_size,
+        per_device_eval_batch_size=opt.batch_size,
         gradient_accumulation_steps=opt.gradient_accumulation_steps,
         learning_rate=opt.learning_rate,
         lr_scheduler_type=opt.lr_scheduler,
@@ -185,21 +245,42 @@ def _training_arguments(options: TrainOptions) -> TrainingArguments:
         max_steps=opt.max_steps,
         max_grad_norm=opt.max_grad_norm,
         bf16=opt.bf16,
-        activation_checkpointing=opt.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if opt.gradient_checkpointing else None,
+        fp16=False,
+        gradient_checkpointing=opt.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if opt.gradient_checkpointing else None,
+        neftune_noise_alpha=opt.neftune_noise_alpha,
+        use_liger_kernel=opt.use_liger_kernel,
+        torch_compile=opt.torch_compile,
         seed=opt.seed,
         data_seed=opt.seed,
         save_strategy="steps" if output.save_steps else "no",
         save_steps=output.save_steps or 500,
         save_total_limit=output.save_total_limit,
         logging_steps=output.logging_steps,
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=output.eval_steps if evaluating else None,
+        report_to=output.trackers or "none",
+        run_name=output.run_name or output.dir,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        remove_unused_columns=False,
         disable_tqdm=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
-        **_device_arguments(),
+        deepspeed=dist.deepspeed,
+        fsdp=dist.fsdp,
+        fsdp_config=dist.fsdp_config,
+        max_length=data.seq_length,
+        dataset_num_proc=data.num_proc,
+        **_device_arguments(options),
+    )
+    if opt.objective == "dpo":
+        return DPOConfig(**common, beta=opt.dpo_beta)
+    packing = _packing(options, fmt)
+    return SFTConfig(
+        **common,
+        packing=packing is not None,
+        packing_strategy=packing or "bfd",
+        assistant_only_loss=fmt == "chat",
+        chat_template_path=data.chat_template,
     )
 
 
@@ -212,6 +293,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     """
     options.validate()
     data, adapter, output = options.data, options.adapter, options.output
+    _check_trackers(options)
+    _check_kernels(options)
     checkpoint = _prepare_output_dir(options)
     model, tokenizer = load_base(
         options.model.name_or_path,
@@ -221,41 +304,40 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     )
     if options.model.name_or_path == BUILTIN_MODEL:
         model.config._name_or_path = BUILTIN_MODEL  # recorded as the adapter's base_model_name_or_path
-    load = dict(data_format=data.format, seq_length=data.seq_length, num_pairs=data.num_pairs, seed=data.seed)
-    examples = load_examples(data.dataset, tokenizer, **load)
-    eval_examples = load_examples(data.eval_dataset, tokenizer, **load) if data.eval_dataset else None
+    train_data, fmt = load_data(data, tokenizer)
+    eval_data = load_data(data, tokenizer, eval=True)[0] if data.eval_dataset else None
+    _check_objective(options, fmt)
     set_seed(options.optimization.seed)  # the adapter's initialization
     model = apply_method(model, adapter)
     trainable, total = count_parameters(model)
-    pairs = uuid_pairs(data.num_pairs, data.seed) if data.dataset == UUID_MEMORY else None
+    pairs = uuid_pairs(data.num_pairs, data.seed) if data.sources == [UUID_MEMORY] else None
 
     def evaluate(model) -> dict:
-        metrics = {}
-        if pairs is not None:
-            metrics.update(uuid_accuracy(model, tokenizer, pairs))
-        if eval_examples is not None:
-            result = mean_loss(model, eval_examples, tokenizer.pad_token_id, options.optimization.batch_size)
-            metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"])
-        return metrics
+        return uuid_accuracy(model, tokenizer, pairs) if pairs is not None else {}
 
     out = Path(output.dir)
     existed = out.exists()
-    args = _training_arguments(options)
+    args = _training_arguments(options, fmt)
     is_main = args.process_index == 0
     recorder = Recorder(out, _label(adapter), is_main)
-    own = [recorder, Evaluator(evaluate, output.eval_steps, recorder)]
+    own = [recorder]
+    if pairs is not None:
+        own.append(Evaluator(evaluate, output.eval_steps, recorder))
     if adapter.merge_every:
         seed = options.optimization.seed
         own.append(MergeEvery(adapter.merge_every, out, adapter.switch_grouping, seed, is_main))
-    trainer = MoraftTrainer(
-        model=model,
-        args=args,
-        train_dataset=ExampleDataset(examples),
-        data_collator=Collator(tokenizer.pad_token_id),
-        callbacks=own + list(callbacks),
-        merge_every=adapter.merge_every,
-        merge_warmup=adapter.effective_merge_warmup,
-    )
+    trainer_class = MoraftDPOTrainer if options.optimization.objective == "dpo" else MoraftSFTTrainer
+    with _trl_errors():
+        trainer = trainer_class(
+            model=model,
+            args=args,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+            callbacks=own + list(callbacks),
+            merge_every=adapter.merge_every,
+            merge_warmup=adapter.effective_merge_warmup,
+        )
     trainer.remove_callback(ProgressCallback)  # the Recorder draws the bar
     sharding = _sharding(trainer)
     if sharding and adapter.merge_every:
@@ -278,16 +360,22 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     started = time.perf_counter()
     try:
         trained = trainer.train(resume_from_checkpoint=checkpoint)
-    finally:
+    except BaseException:
         recorder.close()
+        raise
     runtime = time.perf_counter() - started
     state = trainer.state
     final = {"train_loss": trained.training_loss}
-    if pairs is not None or eval_examples is not None:  # on every rank: see Evaluator
-        keys = ("char_accuracy", "eval_loss")
-        done = [e for e in state.log_history if e["step"] == state.global_step and any(k in e for k in keys)]
+    if eval_data is not None:  # on every rank: under FSDP or ZeRO-3 each forward pass gathers from all of them
+        done = [e for e in state.log_history if e["step"] == state.global_step and "eval_loss" in e]
+        last = done[-1] if done else trainer.evaluate()
+        final.update({k: v for k, v in last.items() if k.startswith("eval_") and not k.endswith(("_runtime",
+                      "_samples_per_second", "_steps_per_second"))})
+    if pairs is not None:
+        done = [e for e in state.log_history if e["step"] == state.global_step and "char_accuracy" in e]
         last = done[-1] if done else recorder.record(state, evaluate(model))  # no second evaluation of the last step
         final.update({k: v for k, v in last.items() if k != "step"})
+    recorder.close()
     digests = [] if sharding else _gather(_digest(model))
     result = TrainResult(
         output_dir=out,
@@ -325,6 +413,32 @@ def _replay_merges(model, options: TrainOptions, step: int, is_main: bool) -> No
         set_peft_model_state_dict(model, load_file(directory / SAFETENSORS_WEIGHTS_NAME), ADAPTER)
         seed = options.optimization.seed + merged_at
         merge_and_restart(model, switch_grouping=options.adapter.switch_grouping, seed=seed)
+
+
+def _check_objective(options: TrainOptions, fmt: str) -> None:
+    """The data's format suits the objective: preference data for DPO, and only for DPO."""
+    dpo, described = options.optimization.objective == "dpo", describe_mix(options.data)
+    if dpo and fmt != "preference":
+        raise UserError(f"optimization.objective='dpo' needs preference data (prompt, chosen, rejected); data.dataset "
+                        f"{described!r} is {fmt} data")
+    if not dpo and fmt == "preference":
+        raise UserError(f"data.dataset {described!r} is preference data (prompt, chosen, rejected); train it with "
+                        "--optimization.objective dpo")
+
+
+@contextmanager
+def _trl_errors() -> Iterator[None]:
+    """TRL's refusals of the data or the template while it prepares them, as one line."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as err:
+        message = str(err)
+        if "chat template" in message or "generation" in message or "assistant" in message:
+            raise UserError(
+                f"data: {message.splitlines()[0]} (give a template with {{% generation %}} markers with "
+                "--data.chat_template FILE)"
+            ) from None
+        raise
 
 
 def _label(adapter: AdapterOptions) -> str:
@@ -390,7 +504,7 @@ def _save_outputs(
         "merges": [d.name for d in merge_dirs(out)],
     }
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    plot_run(result.history, tmp / "loss.png", title=f"{_label(options.adapter)} on {options.data.dataset}")
+    plot_run(result.history, tmp / "loss.png", title=f"{_label(options.adapter)} on {describe_mix(options.data)}")
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()
