@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..errors import UserError
 from .builtin import BUILTIN_MODEL
 from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
-from .data import UUID_MEMORY, describe_mix, load_data, uuid_pairs
+from .data import COLUMNS, UUID_MEMORY, describe_mix, load_data, uuid_pairs
 from .evaluate import CONFIG_FILE, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_base, merge_and_restart
 from .options import AdapterOptions, TrainOptions
@@ -272,16 +273,18 @@ def _training_arguments(options: TrainOptions, fmt: str) -> TrainingArguments:
         dataset_num_proc=data.num_proc,
         **_device_arguments(options),
     )
-    if opt.objective == "dpo":
-        return DPOConfig(**common, beta=opt.dpo_beta)
-    packing = _packing(options, fmt)
-    return SFTConfig(
-        **common,
-        packing=packing is not None,
-        packing_strategy=packing or "bfd",
-        assistant_only_loss=fmt == "chat",
-        chat_template_path=data.chat_template,
-    )
+    with warnings.catch_warnings():  # TRL's configs still set the old name of activation_checkpointing
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        if opt.objective == "dpo":
+            return DPOConfig(**common, beta=opt.dpo_beta)
+        packing = _packing(options, fmt)
+        return SFTConfig(
+            **common,
+            packing=packing is not None,
+            packing_strategy=packing or "bfd",
+            assistant_only_loss=fmt == "chat",
+            chat_template_path=data.chat_template,
+        )
 
 
 def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
@@ -326,18 +329,7 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     if adapter.merge_every:
         seed = options.optimization.seed
         own.append(MergeEvery(adapter.merge_every, out, adapter.switch_grouping, seed, is_main))
-    trainer_class = MoraftDPOTrainer if options.optimization.objective == "dpo" else MoraftSFTTrainer
-    with _trl_errors():
-        trainer = trainer_class(
-            model=model,
-            args=args,
-            train_dataset=train_data,
-            eval_dataset=eval_data,
-            processing_class=tokenizer,
-            callbacks=own + list(callbacks),
-            merge_every=adapter.merge_every,
-            merge_warmup=adapter.effective_merge_warmup,
-        )
+    trainer = make_trainer(options, model, tokenizer, train_data, eval_data, args, own + list(callbacks))
     trainer.remove_callback(ProgressCallback)  # the Recorder draws the bar
     sharding = _sharding(trainer)
     if sharding and adapter.merge_every:
@@ -413,6 +405,38 @@ def _replay_merges(model, options: TrainOptions, step: int, is_main: bool) -> No
         set_peft_model_state_dict(model, load_file(directory / SAFETENSORS_WEIGHTS_NAME), ADAPTER)
         seed = options.optimization.seed + merged_at
         merge_and_restart(model, switch_grouping=options.adapter.switch_grouping, seed=seed)
+
+
+def make_trainer(
+    options: TrainOptions,
+    model: torch.nn.Module,
+    tokenizer,
+    train_data,
+    eval_data=None,
+    args: Optional[TrainingArguments] = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Trainer:
+    """TRL's trainer for ``options.optimization.objective`` on data from `moraft.train.data.load_data`: it tokenizes,
+    masks and packs the data as it is built (``trainer.train_dataset`` is what trains). ``model`` is ready to train
+    (`apply_method`)."""
+    fmt = "preference" if options.optimization.objective == "dpo" else _format_of(train_data)
+    trainer_class = MoraftDPOTrainer if options.optimization.objective == "dpo" else MoraftSFTTrainer
+    with _trl_errors():
+        return trainer_class(
+            model=model,
+            args=args or _training_arguments(options, fmt),
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+            merge_every=options.adapter.merge_every,
+            merge_warmup=options.adapter.effective_merge_warmup,
+        )
+
+
+def _format_of(data) -> str:
+    columns = data.column_names or list(next(iter(data)).keys())
+    return next(fmt for fmt in ("preference", "chat", "prompt-completion", "text") if set(COLUMNS[fmt]) <= set(columns))
 
 
 def _check_objective(options: TrainOptions, fmt: str) -> None:
