@@ -307,18 +307,24 @@ def test_tensorboard_event_files_in_the_output_dir(tmp_path):
     assert (tmp_path / "out" / "metrics.jsonl").is_file() and (tmp_path / "out" / "loss.png").is_file()
 
 
-def test_dpo_with_mora(tmp_path):
+@pytest.mark.parametrize("method", ["mora", "lora", "full"])
+def test_dpo_with_any_method(tmp_path, method):
     records = [{"prompt": f"Q{i}:", "chosen": " yes", "rejected": " no"} for i in range(8)]
     path = write_jsonl(tmp_path / "pref.jsonl", records)
-    options = tiny_options(tmp_path / "out", data={"dataset": str(path)},
-                           optimization={"objective": "dpo", "max_steps": 4, "learning_rate": 5e-2})
+    options = tiny_options(tmp_path / "out", data={"dataset": str(path)}, adapter={"method": method},
+                           optimization={"objective": "dpo", "max_steps": 4,
+                                         "learning_rate": {"mora": 5e-2, "lora": 1e-2, "full": 1e-3}[method]})
     result = train(options)
     margins = [v for _, v in result.curve("rewards/margins")]
     assert len(margins) == 4 and margins[-1] > 0  # the chosen answer pulls ahead of the rejected one
+    if method == "full":
+        assert (tmp_path / "out" / "model.safetensors").is_file()
+        return
     from safetensors.torch import load_file
 
     adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    assert adapter and all("mora_M" in k for k in adapter) and any(t.abs().sum() > 0 for t in adapter.values())
+    prefix = "mora_M" if method == "mora" else "lora_"
+    assert adapter and all(prefix in k for k in adapter) and any(t.abs().sum() > 0 for t in adapter.values())
 
 
 def test_neftune_noise_is_on_while_training(tmp_path):

@@ -12,6 +12,7 @@ and moved into place.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -419,8 +420,14 @@ def make_trainer(
     """TRL's trainer for ``options.optimization.objective`` on data from `moraft.train.data.load_data`: it tokenizes,
     masks and packs the data as it is built (``trainer.train_dataset`` is what trains). ``model`` is ready to train
     (`apply_method`)."""
-    fmt = "preference" if options.optimization.objective == "dpo" else _format_of(train_data)
-    trainer_class = MoraftDPOTrainer if options.optimization.objective == "dpo" else MoraftSFTTrainer
+    dpo = options.optimization.objective == "dpo"
+    fmt = "preference" if dpo else _format_of(train_data)
+    trainer_class = MoraftDPOTrainer if dpo else MoraftSFTTrainer
+    extra = {}
+    if dpo and options.adapter.method == "full":
+        # DPO's reference is the model before training: an adapter disabled gives it for free; a fully trained model
+        # needs a frozen copy (TRL would reload it from its name, which the built-in model does not have)
+        extra["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
     with _trl_errors():
         return trainer_class(
             model=model,
@@ -431,6 +438,7 @@ def make_trainer(
             callbacks=list(callbacks),
             merge_every=options.adapter.merge_every,
             merge_warmup=options.adapter.effective_merge_warmup,
+            **extra,
         )
 
 
