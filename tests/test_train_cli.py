@@ -258,3 +258,21 @@ def test_eval_of_a_corrupted_adapter_is_one_line(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("moraft eval")]
     assert lines == [f"moraft eval: error: cannot load the adapter in {str(run)!r}: " + lines[0].split(": ", 3)[-1]]
     assert "header" in lines[0]
+
+
+def test_parquet_data_and_tensorboard_from_the_command_line(tmp_path, capsys):
+    """The interface as a user types it: `moraft train --data FILE.parquet --report_to tensorboard`."""
+    from datasets import Dataset
+
+    rows = [{"prompt": f"Q{i}:", "completion": f" answer {i}"} for i in range(8)]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "qa.parquet"))
+    out = tmp_path / "out"
+    status, _, err = run_cli(["train", *tiny_flags(out), "--data", str(tmp_path / "qa.parquet"),
+                              "--report_to", "tensorboard", "--method", "lora", "--r", "4"], capsys)
+    assert status == 0, err
+    config = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert config["data"]["dataset"] == str(tmp_path / "qa.parquet") and config["output"]["report_to"] == "tensorboard"
+    assert config["adapter"]["method"] == "lora" and config["adapter"]["r"] == 4
+    assert list(out.glob("runs/*/events.out.tfevents.*")) and (out / "adapter_model.safetensors").is_file()
+    model, _, _ = load_trained(str(out))
+    assert model.peft_config["default"].r == 4
