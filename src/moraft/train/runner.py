@@ -30,7 +30,7 @@ from .builtin import BUILTIN_MODEL
 from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
 from .data import UUID_MEMORY, Collator, ExampleDataset, load_examples, uuid_pairs
 from .evaluate import CONFIG_FILE, mean_loss, merge_dirs, read_train_config, uuid_accuracy
-from .methods import ADAPTER, apply_method, count_parameters, load_base, merge_and_restart
+from .methods import ADAPTER, apply_method, count_parameters, load_model, merge_and_restart
 from .options import AdapterOptions, TrainOptions
 from .plot import plot_run
 
@@ -213,12 +213,7 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     options.validate()
     data, adapter, output = options.data, options.adapter, options.output
     checkpoint = _prepare_output_dir(options)
-    model, tokenizer = load_base(
-        options.model.name_or_path,
-        hidden_size=options.model.builtin_hidden_size,
-        num_layers=options.model.builtin_num_layers,
-        model_seed=options.model.seed,
-    )
+    model, tokenizer = load_model(options.model)
     if options.model.name_or_path == BUILTIN_MODEL:
         model.config._name_or_path = BUILTIN_MODEL  # recorded as the adapter's base_model_name_or_path
     load = dict(data_format=data.format, seq_length=data.seq_length, num_pairs=data.num_pairs, seed=data.seed)
