@@ -6,6 +6,7 @@ when asked, printing how much of the update the quantized weights keep."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import bitsandbytes as bnb
@@ -13,12 +14,15 @@ import pytest
 import torch
 from helpers import tiny_flags, tiny_options
 from peft import PeftModel
+from quantized import dequantized as read_grid
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import moraft  # noqa: F401  (registers MoRA with PEFT)
+from moraft import MoraConfig  # importing moraft registers MoRA with PEFT
 from moraft.cli import main
-from moraft.testing import input_ids, logits
+from moraft.interop import merge_adapter
+from moraft.quantization import KeptUpdate
+from moraft.testing import input_ids, logits, save_adapter, tiny_llama
 from moraft.errors import UserError
 from moraft.train import BUILTIN_MODEL, TrainOptions, load_trained, train
 
@@ -172,9 +176,125 @@ def test_unknown_quantization_names_the_value(tmp_path, capsys):
 
 
 def test_without_bitsandbytes_the_error_says_what_to_install(tmp_path, capsys, monkeypatch, llama_dir):
+    save_adapter(tiny_llama(), MoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "adapter")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
     status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--model.name_or_path", str(llama_dir),
                               "--model.quantization", "4bit"], capsys)
     assert status == 2 and err.count("\n") == 1
     assert "model.quantization='4bit' needs bitsandbytes, which is not installed: pip install" in err
     assert not (tmp_path / "out").exists()
+    status, _, err = run_cli(["merge", str(llama_dir), str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                              "--quantization", "8bit"], capsys)
+    assert status == 2 and "quantization='8bit' needs bitsandbytes" in err and err.count("\n") == 1
+    assert not (tmp_path / "merged").exists()
+
+
+# -- merging --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["mora", "lora"])
+def test_merge_of_a_quantized_run_is_peft_merge_on_the_unquantized_base(tmp_path, method, llama_dir):
+    run = quantized_run(tmp_path / "run", llama_dir, "4bit", method).output_dir
+    merge_adapter(llama_dir, run, tmp_path / "merged")
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert getattr(merged.config, "quantization_config", None) is None
+    plain = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(plain, run).merge_and_unload()
+    ours, theirs = merged.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-7, msg=key)
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(ours[key], base[key]) for key in ours)  # the merge did change the weights
+
+
+def kept_from_stdout(out: str) -> float:
+    return float(re.search(r"\|\|dW' - dW\|\| / \|\|dW\|\| = ([0-9.]+) over 14 quantized matrices", out).group(1))
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_merge_output_loads_and_reports_what_it_keeps(tmp_path, capsys, quantization, llama_dir):
+    """The quantized output holds Q(W + ΔW) of the unquantized merge (read through bitsandbytes, independently of
+    moraft's measure), loads with transformers alone, and the merge prints the relative error of the update it
+    carries, which the test recomputes from the files."""
+    adapter = tmp_path / "adapter"
+    save_adapter(tiny_llama(), MoraConfig(r=8, target_modules="all-linear"), adapter, std=1e-3)
+    flags = ["--quant_type", "fp4", "--double_quant"] if quantization == "4bit" else []
+    status, out, err = run_cli(["merge", str(llama_dir), str(adapter), str(tmp_path / "q"), "--quantization",
+                                quantization, *flags], capsys)
+    assert status == 0, err
+    printed = kept_from_stdout(out)
+    merge_adapter(llama_dir, adapter, tmp_path / "plain")
+
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config[f"load_in_{quantization}"] is True
+    if quantization == "4bit":
+        assert config["bnb_4bit_quant_type"] == "fp4" and config["bnb_4bit_use_double_quant"] is True
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    quantize = dict(quantization_config=loaded.config.quantization_config, dtype=torch.float32)
+    quantized_base = AutoModelForCausalLM.from_pretrained(llama_dir, **quantize)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    requantized_plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", **quantize)
+    base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    error = update = 0.0
+    layers = [n for n, m in loaded.named_modules() if isinstance(m, QUANTIZED_LAYER[quantization])]
+    assert len(layers) == 14
+    for name in layers:
+        stored = read_grid(loaded.get_submodule(name))
+        assert torch.equal(stored, read_grid(requantized_plain.get_submodule(name))), name  # Q(W + ΔW), as written
+        delta = plain.get_submodule(name).weight - base.get_submodule(name).weight
+        carried = stored - read_grid(quantized_base.get_submodule(name))
+        error += float((carried - delta).double().square().sum())
+        update += float(delta.double().square().sum())
+    assert printed == pytest.approx((error / update) ** 0.5, abs=1e-3)
+    assert torch.isfinite(logits(loaded.eval(), input_ids())).all()
+
+    # a quantized model is no base to merge into: the existing one-line error, nothing written
+    status, _, err = run_cli(["merge", str(tmp_path / "q"), str(adapter), str(tmp_path / "again")], capsys)
+    assert status == 2 and "the base is quantized (bitsandbytes); merge needs plain weights" in err
+    assert not (tmp_path / "again").exists()
+
+
+def test_the_grid_loses_more_of_a_smaller_update(tmp_path, capsys, llama_dir):
+    """What the merge's message says: 4-bit keeps less of an update than 8-bit, and a smaller update loses more."""
+    errors = {}
+    for std in (1e-2, 1e-4):
+        adapter = tmp_path / f"adapter-{std}"
+        save_adapter(tiny_llama(), MoraConfig(r=8, target_modules="all-linear"), adapter, std=std)
+        for quantization in ("4bit", "8bit"):
+            merge_adapter(llama_dir, adapter, tmp_path / f"{std}-{quantization}", quantization=quantization)
+            errors[std, quantization] = kept_from_stdout(capsys.readouterr().out)
+    for std in (1e-2, 1e-4):
+        assert errors[std, "4bit"] > errors[std, "8bit"]
+    for quantization in ("4bit", "8bit"):
+        assert errors[1e-4, quantization] > errors[1e-2, quantization]
+    assert errors[1e-4, "4bit"] > 1  # a small update: the 4-bit merge is further from W + ΔW than W alone
+
+
+def test_kept_update_measure():
+    kept = KeptUpdate()
+    w = torch.zeros(2, 2)
+    kept.add(w, w + 1, w + 1, w)  # kept exactly
+    assert kept.relative_error == 0
+    kept.add(w, w + 1, w, w)  # lost entirely: half the squared update of the two matrices
+    assert kept.relative_error == pytest.approx(0.5**0.5)
+    assert torch.isnan(torch.tensor(KeptUpdate().relative_error))
+
+
+BAD_MERGE = {
+    "4bit option with 8bit": (["--quantization", "8bit", "--quant_type", "fp4"],
+                              "quant_type is a 4bit option; it does nothing with quantization='8bit'"),
+    "4bit option without quantization": (["--double_quant"],
+                                         "double_quant is a 4bit option; it does nothing with quantization='none'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MERGE))
+def test_bad_merge_quantization_is_one_line(tmp_path, capsys, case, llama_dir):
+    flags, expected = BAD_MERGE[case]
+    save_adapter(tiny_llama(), MoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "adapter")
+    status, _, err = run_cli(["merge", str(llama_dir), str(tmp_path / "adapter"), str(tmp_path / "m"), *flags], capsys)
+    assert status == 2 and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "m").exists()
