@@ -177,7 +177,9 @@ class KeptUpdate:
     error_squared: float = 0.0
     update_squared: float = 0.0
 
-    def add(self, base: torch.Tensor, merged: torch.Tensor, quantized_merged: torch.Tensor, quantized_base: torch.Tensor):
+    def add(
+        self, base: torch.Tensor, merged: torch.Tensor, quantized_merged: torch.Tensor, quantized_base: torch.Tensor
+    ) -> None:
         """Count one matrix: W, W + ΔW, deq(Q(W + ΔW)) and deq(Q(W))."""
         delta = merged.double() - base.double()
         kept = quantized_merged.double() - quantized_base.double()
