@@ -116,7 +116,9 @@ def test_method_trains_on_quantized_base_and_loads_on_the_unquantized_one(tmp_pa
 
 
 def test_builtin_model_quantized_records_the_builtin_name(tmp_path):
-    result = train(tiny_options(tmp_path / "run", model={"builtin_hidden_size": 64, "quantization": "4bit"}))
+    """32 wide: rows of half a 4-bit block, which bitsandbytes' repacking for its CPU kernel (AVX512-BF16) cannot
+    take; the weights keep bitsandbytes' own layout, so evaluating (every step here) works."""
+    result = train(tiny_options(tmp_path / "run", model={"quantization": "4bit"}, output={"eval_steps": 1}))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
     config = json.loads((result.output_dir / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == BUILTIN_MODEL
@@ -132,10 +134,6 @@ BAD = {
     ),
     "compute dtype without 4bit": (
         ["--model.compute_dtype", "bfloat16"], "model.compute_dtype is a 4bit option; it does nothing with"
-    ),
-    "builtin too narrow for 4-bit blocks": (
-        ["--model.name_or_path", BUILTIN_MODEL, "--model.quantization", "4bit"],
-        "model.builtin_hidden_size=32 is invalid; expected a multiple of 64 with quantization=4bit",
     ),
     "full fine-tuning of a quantized base": (
         ["--model.name_or_path", "{base}", "--model.quantization", "4bit", "--adapter.method", "full"],

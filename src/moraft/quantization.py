@@ -86,7 +86,8 @@ def keep_4bit_layout(model: nn.Module) -> nn.Module:
     On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight at its first forward in eval mode
     (an evaluation during training), and ``state_dict`` (which every checkpoint and adapter save reads) unpacks it
     with the block scales of each row out of order: from then on every layer with more than one block per row
-    computes with wrong weights, silently. Without the repack, evaluation runs on the ordinary dequantizing path.
+    computes with wrong weights, silently (and the repacking itself fails on rows shorter than one block of 64).
+    Without the repack, evaluation runs on the ordinary dequantizing path.
     """
     import bitsandbytes as bnb
 

@@ -149,7 +149,7 @@ def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
         # Int8Params without its scales (bitsandbytes moved them to the layer's state); the next forward fails
         raise UserError(
             "adapter.method='dora' does not train on an 8-bit base on the CPU (PEFT's DoRA drops the 8-bit weight's "
-            "scales after the first step there); use model.quantization='4bit', a GPU, or method lora or mora"
+            "scales after the first step there); use model.quantization='4bit', or method lora or mora"
         )
     if options.method == "full":
         model.requires_grad_(True)

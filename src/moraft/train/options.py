@@ -87,10 +87,6 @@ class ModelOptions(_Group):
             self._integer(name, 1)
         self._check(self.builtin_hidden_size % 4 == 0, "builtin_hidden_size", "a multiple of 4 (4 attention heads)")
         self._choice("quantization", QUANTIZATIONS)
-        if self.quantization == "4bit" and self.name_or_path == BUILTIN_MODEL:
-            # bitsandbytes' 4-bit CPU kernel (CPUs with AVX512-BF16) takes rows of whole blocks of 64 weights
-            expected = "a multiple of 64 with quantization=4bit (bitsandbytes quantizes blocks of 64 weights)"
-            self._check(self.builtin_hidden_size % 64 == 0, "builtin_hidden_size", expected)
         self._choice("quant_type", QUANT_TYPES)
         self._check(isinstance(self.double_quant, bool), "double_quant", "true or false")
         self._choice("compute_dtype", tuple(DTYPES))
