@@ -1,5 +1,6 @@
-"""Smoke tests of the training benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py): each runs end to end
-with tiny arguments, so the scripts cannot silently rot. The benchmarks themselves are not part of the test suite."""
+"""Smoke tests of the training benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py,
+benchmarks/qmora_memory.py): each runs end to end with tiny arguments, so the scripts cannot silently rot. The
+benchmarks themselves are not part of the test suite."""
 
 from __future__ import annotations
 
@@ -72,3 +73,19 @@ def test_pretrain_runs_and_writes_results(tmp_path, capsys):
     assert (tmp_path / "pretrain.png").stat().st_size > 0
     assert "validation perplexity" in capsys.readouterr().out
     assert report["corpus"]["train"]["characters"] > 0
+
+
+def test_qmora_memory_runs_and_reports_ratios(tmp_path, capsys):
+    report = load("qmora_memory").main([
+        "--hidden", "64", "--layers", "1", "--batch", "1", "--seq", "8", "--steps", "2",
+        "--out", str(tmp_path / "q.json"),
+    ])
+    assert set(report["results"]) == {"bf16 lora", "bf16 mora", "4bit lora", "4bit mora"}
+    assert set(report["ratios"]) == {"4bit mora / 4bit lora", "4bit lora / bf16 lora", "4bit mora / bf16 mora"}
+    for result in report["results"].values():
+        assert result["peak"] >= result["loaded"] > 0 and result["peak_is_training_only"]
+    # MoRA and LoRA at the same r train about the same number of parameters
+    lora, mora = report["results"]["4bit lora"]["trainable"], report["results"]["4bit mora"]["trainable"]
+    assert abs(lora - mora) / lora < 0.05
+    assert json.loads((tmp_path / "q.json").read_text())["ratios"] == report["ratios"]
+    assert "4bit mora / 4bit lora: " in capsys.readouterr().out

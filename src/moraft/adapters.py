@@ -220,9 +220,15 @@ def resolve_model_dir(name_or_path: PathLike, what: str = "base model", alternat
 
 
 def load_causal_lm(
-    name_or_path: PathLike, *, dtype: torch.dtype | str = "auto", what: str = "base model", alternatives: str = ""
+    name_or_path: PathLike,
+    *,
+    dtype: torch.dtype | str = "auto",
+    what: str = "base model",
+    alternatives: str = "",
+    **from_pretrained: Any,
 ) -> tuple[torch.nn.Module, Any]:
-    """A causal LM and its tokenizer from `resolve_model_dir` (``dtype``: a torch dtype, or "auto" as saved)."""
+    """A causal LM and its tokenizer from `resolve_model_dir` (``dtype``: a torch dtype, or "auto" as saved;
+    ``from_pretrained``: more arguments of ``from_pretrained``, e.g. ``quantization_config``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_model_dir(name_or_path, what, alternatives)
@@ -233,7 +239,7 @@ def load_causal_lm(
     except (OSError, ValueError) as err:
         raise UserError(f"{what} {name_or_path}: cannot load its tokenizer ({err})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **from_pretrained)
     except (OSError, ValueError) as err:
         raise UserError(f"{what} {name_or_path}: cannot load the model ({err})") from None
     return model, tokenizer

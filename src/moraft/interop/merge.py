@@ -4,6 +4,11 @@ The merge never holds the model: it reads one tensor at a time from the base's s
 into the adapted weights (in float32, by the adapter's own layer code: moraft's for MoRA, PEFT's for LoRA and its
 variants such as DoRA; then cast back), and streams each tensor straight into the output files. Output shard headers are written first (every tensor's shape and dtype
 is known up front), so not even one output shard is buffered: peak memory is about one weight matrix plus ΔW.
+
+The base is always the unquantized checkpoint, for an adapter trained on a quantized base too (QMoRA, QLoRA: such an
+adapter's base_model_name_or_path is the unquantized base it was loaded from). Only when asked (``quantization``) is
+the merged model then written quantized, by transformers and bitsandbytes, with a measure of how much of the update
+the quantized weights keep (`moraft.quantization.KeptUpdate`): rounding to a 4-bit grid loses most of a small update.
 """
 
 from __future__ import annotations
@@ -23,9 +28,18 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import PathLike, lora_variants, parse_dtype, read_json, resolve_model_dir
+from ..adapters import DTYPES, PathLike, lora_variants, parse_dtype, read_json, resolve_model_dir
 from ..errors import UserError
-from ._common import LoadedAdapter, load_adapter_on_meta, staged_output_dir
+from ..quantization import (
+    QUANT_TYPES,
+    KeptUpdate,
+    bnb_config,
+    dequantized,
+    device_map,
+    is_quantized_linear,
+    requantized,
+)
+from ._common import LoadedAdapter, _model_class, load_adapter_on_meta, staged_output_dir
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -252,6 +266,9 @@ def merge_adapter(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     max_shard_size: Union[int, str] = "5GB",
     overwrite: bool = False,
+    quantization: Literal["none", "4bit", "8bit"] = "none",
+    quant_type: Literal["nf4", "fp4"] = "nf4",
+    double_quant: bool = False,
 ) -> Path:
     """Merge a MoRA or PEFT LoRA adapter (DoRA and other LoRA variants included) into its base model: a standard
     transformers checkpoint.
@@ -263,22 +280,34 @@ def merge_adapter(
     options that change more than the adapted weight matrices (lora_bias, trainable token embeddings) stop the merge
     with an error naming the option, before anything is written. The merge reads and writes one tensor at a time, so it never holds two copies of the model in memory.
 
+    An adapter trained on a quantized base (moraft train --model.quantization) merges into the unquantized base
+    weights, as any other. With ``quantization`` the merged model is then written quantized: it is loaded by
+    transformers with a bitsandbytes config (which holds it in memory, quantized) and saved. Rounding to the 4-bit
+    grid loses most of a small update, so the merge prints how much of it the quantized weights keep
+    (`moraft.quantization.KeptUpdate`).
+
     Args:
         base: the base model directory (config.json + model.safetensors or a sharded index), or a model id already
-            in the local Hugging Face cache.
+            in the local Hugging Face cache; its weights unquantized, also for an adapter trained on a quantized base.
         adapter: the adapter directory: a moraft MoRA adapter, or a PEFT LoRA adapter (DoRA, KaSA and the other
             LoRA variants that PEFT can merge).
         out_dir: where to write the merged model (written whole or not at all).
         dtype: dtype of the floating-point tensors written: ``auto`` keeps each tensor's stored dtype (a bfloat16
-            model stays bfloat16), or float32, bfloat16, float16.
+            model stays bfloat16), or float32, bfloat16, float16. With quantization: of the tensors left unquantized,
+            and the 4-bit compute dtype.
         max_shard_size: largest size of one weights file, in bytes or as '5GB', '500MB'.
         overwrite: replace ``out_dir`` if it exists.
+        quantization: none, or write the merged model's linear layers quantized by bitsandbytes: 4bit (NF4/FP4) or
+            8bit (LLM.int8). Most of a small update is lost in the rounding: the merge prints how much is kept.
+        quant_type: 4bit: nf4 or fp4.
+        double_quant: 4bit: quantize the per-block scales too.
 
     Returns:
         The output directory.
     """
     out_dtype = parse_dtype(dtype, auto=True)
     max_bytes = _parse_size(max_shard_size)
+    quantize = _quantization_options(quantization, quant_type, double_quant)
     base_dir = resolve_model_dir(base)
     config = read_json(base_dir / "config.json", "expected a transformers model directory")
     if config.get("quantization_config"):
@@ -297,9 +326,13 @@ def merge_adapter(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     total = sum(s.nbytes for s in planned)
+    kept = None
     with tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=None) as bar, staged_output_dir(
         out_dir, overwrite
     ) as staging:
+        # a quantized output is made from the merged model as an unquantized merge writes it
+        target = staging if quantize is None else staging / ".unquantized"
+        target.mkdir(exist_ok=True)
 
         def produce(spec: TensorSpec) -> torch.Tensor:
             # safetensors maps the file into memory, and every page read stays resident while the file is open:
@@ -315,15 +348,103 @@ def merge_adapter(
             return tensor.to(spec.dtype)
 
         for shard, name in zip(shards, names):
-            write_safetensors(staging / name, shard, produce, {"format": "pt"})
+            write_safetensors(target / name, shard, produce, {"format": "pt"})
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": total},
                 "weight_map": {spec.name: name for shard, name in zip(shards, names) for spec in shard},
             }
-            (staging / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        _copy_side_files(base_dir, staging, config, dtype)
+            (target / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(base_dir, target, config, dtype)
+        if quantize is not None:
+            written = {spec.name: target / name for shard, name in zip(shards, names) for spec in shard}
+            adapted = {key: (specs[key].source_file, written[key]) for key in changes if key not in loaded.replaced}
+            floating = [s.dtype for s in planned if s.name in adapted] + [s.dtype for s in planned]
+            load_dtype = next(d for d in floating if d.is_floating_point)  # the adapted weights' dtype as written
+            kept = _save_quantized(target, staging, quantize, load_dtype, loaded, adapted, max_shard_size)
+            shutil.rmtree(target)
+            _copy_missing_side_files(base_dir, staging)
+    if kept is not None:
+        print(_kept_message(Path(out_dir), quantization, quant_type, kept))
     return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a quantized output
+
+
+@dataclass
+class _Quantize:
+    quantization: str
+    quant_type: str
+    double_quant: bool
+
+
+def _quantization_options(quantization: str, quant_type: str, double_quant: bool) -> Optional[_Quantize]:
+    """The quantization asked for, checked (None for none): `UserError` naming a bad value, a 4bit option given
+    without 4bit, or bitsandbytes missing."""
+    bnb_config(quantization, option="quantization")  # an unknown value, bitsandbytes missing
+    if quant_type not in QUANT_TYPES:
+        raise UserError(f"quant_type={quant_type!r} is invalid; expected one of {', '.join(QUANT_TYPES)}")
+    if quantization != "4bit":
+        for name, value, default in (("quant_type", quant_type, "nf4"), ("double_quant", double_quant, False)):
+            if value != default:
+                raise UserError(f"{name} is a 4bit option; it does nothing with quantization={quantization!r}")
+    return None if quantization == "none" else _Quantize(quantization, quant_type, double_quant)
+
+
+def _save_quantized(
+    merged_dir: Path,
+    out: Path,
+    quantize: _Quantize,
+    load_dtype: torch.dtype,
+    loaded: LoadedAdapter,
+    adapted: dict[str, tuple[Path, Path]],
+    max_shard_size: Union[int, str],
+) -> KeptUpdate:
+    """Load the merged model in ``merged_dir`` quantized (transformers' bitsandbytes quantizer; ``load_dtype``: the
+    model's dtype and the 4-bit compute dtype), save it to ``out``, and measure, over the adapted weights it
+    quantized, how much of the update it keeps. ``adapted`` maps each adapted weight's name to its base and merged
+    safetensors files."""
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    config = bnb_config(
+        quantize.quantization, quantize.quant_type, quantize.double_quant, names.get(load_dtype, "float32"),
+        option="quantization",
+    )
+    cls = _model_class(loaded.config.to_dict())
+    model = cls.from_pretrained(merged_dir, quantization_config=config, dtype=load_dtype, device_map=device_map())
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    kept = KeptUpdate()
+    for key, (base_file, merged_file) in adapted.items():
+        name = key.removesuffix(".weight")
+        layer = modules.get(name, modules.get(f"{prefix}.{name}"))
+        if layer is None or not is_quantized_linear(layer):
+            continue  # left unquantized (an output head): it keeps the whole update
+        with safe_open(str(merged_file), "pt") as reader:
+            merged = reader.get_tensor(key)
+        with safe_open(str(base_file), "pt") as reader:
+            weight = reader.get_tensor(key).to(merged.dtype)  # the base as the merge writes it, without the update
+        quantized = dequantized(layer)
+        kept.add(weight, merged, quantized.to(weight.device), requantized(weight.to(quantized.device), layer).cpu())
+    return kept
+
+
+def _copy_missing_side_files(base_dir: Path, out: Path) -> None:
+    """The base's non-weight top-level files (tokenizer, ...) that ``save_pretrained`` did not write."""
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)
+
+
+def _kept_message(out: Path, quantization: str, quant_type: str, kept: KeptUpdate) -> str:
+    grid = f"4-bit {quant_type}" if quantization == "4bit" else "8-bit"
+    return (
+        f"moraft merge: wrote {out} with its linear layers quantized ({grid}, bitsandbytes). Rounding to the {grid} "
+        f"grid loses part of an update, most of a small one. Of this one: {kept}. Without --quantization the merge "
+        "keeps the whole update; on a quantized base, the adapter unmerged (as it was trained) keeps it too."
+    )
 
 
 def _copy_side_files(base_dir: Path, out: Path, config: dict, dtype: str) -> None:

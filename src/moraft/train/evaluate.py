@@ -125,11 +125,12 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
     """What ``path`` holds, ready to run: (model, tokenizer, description).
 
     ``path`` may be a training run's output directory or any PEFT adapter directory (its base comes from ``base``,
-    else the run's train_config.yaml, else the adapter's base_model_name_or_path), a full model directory (merged,
-    fully fine-tuned, or a base), or ``builtin:tiny-llama``. For a run trained with merge_every, the merged adapters
-    in ``merges/`` are first merged into the base in order (the final adapter alone is only the last segment).
+    else the run's train_config.yaml, quantized if the run's was, else the adapter's base_model_name_or_path), a
+    full model directory (merged, fully fine-tuned, or a base), or ``builtin:tiny-llama``. For a run trained with
+    merge_every, the merged adapters in ``merges/`` are first merged into the base in order (the final adapter alone
+    is only the last segment).
     """
-    from .methods import load_base
+    from .methods import load_base, load_model
 
     config = read_train_config(path) if path != BUILTIN_MODEL else None
     model_options = config.model if config is not None else ModelOptions()
@@ -153,7 +154,10 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
     base_name = base or (config and config.model.name_or_path) or adapter_config.base_model_name_or_path
     if not base_name:
         raise UserError(f"{path!r}: cannot tell its base model; pass --base")
-    model, tokenizer = load_base(base_name, **builtin)
+    if base is None and config is not None:  # the run's own base, quantized as it was trained on, if it was
+        model, tokenizer = load_model(config.model)
+    else:
+        model, tokenizer = load_base(base_name, **builtin)
     if (directory / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 

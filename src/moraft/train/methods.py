@@ -1,5 +1,5 @@
-"""The model and the method: load the base (a local directory or the built-in tiny LLaMA), wrap it for MoRA, LoRA,
-DoRA or full fine-tuning, and ReMoRA/ReLoRA's merge-and-restart of the adapter.
+"""The model and the method: load the base (a local directory or the built-in tiny LLaMA, quantized by bitsandbytes
+or not), wrap it for MoRA, LoRA, DoRA or full fine-tuning, and ReMoRA/ReLoRA's merge-and-restart of the adapter.
 
 ReMoRA / ReLoRA (https://arxiv.org/abs/2405.12130 §4.2, https://arxiv.org/abs/2307.05695): every N steps the adapter's
 update ΔW is added to the frozen base weights and the adapter starts again from its initial state, so the sum of
@@ -10,8 +10,11 @@ in a different subspace.
 
 from __future__ import annotations
 
+import tempfile
+from typing import Any
+
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -20,25 +23,61 @@ from ..adapters import load_causal_lm
 from ..errors import UserError
 from ..mora import MoraConfig, MoraLayer, MoraOperator
 from ..mora.model import adaptable_module_names, all_linear_names
+from ..quantization import bnb_config, device_map, keep_4bit_layout, quantization_of
 from .builtin import BUILTIN_MODEL, tiny_llama
-from .options import AdapterOptions
+from .options import AdapterOptions, ModelOptions
 
 ADAPTER = "default"  # the adapter name PEFT gives the one adapter get_peft_model creates
 
 
 def load_base(
-    model: str, *, hidden_size: int = 128, num_layers: int = 4, model_seed: int = 0, dtype: torch.dtype | None = None
+    model: str,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    model_seed: int = 0,
+    dtype: torch.dtype | None = None,
+    **from_pretrained: Any,
 ) -> tuple[nn.Module, object]:
     """The base causal LM and its tokenizer: ``builtin:tiny-llama``, or a model found by
-    `moraft.adapters.resolve_model_dir` (a local directory or a model in the local Hugging Face cache)."""
+    `moraft.adapters.resolve_model_dir` (a local directory or a model in the local Hugging Face cache), loaded by
+    ``from_pretrained`` with the ``from_pretrained`` arguments given (e.g. ``quantization_config``)."""
     if model == BUILTIN_MODEL:
-        return tiny_llama(model_seed, hidden_size, num_layers)
+        base, tokenizer = tiny_llama(model_seed, hidden_size, num_layers)
+        if from_pretrained:  # through transformers' own loading (its quantizer, ...)
+            from transformers import AutoModelForCausalLM
+
+            with tempfile.TemporaryDirectory(prefix="moraft-builtin-") as tmp:
+                base.save_pretrained(tmp)
+                del base
+                base = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype or torch.float32, **from_pretrained)
+        base.name_or_path = base.config._name_or_path = BUILTIN_MODEL  # PEFT saves it as base_model_name_or_path
+        return base, tokenizer
     base, tokenizer = load_causal_lm(
-        model, dtype=dtype or torch.float32, what="model", alternatives=f", or {BUILTIN_MODEL!r}"
+        model, dtype=dtype or torch.float32, what="model", alternatives=f", or {BUILTIN_MODEL!r}", **from_pretrained
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding positions are masked out of attention and loss
     return base, tokenizer
+
+
+def load_model(options: ModelOptions) -> tuple[nn.Module, object]:
+    """The base model of a run and its tokenizer, as ``options`` say: `load_base`, and with ``options.quantization``
+    quantized by bitsandbytes through transformers (``from_pretrained`` with a ``BitsAndBytesConfig``; the built-in
+    model is saved to a temporary directory and loaded from there), then PEFT's ``prepare_model_for_kbit_training``:
+    every weight frozen, the unquantized ones (embeddings, norms, output head) in float32. Gradient checkpointing
+    is the trainer's (optimization.gradient_checkpointing, non-reentrant, which needs no input gradients). 4-bit
+    weights keep bitsandbytes' own layout on the CPU (`moraft.quantization.keep_4bit_layout`).
+
+    The model's ``name_or_path`` (saved as the adapter's base_model_name_or_path) stays the unquantized base's.
+    """
+    config = bnb_config(options.quantization, options.quant_type, options.double_quant, options.compute_dtype)
+    builtin = dict(hidden_size=options.builtin_hidden_size, num_layers=options.builtin_num_layers,
+                   model_seed=options.seed)
+    if config is None:
+        return load_base(options.name_or_path, **builtin)
+    model, tokenizer = load_base(options.name_or_path, **builtin, quantization_config=config, device_map=device_map())
+    return prepare_model_for_kbit_training(keep_4bit_layout(model), use_gradient_checkpointing=False), tokenizer
 
 
 def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> MoraConfig | LoraConfig:
@@ -85,7 +124,33 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Mora
 
 
 def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
-    """``model`` ready to train with ``options.method``: a ``PeftModel``, or the model itself for ``full``."""
+    """``model`` ready to train with ``options.method``: a ``PeftModel``, or the model itself for ``full``.
+
+    A quantized base (`load_model`) takes an adapter only: full fine-tuning has no gradients for its weights, and
+    ReMoRA/ReLoRA's merges (merge_every) would round each update onto the quantization grid, losing most of it.
+    """
+    quantization = quantization_of(model)
+    if quantization != "none" and options.method == "full":
+        # transformers' Trainer refuses this too, in these words
+        raise UserError(
+            f"adapter.method='full': you cannot perform fine-tuning on purely quantized models "
+            f"(model.quantization={quantization!r}); train an adapter (mora, lora or dora) on it, or fine-tune the "
+            "unquantized base fully"
+        )
+    if quantization != "none" and options.merge_every:
+        raise UserError(
+            f"adapter.merge_every={options.merge_every}: ReMoRA/ReLoRA merge the adapter into the base weights, which "
+            f"are quantized here (model.quantization={quantization!r}), and rounding to their grid loses most of "
+            "each merged update; use adapter.merge_every=0, or an unquantized base"
+        )
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if quantization == "8bit" and options.method == "dora" and on_cpu:
+        # PEFT 0.21's DoRA reads the weight norm through dequantize_module_weight, which on the CPU puts back an
+        # Int8Params without its scales (bitsandbytes moved them to the layer's state); the next forward fails
+        raise UserError(
+            "adapter.method='dora' does not train on an 8-bit base on the CPU (PEFT's DoRA drops the 8-bit weight's "
+            "scales after the first step there); use model.quantization='4bit', or method lora or mora"
+        )
     if options.method == "full":
         model.requires_grad_(True)
         return model

@@ -17,8 +17,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
+from ..adapters import DTYPES
 from ..errors import UserError
 from ..mora.operators import COMPRESSIONS, GROUPINGS
+from ..quantization import QUANT_TYPES, QUANTIZATIONS
 from .builtin import BUILTIN_MODEL
 from .data import FORMATS, UUID_MEMORY
 
@@ -71,11 +73,34 @@ class ModelOptions(_Group):
     """builtin:tiny-llama: its decoder layers."""
     seed: int = 0
     """builtin:tiny-llama: the seed of its random weights (the same seed gives the same base model)."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the base quantized by bitsandbytes and train the adapter on it (QMoRA, QLoRA): 4bit (NF4 or FP4, as
+    QLoRA) or 8bit (LLM.int8), or none. The adapter is saved as usual and merges into the unquantized base
+    (moraft merge). Needs bitsandbytes; not with adapter.method full or adapter.merge_every."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4bit: the 4-bit data type, nf4 (NormalFloat, QLoRA's) or fp4."""
+    double_quant: bool = False
+    """4bit: quantize the per-block scales too (QLoRA's double quantization: about 0.37 bits less per weight)."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """4bit: the dtype the 4-bit weights are dequantized to for each matrix product."""
+
+    FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "double_quant", "compute_dtype")
 
     def validate(self) -> None:
         for name in ("builtin_hidden_size", "builtin_num_layers"):
             self._integer(name, 1)
         self._check(self.builtin_hidden_size % 4 == 0, "builtin_hidden_size", "a multiple of 4 (4 attention heads)")
+        self._choice("quantization", QUANTIZATIONS)
+        self._choice("quant_type", QUANT_TYPES)
+        self._check(isinstance(self.double_quant, bool), "double_quant", "true or false")
+        self._choice("compute_dtype", tuple(DTYPES))
+        if self.quantization != "4bit":
+            default = ModelOptions()
+            for name in self.FOUR_BIT_ONLY:
+                if getattr(self, name) != getattr(default, name):
+                    raise UserError(
+                        f"model.{name} is a 4bit option; it does nothing with quantization={self.quantization!r}"
+                    )
 
 
 @dataclass

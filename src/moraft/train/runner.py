@@ -35,11 +35,10 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
-from .builtin import BUILTIN_MODEL
 from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
 from .data import COLUMNS, UUID_MEMORY, describe_mix, load_data, uuid_pairs
 from .evaluate import CONFIG_FILE, merge_dirs, read_train_config, uuid_accuracy
-from .methods import ADAPTER, apply_method, count_parameters, load_base, merge_and_restart
+from .methods import ADAPTER, apply_method, count_parameters, load_model, merge_and_restart
 from .options import AdapterOptions, TrainOptions
 from .plot import plot_run
 
@@ -300,14 +299,7 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     _check_trackers(options)
     _check_kernels(options)
     checkpoint = _prepare_output_dir(options)
-    model, tokenizer = load_base(
-        options.model.name_or_path,
-        hidden_size=options.model.builtin_hidden_size,
-        num_layers=options.model.builtin_num_layers,
-        model_seed=options.model.seed,
-    )
-    if options.model.name_or_path == BUILTIN_MODEL:
-        model.config._name_or_path = BUILTIN_MODEL  # recorded as the adapter's base_model_name_or_path
+    model, tokenizer = load_model(options.model)
     train_data, fmt = load_data(data, tokenizer)
     eval_data = load_data(data, tokenizer, eval=True)[0] if data.eval_dataset else None
     _check_objective(options, fmt)
@@ -428,8 +420,9 @@ def make_trainer(
         # DPO's reference is the model before training: an adapter disabled gives it for free; a fully trained model
         # needs a frozen copy (TRL would reload it from its name, which the built-in model does not have)
         extra["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     with _trl_errors():
-        return trainer_class(
+        trainer = trainer_class(
             model=model,
             args=args or _training_arguments(options, fmt),
             train_dataset=train_data,
@@ -440,6 +433,12 @@ def make_trainer(
             merge_warmup=options.adapter.effective_merge_warmup,
             **extra,
         )
+    # TRL casts the adapter of a quantized base to bf16 (QLoRA's advice for GPUs); moraft keeps PEFT's dtype (float32),
+    # which is what the adapter saves in and what small updates need, as TRL itself concedes for DoRA's magnitudes
+    for name, param in model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+    return trainer
 
 
 def _format_of(data) -> str:
