@@ -85,3 +85,21 @@ def test_eval_perplexity_on_a_parquet_text_column(tmp_path, capsys):
     # three documents of the same text: three times the tokens; a random model is near-uniform over its vocabulary
     assert parquet["task"] == "perplexity" and parquet["tokens"] > 2.9 * single["tokens"]
     assert 50 < parquet["perplexity"] < 200 and abs(parquet["loss"] - single["loss"]) < 0.05
+
+
+def test_attention_implementation(tmp_path, capsys):
+    seen = []
+
+    class Attention(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model.config._attn_implementation)
+
+    train(tiny_options(tmp_path / "eager", model={"attn_implementation": "eager"}, optimization={"max_steps": 1}),
+          callbacks=[Attention()])
+    assert seen == ["eager"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--output.dir", str(tmp_path / "out"), "--model.attn_implementation", "flash_attention_2"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and not (tmp_path / "out").exists()
+    assert "model.attn_implementation='flash_attention_2' cannot be used: FlashAttention2" in err

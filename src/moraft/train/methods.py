@@ -70,14 +70,26 @@ def load_model(options: ModelOptions) -> tuple[nn.Module, object]:
     weights keep bitsandbytes' own layout on the CPU (`moraft.quantization.keep_4bit_layout`).
 
     The model's ``name_or_path`` (saved as the adapter's base_model_name_or_path) stays the unquantized base's.
+    ``options.attn_implementation``, when given, replaces the model's attention kernel (transformers'
+    ``set_attn_implementation``).
     """
     config = bnb_config(options.quantization, options.quant_type, options.double_quant, options.compute_dtype)
     builtin = dict(hidden_size=options.builtin_hidden_size, num_layers=options.builtin_num_layers,
                    model_seed=options.seed)
     if config is None:
-        return load_base(options.name_or_path, **builtin)
-    model, tokenizer = load_base(options.name_or_path, **builtin, quantization_config=config, device_map=device_map())
-    return prepare_model_for_kbit_training(keep_4bit_layout(model), use_gradient_checkpointing=False), tokenizer
+        model, tokenizer = load_base(options.name_or_path, **builtin)
+    else:
+        model, tokenizer = load_base(options.name_or_path, **builtin, quantization_config=config,
+                                     device_map=device_map())
+        model = prepare_model_for_kbit_training(keep_4bit_layout(model), use_gradient_checkpointing=False)
+    if options.attn_implementation is not None:
+        try:
+            model.set_attn_implementation(options.attn_implementation)
+        except (ImportError, ValueError) as err:
+            raise UserError(
+                f"model.attn_implementation={options.attn_implementation!r} cannot be used: {str(err).splitlines()[0]}"
+            ) from None
+    return model, tokenizer
 
 
 def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> MoraConfig | LoraConfig:

@@ -83,6 +83,9 @@ class ModelOptions(_Group):
     """4bit: quantize the per-block scales too (QLoRA's double quantization: about 0.37 bits less per weight)."""
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """4bit: the dtype the 4-bit weights are dequantized to for each matrix product."""
+    attn_implementation: Optional[str] = None
+    """The attention kernel: sdpa, eager, flash_attention_2, flash_attention_3, flex_attention ... (what transformers'
+    attn_implementation accepts; flash attention needs its package and a GPU); None: the model's default."""
 
     FOUR_BIT_ONLY: ClassVar[tuple[str, ...]] = ("quant_type", "double_quant", "compute_dtype")
 
