@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import moraft
 from moraft.train import TrainOptions, tiny_llama
@@ -215,3 +215,65 @@ def test_export_vllm_needs_a_rank_for_rotation(tmp_path):
     config = json.loads((tmp_path / "lora" / "rot" / "adapter_config.json").read_text())
     assert config["r"] == 16 and "--max-lora-rank 16" in proc.stdout
     assert "largest relative error" in proc.stdout and "(exact)" not in proc.stdout
+
+
+# -- examples/distributed/ ---------------------------------------------------------------------------------------------
+# test_train_distributed.py trains with zero2.json and zero3.json under torchrun (two processes on CPU) and checks the
+# adapter against a single process's; here, what holds for any run: the "auto" values are all filled from the
+# Trainer's arguments, whatever the batch, and fsdp2.json is what TrainingArguments and accelerate expect.
+
+
+def _autos(tree, path: str = "") -> list[str]:
+    """The keys of a (nested) DeepSpeed config whose value is still "auto"."""
+    if isinstance(tree, dict):
+        return [key for name, value in tree.items() for key in _autos(value, f"{path}{name}.")]
+    return [path.rstrip(".")] if tree == "auto" else []
+
+
+@pytest.mark.parametrize("name, stage", [("zero2.json", 2), ("zero3.json", 3)])
+def test_deepspeed_configs_take_any_batch_from_the_trainer(name, stage):
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+
+    raw = json.loads((EXAMPLES / "distributed" / name).read_text())
+    # no optimizer or scheduler of DeepSpeed's own: the Trainer's AdamW and schedule run, as in a single process
+    assert raw["zero_optimization"]["stage"] == stage and "optimizer" not in raw and "scheduler" not in raw
+    assert raw["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False) == (stage == 3)
+    model, _ = tiny_llama(seed=0, hidden_size=64, num_layers=1)
+    try:
+        for batch, accumulation, clip in [(1, 1, 1.0), (3, 5, 0.5)]:
+            args = TrainingArguments(output_dir="unused", per_device_train_batch_size=batch, use_cpu=True,
+                                     gradient_accumulation_steps=accumulation, max_grad_norm=clip, report_to="none")
+            config = HfTrainerDeepSpeedConfig(str(EXAMPLES / "distributed" / name))
+            config.trainer_config_process(args)
+            config.trainer_config_finalize(args, model, num_training_steps=10)  # raises on a mismatch
+            assert not _autos(config.config), _autos(config.config)
+            assert config.config["train_batch_size"] == batch * accumulation  # × the processes, 1 here
+            assert config.config["gradient_clipping"] == clip and config.config["bf16"]["enabled"] is False
+            assert config.config["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    finally:
+        unset_hf_deepspeed_config()  # the config registers itself globally (is_deepspeed_zero3_enabled)
+
+
+@pytest.mark.parametrize("fsdp, reshard", [("full_shard", True), ("shard_grad_op", False)])
+def test_fsdp2_config_parses_and_wraps_each_decoder_layer(fsdp, reshard):
+    """FSDP runs only on GPUs (accelerate 1.15), so on CPU this is as far as the config goes: TrainingArguments reads
+    it with --distributed.fsdp's word, accelerate builds its FSDP2 plugin from it, and the plugin's policy wraps each
+    decoder layer of a MoRA model (the class the model names in _no_split_modules, LlamaDecoderLayer here)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from moraft.train import AdapterOptions
+    from moraft.train.methods import apply_method
+
+    args = TrainingArguments(output_dir="unused", fsdp=fsdp, use_cpu=True, report_to="none",
+                             fsdp_config=str(EXAMPLES / "distributed" / "fsdp2.json"))
+    assert args.fsdp_plugin_args == {
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "reshard_after_forward": reshard,
+        "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False, "activation_checkpointing": False,
+    }
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    assert plugin.fsdp_version == 2
+    model = apply_method(tiny_llama(seed=0, hidden_size=32, num_layers=2)[0], AdapterOptions(method="mora"))
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [name for name, module in model.named_modules() if policy(module)]
+    assert wrapped == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]

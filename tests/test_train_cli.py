@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import tiny_flags, tiny_options
 
@@ -109,6 +111,32 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
               "{bad_json}": tmp_path / "zero3.json", "{odd_jsonl}": tmp_path / "odd.jsonl"}
     flags = [str(places.get(f, f)) for f in flags]
     expected = expected.replace("{bad_json}", str(places["{bad_json}"]))
+    out_dir = tmp_path / "out"
+    status, _, err = run_cli(["train", *tiny_flags(out_dir), *flags], capsys)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not out_dir.exists()
+
+
+EXAMPLE_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "distributed"
+WITHOUT_ACCELERATOR = {  # what a machine with GPUs runs, a CPU-only machine refuses before writing anything
+    "fsdp": (["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(EXAMPLE_CONFIGS / "fsdp2.json")],
+             "distributed.fsdp='full_shard auto_wrap': accelerate runs FSDP only on GPUs (and other accelerators), "
+             "and this machine has none; shard on CPU with distributed.deepspeed (ZeRO-3)"),
+    "deepspeed without a launcher": (["--deepspeed", str(EXAMPLE_CONFIGS / "zero2.json")],
+                                     "distributed.deepspeed on a machine without GPUs runs under a launcher"),
+}
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="a machine with a GPU runs these")
+@pytest.mark.parametrize("case", list(WITHOUT_ACCELERATOR))
+def test_sharding_without_accelerator_is_one_line(tmp_path, capsys, monkeypatch, case):
+    """accelerate (1.15) sets up FSDP only for GPUs and other accelerators (``AcceleratorState``: a MULTI_CPU run
+    keeps no FSDP plugin), so on CPU the Trainer would silently train unsharded; DeepSpeed on CPU needs the process
+    group of a launcher (torchrun sets LOCAL_RANK)."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    flags, expected = WITHOUT_ACCELERATOR[case]
     out_dir = tmp_path / "out"
     status, _, err = run_cli(["train", *tiny_flags(out_dir), *flags], capsys)
     assert status == 2

@@ -402,11 +402,13 @@ class DistributedOptions(_Group):
     GROUP: ClassVar[str] = "distributed"
 
     deepspeed: Optional[str] = None
-    """A DeepSpeed config (JSON file): ZeRO-2 or ZeRO-3, see examples/distributed/. Launch with
-    `torchrun --nproc-per-node N -m moraft train ...` or `accelerate launch`."""
+    """A DeepSpeed config (JSON file), e.g. examples/distributed/zero2.json or zero3.json, whose "auto" values are
+    filled from these options. Start the processes with `torchrun --nproc-per-node N -m moraft train ...` (also on
+    CPU, where a launcher is needed) or `accelerate launch --multi_gpu --num_processes N -m moraft train ...`."""
     fsdp: str = ""
-    """torch FSDP, as TrainingArguments' fsdp: e.g. "full_shard auto_wrap" (with fsdp_config
-    examples/distributed/fsdp2.json for FSDP2); "" for none. Needs GPUs: accelerate runs FSDP only on them."""
+    """torch FSDP, as TrainingArguments' fsdp: "full_shard" (reshard the parameters after each forward pass) or
+    "shard_grad_op" (keep them until the backward pass), with fsdp_config examples/distributed/fsdp2.json for FSDP2;
+    "" for none. Needs GPUs: accelerate runs FSDP only on them."""
     fsdp_config: Optional[str] = None
     """The FSDP config (JSON file), as TrainingArguments' fsdp_config."""
 

@@ -183,20 +183,50 @@ def _gather(value: str) -> list[str]:
 
 
 def _device_arguments(options: TrainOptions) -> dict:
-    """``use_cpu``/``ddp_backend`` for this machine. accelerate treats torchrun on CPU as distributed (gloo) only with
-    ``use_cpu``, but enables DeepSpeed (``distributed.deepspeed``, or ``accelerate launch --use_deepspeed``, with
-    ``DS_ACCELERATOR=cpu``) only without it, given an explicit backend."""
+    """``use_cpu``, ``ddp_backend`` and ``deepspeed`` for this machine. accelerate treats torchrun on CPU as
+    distributed (gloo) only with ``use_cpu``, but enables DeepSpeed only without it, given an explicit backend; on CPU
+    the DeepSpeed config reaches accelerate through the environment instead (see `_deepspeed_environment`)."""
     if _has_accelerator():
-        return {}
+        return {"deepspeed": options.distributed.deepspeed}
     if options.distributed.fsdp:
         raise UserError(
             f"distributed.fsdp={options.distributed.fsdp!r}: accelerate runs FSDP only on GPUs (and other "
             "accelerators), and this machine has none; shard on CPU with distributed.deepspeed (ZeRO-3)"
         )
     if options.distributed.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if "LOCAL_RANK" not in os.environ:  # accelerate would ask torch for a process group that nobody created
+            raise UserError("distributed.deepspeed on a machine without GPUs runs under a launcher, with a process "
+                            "group: torchrun --nproc-per-node N -m moraft train ...")
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        return {"use_cpu": False, "ddp_backend": "gloo"}
-    return {"use_cpu": True}
+        return {"use_cpu": False, "ddp_backend": "gloo", "deepspeed": None}
+    return {"use_cpu": True, "deepspeed": None}
+
+
+@contextmanager
+def _deepspeed_environment(options: TrainOptions) -> Iterator[None]:
+    """On a machine without accelerator, while the Trainer is built: ``distributed.deepspeed`` as
+    ``accelerate launch --use_deepspeed --deepspeed_config_file FILE`` passes it, in environment variables.
+
+    Given as ``TrainingArguments(deepspeed=FILE)`` on CPU, the config makes transformers (5.23) set up accelerate's
+    state without a backend; DeepSpeed then creates the process group, but accelerate (1.15) counts one process: every
+    rank would train on all the data, and DeepSpeed's batch-size check fails. Through the environment, with
+    ``ddp_backend="gloo"`` (`_device_arguments`), accelerate counts the processes, and the Trainer fills the config's
+    "auto" values from its arguments as it does for ``accelerate launch``."""
+    if _has_accelerator() or not options.distributed.deepspeed:
+        yield
+        return
+    given = {"ACCELERATE_USE_DEEPSPEED": "true",
+             "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(Path(options.distributed.deepspeed).resolve())}
+    before = {name: os.environ.get(name) for name in given}
+    os.environ.update(given)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _packing(options: TrainOptions, fmt: str) -> Optional[str]:
@@ -266,7 +296,6 @@ def _training_arguments(options: TrainOptions, fmt: str) -> TrainingArguments:
         disable_tqdm=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
-        deepspeed=dist.deepspeed,
         fsdp=dist.fsdp,
         fsdp_config=dist.fsdp_config,
         max_length=data.seq_length,
@@ -313,26 +342,30 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
 
     out = Path(output.dir)
     existed = out.exists()
-    args = _training_arguments(options, fmt)
-    is_main = args.process_index == 0
-    recorder = Recorder(out, _label(adapter), is_main)
-    own = [recorder]
-    if pairs is not None:
-        own.append(Evaluator(evaluate, output.eval_steps, recorder))
-    if adapter.merge_every:
-        seed = options.optimization.seed
-        own.append(MergeEvery(adapter.merge_every, out, adapter.switch_grouping, seed, is_main))
-    trainer = make_trainer(options, model, tokenizer, train_data, eval_data, args, own + list(callbacks))
+    with _deepspeed_environment(options):
+        args = _training_arguments(options, fmt)
+        is_main = args.process_index == 0
+        recorder = Recorder(out, _label(adapter), is_main)
+        own = [recorder]
+        if pairs is not None:
+            own.append(Evaluator(evaluate, output.eval_steps, recorder))
+        if adapter.merge_every:
+            seed = options.optimization.seed
+            own.append(MergeEvery(adapter.merge_every, out, adapter.switch_grouping, seed, is_main))
+        trainer = make_trainer(options, model, tokenizer, train_data, eval_data, args, own + list(callbacks))
     trainer.remove_callback(ProgressCallback)  # the Recorder draws the bar
     sharding = _sharding(trainer)
-    if sharding and adapter.merge_every:
+    if adapter.merge_every and (sharding or trainer.is_deepspeed_enabled):
         if is_main and not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # Trainer creates output.dir; a refused run leaves none behind
-        raise UserError(
-            f"adapter.merge_every={adapter.merge_every}: ReMoRA/ReLoRA merge the adapter into the base weights, "
-            f"which {sharding} shards across processes; train with adapter.merge_every=0, or under DDP or DeepSpeed "
-            "ZeRO-1/2"
-        )
+        if sharding:
+            why = f"merge the adapter into the base weights, which {sharding} shards across processes"
+        else:  # ZeRO-1/2 keep the trained weights in their optimizer's fp32 partitions, copied into the model
+            stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+            why = (f"restart the adapter after each merge, but DeepSpeed ZeRO-{stage} steps its own fp32 copy of the "
+                   "adapter and copies it back, undoing the restart")
+        raise UserError(f"adapter.merge_every={adapter.merge_every}: ReMoRA/ReLoRA {why}; train with "
+                        "adapter.merge_every=0, or under DDP")
 
     # -- everything is checked: from here on the run writes to output.dir -------------------------------------
     if output.overwrite and is_main and out.is_dir():
