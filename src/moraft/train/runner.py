@@ -377,7 +377,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         _replay_merges(model, options, int(Path(checkpoint).name.split("-")[1]), is_main)
     started = time.perf_counter()
     try:
-        trained = trainer.train(resume_from_checkpoint=checkpoint)
+        with _quiet_builtin_saves():
+            trained = trainer.train(resume_from_checkpoint=checkpoint)
     except BaseException:
         recorder.close()
         raise
@@ -408,7 +409,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         model=model,
         tokenizer=tokenizer,
     )
-    _save_outputs(trainer, tokenizer, options, result, digests, is_main)
+    with _quiet_builtin_saves():
+        _save_outputs(trainer, tokenizer, options, result, digests, is_main)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank returns before the outputs exist
     if result.ranks_in_sync is False:
@@ -488,6 +490,15 @@ def _check_objective(options: TrainOptions, fmt: str) -> None:
     if not dpo and fmt == "preference":
         raise UserError(f"data.dataset {described!r} is preference data (prompt, chosen, rejected); train it with "
                         "--optimization.objective dpo")
+
+
+@contextmanager
+def _quiet_builtin_saves() -> Iterator[None]:
+    """PEFT warns at each save that it cannot find the built-in model's config.json (its name is not a directory nor
+    a Hub repository, so there is nothing to compare the vocabulary with, and the vocabulary is unchanged)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not find a config file in builtin:", category=UserWarning)
+        yield
 
 
 @contextmanager
