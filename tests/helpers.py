@@ -40,6 +40,32 @@ def tiny_flags(output_dir) -> list[str]:
     return flags + ["--output.dir", str(output_dir)]
 
 
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``moraft ARGV`` run in this process."""
+    from moraft.cli import main
+
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_refused(argv, capsys, expected: str, out_dir: Path) -> None:
+    """``moraft ARGV`` is bad input: exit status 2, one line on stderr that says ``expected``, nothing written to
+    ``out_dir``."""
+    status, _, err = run_cli(argv, capsys)
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not Path(out_dir).exists()
+
+
 # -- outputs ------------------------------------------------------------------------------------------------------
 
 

@@ -10,21 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_flags, tiny_options
+from helpers import assert_refused, run_cli, tiny_flags, tiny_options
 
 from moraft.cli import main
 from moraft.train import TrainOptions, load_trained, train
 
-
-def run_cli(argv, capsys):
-    """(exit status, stdout, stderr) of ``moraft ARGV`` run in this process."""
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def test_train_help_documents_every_option(capsys):
@@ -112,11 +102,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, case):
     flags = [str(places.get(f, f)) for f in flags]
     expected = expected.replace("{bad_json}", str(places["{bad_json}"]))
     out_dir = tmp_path / "out"
-    status, _, err = run_cli(["train", *tiny_flags(out_dir), *flags], capsys)
-    assert status == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], err
-    assert not out_dir.exists()
+    assert_refused(["train", *tiny_flags(out_dir), *flags], capsys, expected, out_dir)
 
 
 EXAMPLE_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "distributed"
@@ -138,11 +124,7 @@ def test_sharding_without_accelerator_is_one_line(tmp_path, capsys, monkeypatch,
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     flags, expected = WITHOUT_ACCELERATOR[case]
     out_dir = tmp_path / "out"
-    status, _, err = run_cli(["train", *tiny_flags(out_dir), *flags], capsys)
-    assert status == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], err
-    assert not out_dir.exists()
+    assert_refused(["train", *tiny_flags(out_dir), *flags], capsys, expected, out_dir)
 
 
 def test_an_internal_error_crashes_with_its_traceback(tmp_path, capsys, monkeypatch):

@@ -12,14 +12,13 @@ import sys
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import tiny_flags, tiny_options
+from helpers import run_cli, tiny_flags, tiny_options
 from peft import PeftModel
 from quantized import dequantized as read_grid
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moraft import MoraConfig  # importing moraft registers MoRA with PEFT
-from moraft.cli import main
 from moraft.interop import merge_adapter
 from moraft.quantization import KeptUpdate
 from moraft.testing import input_ids, logits, save_adapter, tiny_llama
@@ -28,16 +27,6 @@ from moraft.train import BUILTIN_MODEL, TrainOptions, load_trained, train
 
 QUANTIZED_LAYER = {"4bit": bnb.nn.Linear4bit, "8bit": bnb.nn.Linear8bitLt}
 
-
-def run_cli(argv, capsys):
-    """(exit status, stdout, stderr) of ``moraft ARGV`` run in this process."""
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 def quantized_run(out, base, quantization, method="mora", **groups):
