@@ -36,10 +36,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
 from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
-from .data import COLUMNS, UUID_MEMORY, describe_mix, load_data, uuid_pairs
+from .data import UUID_MEMORY, describe_mix, detect_format, load_data, uuid_pairs
 from .evaluate import CONFIG_FILE, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_model, merge_and_restart
-from .options import AdapterOptions, TrainOptions
+from .options import AdapterOptions, DataOptions, TrainOptions
 from .plot import plot_run
 
 SUMMARY_FILE = "train_summary.json"
@@ -245,10 +245,8 @@ def _check_trackers(options: TrainOptions) -> None:
     available = get_available_reporting_integrations()
     for name in options.output.trackers:
         if name != "all" and name not in available:
-            package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(name, name)
-            raise UserError(
-                f"output.report_to={name!r}: its package is not installed; pip install {package} (or moraft[trackers])"
-            )
+            extra = " (or moraft[trackers])" if name == "tensorboard" else ""
+            raise UserError(f"output.report_to={name!r}: its package is not installed; pip install {name}{extra}")
 
 
 def _check_kernels(options: TrainOptions) -> None:
@@ -477,8 +475,9 @@ def make_trainer(
 
 
 def _format_of(data) -> str:
+    """The format of data that `load_data` made (standard columns only)."""
     columns = data.column_names or list(next(iter(data)).keys())
-    return next(fmt for fmt in ("preference", "chat", "prompt-completion", "text") if set(COLUMNS[fmt]) <= set(columns))
+    return detect_format(set(columns), columns, "the training data", DataOptions())
 
 
 def _check_objective(options: TrainOptions, fmt: str) -> None:
