@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-from moraft.train.builtin import CHARACTERS, SPECIAL_TOKENS, char_tokenizer, tiny_llama_config
+from moraft.train.builtin import CHARACTERS, SPECIAL_TOKENS, TOKEN_IDS, char_tokenizer, tiny_llama_config
 
 Model = TypeVar("Model", bound=nn.Module)
 
@@ -82,9 +82,7 @@ def tiny_gpt2(
         n_head=4,
         n_positions=128,
         vocab_size=vocab_size,
-        bos_token_id=SPECIAL_TOKENS.index("<s>"),
-        eos_token_id=SPECIAL_TOKENS.index("</s>"),
-        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+        **TOKEN_IDS,
     )
     return _build(GPT2LMHeadModel, GPT2Config(**{**fields, **config}), seed, dtype)
 

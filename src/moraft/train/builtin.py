@@ -18,6 +18,11 @@ BUILTIN_MODEL = "builtin:tiny-llama"
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHARACTERS = string.printable[:95] + "\n\t"  # printable ASCII (space to ~), newline, tab
+TOKEN_IDS = {  # the special token ids a model config of the character tokenizer names
+    "bos_token_id": SPECIAL_TOKENS.index("<s>"),
+    "eos_token_id": SPECIAL_TOKENS.index("</s>"),
+    "pad_token_id": SPECIAL_TOKENS.index("<pad>"),
+}
 
 # Roles are special tokens, so a rendered chat never splits them into characters. The template is prefix-stable
 # (rendering the first i messages gives a prefix of rendering all of them), and marks each assistant reply and its
@@ -75,9 +80,7 @@ def tiny_llama_config(
         num_key_value_heads=4,
         max_position_embeddings=1024,
         tie_word_embeddings=False,
-        bos_token_id=SPECIAL_TOKENS.index("<s>"),
-        eos_token_id=SPECIAL_TOKENS.index("</s>"),
-        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+        **TOKEN_IDS,
     )
     return LlamaConfig(**{**fields, **overrides})
 
