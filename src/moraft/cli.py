@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "serve": "moraft.serve.server:serve",
     "train": "moraft.train.runner:train",
     "eval": "moraft.train.evaluate:eval_command",
+    "data": "moraft.data.pipeline:data",
     "demo": "moraft.train.demo:demo",
 }
 
@@ -67,6 +68,8 @@ def shortcuts(func: Callable) -> dict[str, Optional[str]]:
     hints = typing.get_type_hints(options)
     found = {}
     for f in dataclasses.fields(options):
+        if not (isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])):
+            continue  # an option of its own (``moraft data --output``), not a group
         shortcut = getattr(hints[f.name], "SHORTCUT", None)
         found[f.name] = f"{f.name}.{shortcut}" if shortcut else None
     return found

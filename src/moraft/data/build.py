@@ -1,0 +1,207 @@
+"""The build stage: one training text per document, plus general instruction data at a token ratio.
+
+Each domain example is the document's *reading* (ETRC: its cluster neighbours' texts, then its own text) followed by
+the comprehension tasks about it: AdaptLLM's mined tasks and the LLM's question/answer pairs, formatted by
+`moraft.data.mine.render_example`. General instruction data (AdaptLLM mixes it 1:1 by tokens) is rendered to plain
+text, so the whole set is text for continued pre-training: ``moraft train --data OUTPUT/train`` reads it directly and
+takes the loss on every token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from ..errors import UserError
+from ..train.options import _Group
+
+LLM_TASK = "comprehension"  # the task name of the LLM's pairs among the mined ones
+READING_SEPARATOR = "\n\n"
+
+
+@dataclass
+class BuildOptions(_Group):
+    """How the training texts are assembled, and the general instruction data mixed in."""
+
+    GROUP: ClassVar[str] = "build"
+
+    general: Optional[str] = None
+    """General instruction data mixed into the domain data (AdaptLLM's advice: 1:1 by tokens): any source
+    `moraft train --data` reads (a file, a directory, a save_to_disk directory, a cached dataset name), in text, chat
+    or prompt-completion format. Chat is rendered with the tokenizer's chat template (role: content lines without
+    one); prompt-completion as prompt then completion. None: domain data only."""
+    general_ratio: float = 1.0
+    """Tokens of general data per token of domain data. Rows are drawn in a seeded order, and repeated when the
+    source has too few tokens (the report says how often)."""
+    general_split: str = "train"
+    """The split of build.general to read."""
+    seed: int = 0
+    """Seeds the general data's order and the final shuffle (each document's own formatting is seeded by the
+    document and mine.seed)."""
+
+    def validate(self) -> None:
+        self._check(isinstance(self.general_ratio, (int, float)) and self.general_ratio > 0, "general_ratio",
+                    "a number > 0")
+
+
+def reading(texts: list[str], index: int, neighbors: list[int]) -> str:
+    """ETRC's extended reading of document ``index``: its neighbours' texts (nearest last, next to the text the
+    questions are about), then its own text."""
+    return READING_SEPARATOR.join([texts[j] for j in reversed(neighbors)] + [texts[index]])
+
+
+def llm_tasks(pairs: list[dict]) -> list[dict]:
+    """The LLM's question/answer pairs as tasks `render_example` formats: one more task type."""
+    return [{"task": LLM_TASK, "kind": "llm", "question": p["question"], "answer": p["answer"]} for p in pairs]
+
+
+def domain_examples(corpus, mined=None, comprehension=None, clusters=None, *, domain: str, seed: int = 0,
+                    num_proc: int = 1):
+    """One text per document: the reading (extended by ``clusters``' neighbours) and the rendered tasks.
+
+    Args:
+        corpus: the corpus dataset (``id``, ``title``, ``text``, ``tokens``).
+        mined: the mine stage's dataset (``id``, ``tasks``), or None for no mined tasks.
+        comprehension: the comprehend stage's dataset (``id``, ``llm_tasks``), or None.
+        clusters: the cluster stage's dataset (``id``, ``neighbors``), or None for the document's own text only.
+        domain: the domain's name, in the introduction line of the tasks.
+        seed: mixed with each document's own seed.
+        num_proc: processes for the rendering.
+
+    Returns:
+        A dataset with ``id``, ``text`` and ``neighbors`` (how many texts extend the reading), in corpus order.
+    """
+    from .mine import document_seed, render_example
+
+    for name, stage in (("mine", mined), ("comprehend", comprehension), ("cluster", clusters)):
+        if stage is not None and (len(stage) != len(corpus) or stage[:1]["id"] != corpus[:1]["id"]):
+            raise UserError(f"the {name} stage's output does not match the corpus (rows or ids differ); rerun it")
+    texts = corpus["text"]
+    extra = {
+        "tasks": mined["tasks"] if mined is not None else [[] for _ in texts],
+        "llm": comprehension["llm_tasks"] if comprehension is not None else [[] for _ in texts],
+        "neighbors": clusters["neighbors"] if clusters is not None else [[] for _ in texts],
+    }
+
+    def render(row: dict, index: int) -> dict:
+        tasks = list(row["tasks"] or []) + llm_tasks(row["llm"] or [])
+        text = reading(texts, index, row["neighbors"]) if row["neighbors"] else row["text"]
+        doc_seed = document_seed(row["text"], seed)
+        return {"text": render_example(text, row["title"], tasks, domain=domain, seed=doc_seed),
+                "neighbors": len(row["neighbors"])}
+
+    table = corpus.select_columns(["id", "title", "text"])
+    for name, values in extra.items():
+        table = table.add_column(name, values)
+    # texts are captured by the closure: datasets pickles it for num_proc > 1, once per process
+    return table.map(render, with_indices=True, num_proc=num_proc if num_proc > 1 else None,
+                     remove_columns=["title", "tasks", "llm"], desc="Rendering examples")
+
+
+def render_general(row: dict, fmt: str, tokenizer) -> str:
+    """One general instruction example as plain text."""
+    if fmt == "text":
+        return row["text"]
+    if fmt == "chat":
+        messages = row["messages"]
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list):  # conversational prompt-completion
+        return render_general({"messages": prompt + completion}, "chat", tokenizer)
+    return prompt + completion
+
+
+def general_examples(source: str, split: str, tokenizer, target_tokens: int, seed: int = 0):
+    """General instruction data rendered to text, drawn in a seeded order (repeating the source when it is short)
+    until its tokens reach ``target_tokens``.
+
+    Returns:
+        The dataset (``text``) and a report: rows drawn, distinct rows, tokens, passes over the source.
+    """
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    from ..train.data import read_source, standardize
+    from ..train.options import DataOptions
+
+    options = DataOptions(dataset=source, split=split)
+    data, fmt = standardize(read_source(source, options, split), source, options)
+    if fmt == "preference":
+        raise UserError(f"build.general={source!r} is preference data; expected text, chat or prompt-completion "
+                        "instruction data")
+    if len(data) == 0:
+        raise UserError(f"build.general={source!r} has no rows")
+    order = list(range(len(data)))
+    rows, tokens, passes = [], 0, 0
+    rng = random.Random(seed)
+    with tqdm(total=target_tokens, desc="General data (tokens)", unit="tok") as bar:
+        while tokens < target_tokens:
+            passes += 1
+            rng.shuffle(order)
+            for i in order:
+                text = render_general(data[i], fmt, tokenizer)
+                n = len(tokenizer(text).input_ids)
+                rows.append({"text": text})
+                tokens += n
+                bar.update(n)
+                if tokens >= target_tokens:
+                    break
+    report = {"source": source, "format": fmt, "rows": len(rows), "distinct_rows": min(len(rows), len(data)),
+              "tokens": tokens, "passes": passes}
+    return Dataset.from_list(rows), report
+
+
+def count_tokens(data, tokenizer, num_proc: int = 1) -> list[int]:
+    """The token count of each row's ``text``."""
+    counted = data.map(lambda batch: {"n": [len(ids) for ids in tokenizer(batch["text"]).input_ids]},
+                       batched=True, num_proc=num_proc if num_proc > 1 else None, desc="Counting tokens")
+    return counted["n"]
+
+
+def build(corpus, mined, comprehension, clusters, options: BuildOptions, *, tokenizer, domain: str,
+          mine_seed: int = 0, num_proc: int = 1):
+    """The training set (a dataset with one ``text`` column, shuffled) and its report.
+
+    The report counts the tasks per type and kind, the documents whose reading was extended, and the tokens of the
+    domain and general parts.
+    """
+    from datasets import concatenate_datasets
+
+    examples = domain_examples(corpus, mined, comprehension, clusters, domain=domain, seed=mine_seed,
+                               num_proc=num_proc)
+    domain_tokens = sum(count_tokens(examples, tokenizer, num_proc))
+    tasks: Counter = Counter()
+    if mined is not None:
+        for row in mined["tasks"]:
+            tasks.update(f"{t['task']}/{t['kind']}" for t in row)
+    if comprehension is not None:
+        tasks[f"{LLM_TASK}/llm"] = sum(len(row) for row in comprehension["llm_tasks"])
+    extended = examples["neighbors"]
+    report: dict[str, Any] = {
+        "documents": len(examples),
+        "tasks": dict(sorted(tasks.items())),
+        "documents_without_tasks": _without_tasks(mined, comprehension, len(examples)),
+        "extended_readings": sum(1 for n in extended if n),
+        "mean_neighbors": sum(extended) / max(len(extended), 1),
+        "domain_tokens": domain_tokens,
+        "reading_tokens": sum(corpus["tokens"]),
+    }
+    parts = [examples.select_columns(["text"])]
+    if options.general:
+        general, report["general"] = general_examples(options.general, options.general_split, tokenizer,
+                                                      round(domain_tokens * options.general_ratio), options.seed)
+        parts.append(general)
+    train = concatenate_datasets(parts).shuffle(seed=options.seed).flatten_indices()
+    report["examples"] = len(train)
+    report["tokens"] = domain_tokens + report.get("general", {}).get("tokens", 0)
+    return train, report
+
+
+def _without_tasks(mined, comprehension, n: int) -> int:
+    mined_counts = [len(t) for t in mined["tasks"]] if mined is not None else [0] * n
+    llm_counts = [len(t) for t in comprehension["llm_tasks"]] if comprehension is not None else [0] * n
+    return sum(1 for a, b in zip(mined_counts, llm_counts) if a + b == 0)

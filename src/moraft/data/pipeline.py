@@ -1,0 +1,273 @@
+"""``moraft data``: the stages in order, each saved under the output directory, skipped when already done.
+
+::
+
+    corpus ──► mine ───────┐
+       │ ───► comprehend ──┼──► build ──► OUTPUT/train  (moraft train --data OUTPUT/train)
+       └────► cluster ─────┘
+
+Each stage writes a ``datasets`` directory (``OUTPUT/<stage>/``, through a temporary directory renamed into place,
+so a crash never leaves half a stage) with ``moraft_stage.json``: the fingerprint of its inputs and options, and its
+report. A rerun skips every stage whose fingerprint is unchanged; the LLM stage also keeps each reply in
+``OUTPUT/llm_cache.sqlite`` as it arrives, so an interrupted run never asks twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import UserError
+from .build import BuildOptions, build
+from .cluster import ClusterOptions, cluster_corpus
+from .comprehend import ComprehendOptions, comprehend_corpus
+from .corpus import CorpusOptions, read_corpus
+from .mine import MineOptions, mine_corpus
+
+STAGES = ("corpus", "mine", "comprehend", "cluster", "build")
+STAGE_FILE = "moraft_stage.json"
+TRAIN_DIR = "train"  # the build stage's output: what moraft train reads
+STATS_FILE = "stats.json"
+LLM_CACHE = "llm_cache.sqlite"
+FORMAT_VERSION = 1  # bump when a stage's output changes for the same options
+
+
+@dataclass
+class DataPipelineOptions:
+    """Turn a raw domain corpus into reading-comprehension training data (AdaptLLM + ETRC).
+
+    Stages: corpus (read, clean, deduplicate, cut) → mine (AdaptLLM's regex tasks) → comprehend (an LLM's
+    question/answer pairs; skipped without --comprehend.llm_url or --comprehend.local_model) → cluster (related texts
+    extend each reading, up to --cluster.context_tokens) → build (one text per document, plus --build.general
+    instruction data). Writes OUTPUT/<stage>/ for each stage, OUTPUT/train/ (train on it with `moraft train --data
+    OUTPUT/train`) and OUTPUT/stats.json. A rerun skips the stages whose inputs and options are unchanged.
+    """
+
+    corpus: CorpusOptions = field(default_factory=CorpusOptions)
+    mine: MineOptions = field(default_factory=MineOptions)
+    comprehend: ComprehendOptions = field(default_factory=ComprehendOptions)
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
+    build: BuildOptions = field(default_factory=BuildOptions)
+    output: str = "moraft-data"
+    """The output directory: one subdirectory per stage, train/ (the training set) and stats.json."""
+    tokenizer: Optional[str] = None
+    """The tokenizer that counts tokens (text cut, context budget, mixing ratio) and serves as the general
+    tokenizer that domain words are found against: a local model directory (or a model in the local Hugging Face
+    cache). None: moraft's built-in character tokenizer, the built-in model's."""
+    stages: str = ",".join(STAGES)
+    """The stages to run, comma-separated (the stages they read are run too, or loaded when up to date): corpus,
+    mine, comprehend, cluster, build."""
+    num_proc: int = 1
+    """Processes for the per-document stages (datasets' map)."""
+    force: bool = False
+    """Run the chosen stages again even when their saved output is up to date."""
+
+    def groups(self) -> dict[str, Any]:
+        """The option groups by name (corpus, mine, comprehend, cluster, build)."""
+        return {name: getattr(self, name) for name in ("corpus", "mine", "comprehend", "cluster", "build")}
+
+    @property
+    def chosen(self) -> list[str]:
+        """The stages asked for, as a list."""
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+    def validate(self) -> None:
+        """Raise `moraft.errors.UserError` naming the first invalid option and what it accepts."""
+        unknown = [s for s in self.chosen if s not in STAGES]
+        if unknown or not self.chosen:
+            raise UserError(f"stages={self.stages!r} is invalid; expected some of {', '.join(STAGES)}")
+        if not isinstance(self.num_proc, int) or self.num_proc < 1:
+            raise UserError(f"num_proc={self.num_proc!r} is invalid; expected an integer >= 1")
+        for group in self.groups().values():
+            if hasattr(group, "validate"):
+                group.validate()
+
+
+def load_tokenizer(name_or_path: Optional[str]):
+    """The pipeline tokenizer: the built-in character tokenizer, or one from a local model directory."""
+    if name_or_path is None:
+        from ..train.builtin import char_tokenizer
+
+        return char_tokenizer()
+    from transformers import AutoTokenizer
+
+    from ..adapters import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path, what="tokenizer"))
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _source_fingerprint(path: str) -> Any:
+    """What identifies the corpus's input: each file's path, size and modification time."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        return path  # a cached dataset name; the corpus stage reports a missing path
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+class Stages:
+    """The saved stages under one output directory: load what is up to date, save atomically."""
+
+    def __init__(self, output: Path, force: bool, chosen: list[str]) -> None:
+        self.output = output
+        self.force = force
+        self.chosen = chosen
+        self.reports: dict[str, Any] = {}
+
+    def cached(self, name: str, fingerprint: str):
+        """The saved dataset of a stage when its fingerprint matches (and it is not forced), else None."""
+        from datasets import load_from_disk
+
+        directory = self.output / (TRAIN_DIR if name == "build" else name)
+        info = directory / STAGE_FILE
+        if (self.force and name in self.chosen) or not info.is_file():
+            return None
+        saved = json.loads(info.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            return None
+        self.reports[name] = saved.get("report", {})
+        print(f"moraft data: {name}: up to date ({directory})")
+        return load_from_disk(str(directory))
+
+    def save(self, name: str, fingerprint: str, data, report: dict):
+        """Write a stage's dataset and report through a temporary directory renamed into place."""
+        from datasets import load_from_disk
+
+        directory = self.output / (TRAIN_DIR if name == "build" else name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.output))
+        try:
+            data.save_to_disk(str(tmp / "data"))
+            (tmp / "data" / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "report": report},
+                                                              indent=2, default=str))
+            if directory.exists():
+                old = self.output / f".{name}-old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+                shutil.rmtree(old)
+            os.replace(tmp / "data", directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.reports[name] = report
+        return load_from_disk(str(directory))
+
+    def run(self, name: str, fingerprint: str, compute: Callable[[], tuple[Any, dict]]):
+        data = self.cached(name, fingerprint)
+        if data is None:
+            print(f"moraft data: {name}: running")
+            data, report = compute()
+            data = self.save(name, fingerprint, data, report)
+        return data
+
+
+def _needed(chosen: list[str], options: DataPipelineOptions) -> list[str]:
+    """The chosen stages and the stages they read."""
+    needed = set(chosen)
+    if "build" in needed:
+        needed |= {"corpus", "mine", "cluster"} | ({"comprehend"} if _has_llm(options) else set())
+    if needed & {"mine", "comprehend", "cluster"}:
+        needed.add("corpus")
+    return [s for s in STAGES if s in needed]
+
+
+def _has_llm(options: DataPipelineOptions) -> bool:
+    return bool(options.comprehend.llm_url or options.comprehend.local_model)
+
+
+def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
+    """Run the stages `options` asks for; return the report written to OUTPUT/stats.json."""
+    options.validate()
+    if "comprehend" in options.chosen and not _has_llm(options) and options.chosen != list(STAGES):
+        raise UserError("stages includes comprehend, which needs --comprehend.llm_url (an OpenAI-compatible "
+                        "endpoint) or --comprehend.local_model (a local model directory)")
+    output = Path(options.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output={options.output!r} is a file; expected a directory (created if missing)")
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(options.tokenizer)
+    stages = Stages(output, options.force, options.chosen)
+    needed = _needed(options.chosen, options)
+    tok = options.tokenizer or "builtin"
+    asdict = dataclasses.asdict
+
+    corpus_fp = _fingerprint(FORMAT_VERSION, "corpus", asdict(options.corpus), tok,
+                             _source_fingerprint(options.corpus.path))
+    corpus = stages.run("corpus", corpus_fp,
+                        lambda: read_corpus(options.corpus, tokenizer, num_proc=options.num_proc))
+    found: dict[str, Any] = {}
+    fingerprints = {"corpus": corpus_fp}
+    if "mine" in needed:
+        fingerprints["mine"] = _fingerprint(FORMAT_VERSION, "mine", asdict(options.mine), tok, corpus_fp)
+        found["mine"] = stages.run("mine", fingerprints["mine"], lambda: (
+            mine_corpus(corpus, options.mine, _mine_tokenizer(options, tokenizer), num_proc=options.num_proc), {}))
+    if "comprehend" in needed and _has_llm(options):
+        llm = {k: v for k, v in asdict(options.comprehend).items() if k not in {"concurrency", "timeout", "retries"}}
+        fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp)
+        found["comprehend"] = stages.run("comprehend", fingerprints["comprehend"], lambda: comprehend_corpus(
+            corpus, options.comprehend, output / LLM_CACHE))
+    elif "build" in needed:
+        print("moraft data: comprehend: skipped (no --comprehend.llm_url or --comprehend.local_model)")
+    if "cluster" in needed:
+        fingerprints["cluster"] = _fingerprint(FORMAT_VERSION, "cluster", asdict(options.cluster), corpus_fp)
+        found["cluster"] = stages.run("cluster", fingerprints["cluster"], lambda: (
+            cluster_corpus(corpus, options.cluster), {}))
+    if "build" in needed:
+        build_fp = _fingerprint(FORMAT_VERSION, "build", asdict(options.build), options.mine.domain,
+                                options.mine.seed, tok, fingerprints)
+        stages.run("build", build_fp, lambda: build(
+            corpus, found.get("mine"), found.get("comprehend"), found.get("cluster"), options.build,
+            tokenizer=tokenizer, domain=options.mine.domain, mine_seed=options.mine.seed, num_proc=options.num_proc))
+    stats = {"output": str(output), "stages": {name: stages.reports.get(name, {}) for name in needed}}
+    _write_json(output / STATS_FILE, stats)
+    return stats
+
+
+def _mine_tokenizer(options: DataPipelineOptions, tokenizer):
+    """The general tokenizer domain words are found against: mine.base_tokenizer, else the pipeline's."""
+    return load_tokenizer(options.mine.base_tokenizer) if options.mine.base_tokenizer else tokenizer
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def data(options: DataPipelineOptions) -> None:
+    """Turn a raw domain corpus into reading-comprehension training data (AdaptLLM + ETRC)."""
+    stats = run_pipeline(options)
+    print(summary(stats))
+
+
+def summary(stats: dict[str, Any]) -> str:
+    """The report as a few lines: documents kept and dropped, tasks per type, tokens."""
+    stages = stats["stages"]
+    lines = []
+    corpus = stages.get("corpus", {})
+    if corpus:
+        dropped = ", ".join(f"{k} {v}" for k, v in corpus.get("dropped", {}).items() if v) or "none"
+        lines.append(f"corpus: {corpus.get('documents_out')} documents kept of {corpus.get('documents_in')} "
+                     f"(dropped: {dropped})")
+    if "comprehend" in stages and stages["comprehend"]:
+        c = stages["comprehend"]
+        lines.append("comprehend: " + ", ".join(f"{k} {v}" for k, v in c.items() if isinstance(v, int)))
+    built = stages.get("build", {})
+    if built:
+        tasks = ", ".join(f"{k} {v}" for k, v in built["tasks"].items()) or "none"
+        lines.append(f"tasks: {tasks}")
+        lines.append(f"build: {built['examples']} examples, {built['tokens']} tokens "
+                     f"({built['domain_tokens']} domain, {built.get('general', {}).get('tokens', 0)} general); "
+                     f"{built['extended_readings']} readings extended by clustering")
+        lines.append(f"train on it: moraft train --data {Path(stats['output']) / TRAIN_DIR}")
+    lines.append(f"report: {Path(stats['output']) / STATS_FILE}")
+    return "\n".join(lines)
