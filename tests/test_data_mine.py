@@ -385,6 +385,19 @@ def test_mine_corpus_rows_and_processes():
     assert other["tasks"] != one["tasks"]
 
 
+def test_mine_corpus_base_tokenizer_directory_and_empty_corpus(tmp_path):
+    from transformers import AutoTokenizer
+
+    data = corpus()
+    general_tokenizer().save_pretrained(tmp_path / "general")
+    mined = mine_corpus(data, MineOptions(vocab_size=300, base_tokenizer=str(tmp_path / "general")), char_tokenizer())
+    words = domain_words(data["text"], AutoTokenizer.from_pretrained(tmp_path / "general"), 300)
+    assert "mitochondria" in words
+    assert mined["tasks"] == [mine_tasks(row["text"], row["title"], domain_words=words) for row in data]
+    empty = mine_corpus(data.select([]), MineOptions(), char_tokenizer())
+    assert len(empty) == 0 and empty.column_names == ["id", "tasks"]
+
+
 def test_mine_corpus_refusals(tmp_path):
     data = corpus()
     with pytest.raises(UserError, match="no text column"):

@@ -37,10 +37,13 @@ import re
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import MissingPathError, UserError
 from . import templates
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 TASKS = ("nli", "commonsense", "paraphrase", "word2text", "summarize", "completion")
 MAX_PER_KIND = 2
@@ -147,7 +150,9 @@ def _capitalized(sentence: str) -> str:
     return sentence[:1].upper() + sentence[1:]
 
 
-def _pair_item(task: str, kind: str, first: str, connective: str, second: str, rng: random.Random, domain) -> dict:
+def _pair_item(
+    task: str, kind: str, first: str, connective: str, second: str, rng: random.Random, domain: str | None
+) -> dict:
     first, second = first.strip(), _capitalized(second)
     if task == "nli":
         slots = {"premise": first, "hypothesis": second, "connective": connective, "options": templates.NLI_OPTIONS}
@@ -415,7 +420,7 @@ def _load_base_tokenizer(path: str):
         raise UserError(f"mine.base_tokenizer={path!r} holds no tokenizer ({first})") from None
 
 
-def mine_corpus(corpus, options: MineOptions, tokenizer: Any, num_proc: int = 1):
+def mine_corpus(corpus: Dataset, options: MineOptions, tokenizer: Any, num_proc: int = 1) -> Dataset:
     """The mine stage: `mine_tasks` on every document of a corpus dataset.
 
     Args:
@@ -427,7 +432,7 @@ def mine_corpus(corpus, options: MineOptions, tokenizer: Any, num_proc: int = 1)
     Returns:
         A dataset row-aligned with ``corpus``: ``id`` and ``tasks`` (a list of ``{task, kind, question, answer}``).
     """
-    from datasets import Features, List, Value
+    from datasets import Dataset, Features, List, Value
     from tqdm.auto import tqdm
 
     options.validate()
@@ -437,13 +442,20 @@ def mine_corpus(corpus, options: MineOptions, tokenizer: Any, num_proc: int = 1)
             f"the corpus has no {' or '.join(missing)} column (columns: {', '.join(corpus.column_names)}); "
             "expected the corpus stage's dataset (id, title, text, tokens)"
         )
+    features = Features({"id": Value("string"), "tasks": List({k: Value(v) for k, v in _TASK_FEATURES.items()})})
+    if len(corpus) == 0:  # map would return the id column alone
+        return Dataset.from_dict({"id": [], "tasks": []}, features=features)
     words = None
     if options.keywords:
         base = tokenizer if options.base_tokenizer is None else _load_base_tokenizer(options.base_tokenizer)
-        batches = (batch["text"] for batch in corpus.select_columns(["text"]).iter(batch_size=1000))
-        progress = tqdm(batches, total=-(-len(corpus) // 1000), desc="mine: domain tokenizer", unit="batch")
-        words = domain_words(progress, base, options.vocab_size, min_chars=options.keyword_min_chars)
-    features = Features({"id": Value("string"), "tasks": List({k: Value(v) for k, v in _TASK_FEATURES.items()})})
+        with tqdm(total=len(corpus), desc="mine: domain tokenizer", unit=" examples") as progress:
+
+            def batches():
+                for batch in corpus.select_columns(["text"]).iter(batch_size=1000):
+                    yield batch["text"]
+                    progress.update(len(batch["text"]))
+
+            words = domain_words(batches(), base, options.vocab_size, min_chars=options.keyword_min_chars)
     return corpus.map(
         _mine_row,
         fn_kwargs={"words": words, "seed": options.seed, "domain": options.domain or None},
