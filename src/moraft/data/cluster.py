@@ -242,9 +242,9 @@ def assign_clusters(vectors: np.ndarray, options: ClusterOptions) -> np.ndarray:
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     if documents <= KMEANS_MAX_DOCUMENTS:
-        kmeans = KMeans(n_clusters=clusters, n_init=3, random_state=options.seed)
+        kmeans = KMeans(n_clusters=clusters, random_state=options.seed)
     else:
-        kmeans = MiniBatchKMeans(n_clusters=clusters, n_init=3, batch_size=4096, random_state=options.seed)
+        kmeans = MiniBatchKMeans(n_clusters=clusters, batch_size=4096, random_state=options.seed)
     return kmeans.fit_predict(vectors).astype(np.int64)
 
 
@@ -261,7 +261,10 @@ def _faiss_kmeans(vectors: np.ndarray, clusters: int, seed: int) -> np.ndarray:
         raise UserError("cluster.algorithm='faiss' needs faiss; install faiss-cpu (or use kmeans)") from None
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     # Spherical: centroids renormalized each iteration, so assignment is by cosine similarity, as the neighbours are.
-    kmeans = faiss.Kmeans(vectors.shape[1], clusters, niter=25, nredo=3, seed=seed, spherical=True, verbose=False)
+    # min_points_per_centroid=1: faiss would warn below 39 points a centroid, which a small corpus is, harmlessly.
+    kmeans = faiss.Kmeans(
+        vectors.shape[1], clusters, niter=25, nredo=3, seed=seed, spherical=True, min_points_per_centroid=1
+    )
     kmeans.train(vectors)
     _, labels = kmeans.index.search(vectors, 1)  # (n, 1) nearest centroid
     return labels[:, 0].astype(np.int64)
