@@ -186,7 +186,7 @@ _BOUNDARY = regex.compile(r"\n|\p{Sentence_Terminal}[\p{Pe}\p{Pf}\"']*(?=\s)|[ã€
 
 
 def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _budget_end(tokenizer, text: str, max_tokens: int, offsets: Optional[list] = None) -> int:
@@ -220,15 +220,16 @@ def cut_to_tokens(text: str, tokenizer, max_tokens: int, offsets: Optional[list]
         The cut text and its number of tokens.
     """
     if offsets is None and tokenizer.is_fast:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenizer(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)["offset_mapping"]
     count = len(offsets) if offsets is not None else _count(tokenizer, text)
     if count <= max_tokens:
         return text, count
     end = _budget_end(tokenizer, text, max_tokens, offsets)
     while end > 0:
-        window = text[:end]
-        cuts = [m.end() for m in _BOUNDARY.finditer(window)]
-        cut = (cuts[-1] if cuts else None) or window.rfind(" ") + 1 or end
+        # one character past the budget, so that a terminal right at its end can see the space after it
+        cuts = [m.end() for m in _BOUNDARY.finditer(text[:end + 1]) if m.end() <= end]
+        space = text[:end + 1].rfind(" ")
+        cut = cuts[-1] if cuts else space if space > 0 else end
         piece = text[:cut].rstrip()
         count = _count(tokenizer, piece)
         if piece and count <= max_tokens:
@@ -378,8 +379,11 @@ def _load_data_files(kind: str, files: list[Path], streaming: bool, skipped: lis
 
     readable = []
     for file in files:
-        if file.stat().st_size == 0:
-            skipped.append({"file": str(file), "reason": "empty"})
+        # pyarrow's JSON and CSV readers take invalid UTF-8 into string columns unchecked (it fails later, on
+        # reading): check text formats here, in one pass of an incremental decoder
+        reason = "empty" if file.stat().st_size == 0 else _text_file_problem(file) if kind in ("json", "csv") else None
+        if reason:
+            skipped.append({"file": str(file), "reason": reason})
         else:
             readable.append(file)
     sep = {"sep": "\t"} if kind == "csv" and any(".tsv" in f.suffixes for f in readable) else {}
@@ -405,6 +409,26 @@ def _load_data_files(kind: str, files: list[Path], streaming: bool, skipped: lis
         except Exception as err:  # noqa: BLE001
             skipped.append({"file": str(file), "reason": _skip_reason(err)})
     return datasets.concatenate_datasets(parts) if parts else []
+
+
+def _text_file_problem(path: Path, chunk: int = 1 << 20) -> Optional[str]:
+    """``not_utf8``, ``empty`` (only whitespace) or ``unreadable`` for a text data file with that problem, else None."""
+    import codecs
+
+    import fsspec
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    blank = True
+    try:
+        with fsspec.open(str(path), "rb", compression="infer") as handle:
+            while data := handle.read(chunk):
+                blank = blank and not decoder.decode(data).strip()
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return "not_utf8"
+    except Exception:  # noqa: BLE001 - each codec raises its own error class for a damaged archive
+        return "unreadable"
+    return "empty" if blank else None
 
 
 def _stream_files(load: Callable, files: list[Path], skipped: list[dict]) -> Iterator[dict]:
@@ -474,7 +498,7 @@ def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, opti
         out["drop"].append(drop)
     offsets = None
     if texts and tokenizer.is_fast:
-        offsets = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=True)["offset_mapping"]
     for j, position in enumerate(pending):
         text, count = cut_to_tokens(texts[j], tokenizer, options.max_tokens, offsets[j] if offsets else None)
         out["text"][position], out["tokens"][position] = text, count
@@ -687,8 +711,15 @@ def _stream(source, prepare: dict, options: CorpusOptions, report: dict) -> "Dat
 
     features = Features({"id": Value("string"), "title": Value("string"), "text": Value("string"),
                          "tokens": Value("int64")})
-    # a fresh fingerprint: the generator must run (it fills the report), never be answered from datasets' cache
-    return Dataset.from_generator(rows, features=features, fingerprint=uuid.uuid4().hex)
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        # a fresh fingerprint: the generator must run (it fills the report), never be answered from datasets' cache
+        return Dataset.from_generator(rows, features=features, fingerprint=uuid.uuid4().hex)
+    except DatasetGenerationError as err:
+        if isinstance(err.__cause__, UserError):  # raised in the generator: the user's problem, one line
+            raise err.__cause__ from None
+        raise
 
 
 def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
