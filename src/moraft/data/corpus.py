@@ -1,0 +1,739 @@
+"""The corpus stage of ``moraft data``: raw documents in, one cleaned, cut and deduplicated text per row out.
+
+Every later stage reads its output, the *corpus dataset*: a ``datasets.Dataset`` with columns ``id`` (str),
+``title`` (str or None), ``text`` (cleaned, cut to at most ``max_tokens`` tokens) and ``tokens`` (the token count of
+``text`` with the pipeline tokenizer, special tokens not counted), in the order of the input.
+
+What it reads (``CorpusOptions.path``):
+
+- a directory of text files (``.txt``, ``.text``, ``.md``, ``.rst``, also compressed ``.gz``/``.bz2``/``.xz``/
+  ``.zst``/``.lz4``), or one such file: one document per file, its path relative to the directory as its id. The
+  first line is taken as the title when it looks like one (see `split_title`). A file that is empty, not UTF-8 or
+  cannot be decompressed is skipped, counted and named, never fatal;
+- a JSON/JSONL, Parquet, Arrow or CSV file, or a directory of them: one document per row, from ``text_field``
+  (``title_field`` and ``id_field`` when present; absent ids are generated from the row's position, ``doc-000123``);
+- a directory written by ``Dataset.save_to_disk`` (a ``DatasetDict``: ``split``).
+
+Each document is then cleaned (`clean_text`, language-agnostic), dropped when shorter than ``min_chars``, cut to
+``max_tokens`` at the last sentence or line boundary (AdaptLLM cuts each text to about 1,850 tokens: arXiv 2309.09530,
+https://github.com/microsoft/LMOps/tree/main/adaptllm), and deduplicated, keeping the first of each group: exact
+(a 16-byte BLAKE2b of the text with its whitespace normalized) and near (MinHash LSH over word 5-gram shingles with
+datasketch, Jaccard >= ``near_threshold``; the 5-grams and 0.8 of Lee et al., arXiv 2107.06499).
+
+Memory: without ``streaming`` the input and output are Arrow files, memory-mapped; cleaning, cutting, hashing and the
+MinHash signatures run in ``num_proc`` processes (``Dataset.map``), and one ordered pass then keeps the first of each
+group. With ``streaming`` the input is read as it goes (``streaming=True``; text files one at a time) and the output
+is written by ``Dataset.from_generator`` in batches, in one process. In both, what stays in memory per *kept* document
+is the dedup state: an exact key (a 16-byte ``bytes`` in a set, about 100 bytes with Python's overhead) and, for near
+dedup, the document's band keys in the LSH index (about 1 KB: see ``docs/data-corpus.md`` for the measurement).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
+
+import numpy as np
+import regex
+
+from ..errors import MissingPathError, UserError
+from ..train.data import BUILDERS, COMPRESSIONS, _builder, _datasets_errors
+from ..train.options import _Group
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+DEDUPS = ("near", "exact", "none")
+DROP_REASONS = ("empty", "not_utf8", "unreadable", "too_short", "exact_duplicate", "near_duplicate")
+WARN_FIRST = 5  # skipped files named in the warning line (the report lists all of them)
+BATCH = 256  # documents per batch: tokenized together, and the unit of streamed processing
+OUTPUT_COLUMNS = ("id", "title", "text", "tokens")
+
+
+@dataclass
+class CorpusOptions(_Group):
+    """The corpus: where it is, how it is cleaned, cut and deduplicated."""
+
+    GROUP: ClassVar[str] = "corpus"
+    SHORTCUT: ClassVar[Optional[str]] = "path"
+
+    path: str = ""
+    """The raw corpus: a directory of text files (.txt, .md, .rst, also compressed .gz/.bz2/.xz/.zst), one document
+    per file; a JSONL/JSON, Parquet, Arrow or CSV file or a directory of them, one document per row; or a directory
+    written by Dataset.save_to_disk."""
+    text_field: str = "text"
+    """Data files: the column holding each document's text."""
+    title_field: Optional[str] = "title"
+    """Data files: the column holding each document's title, used when present (text files: the first line when it
+    looks like a title)."""
+    id_field: Optional[str] = "id"
+    """Data files: the column holding each document's id, used when present; otherwise doc-000123 from the row's
+    position in the input (text files: the file's path in the directory)."""
+    split: str = "train"
+    """A save_to_disk DatasetDict: the split to read (data files have one split, train)."""
+    min_chars: int = 100
+    """Documents shorter than this many characters after cleaning are dropped (too_short)."""
+    max_tokens: int = 1850
+    """Each text is cut to at most this many tokens of the pipeline tokenizer, at the last sentence or line boundary
+    within the budget (AdaptLLM: about 1,850)."""
+    dedup: Literal["near", "exact", "none"] = "near"
+    """Duplicate removal, keeping the first of each group: near (exact, then MinHash LSH over word shingles), exact
+    (identical text up to whitespace) or none."""
+    near_threshold: float = 0.8
+    """near: the Jaccard similarity of two documents' word shingles from which the later one is a duplicate."""
+    shingle_words: int = 5
+    """near: words per shingle (characters for scripts written without spaces, such as Chinese and Japanese)."""
+    num_perm: int = 128
+    """near: MinHash permutations (more: a closer Jaccard estimate, more time and memory)."""
+    streaming: bool = False
+    """Read the corpus as it goes and write the result in batches, so that memory stays bounded for corpora larger
+    than memory (one process; num_proc is not used)."""
+
+    def validate(self) -> None:
+        self._check(isinstance(self.path, str) and bool(self.path), "path", "the corpus's file or directory")
+        self._check(bool(self.text_field), "text_field", "a column name")
+        self._integer("min_chars", 0)
+        self._integer("max_tokens", 1)
+        self._choice("dedup", DEDUPS)
+        self._check(isinstance(self.near_threshold, (int, float)) and 0 < self.near_threshold <= 1, "near_threshold",
+                    "a Jaccard similarity in (0, 1]")
+        self._integer("shingle_words", 1)
+        self._integer("num_perm", 2)
+
+
+# -- cleaning ----------------------------------------------------------------------------------------------------------
+
+# invisible characters that only get in the way of matching: zero-width space, word joiner, byte-order mark, soft
+# hyphen. ZWNJ and ZWJ (U+200C, U+200D) are kept: Persian, the Indic scripts and emoji sequences need them.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u2060\ufeff\u00ad"))
+_LINE_BREAKS = regex.compile(r"\r\n?|[\v\f\x85\u2028\u2029]")
+_CONTROL = regex.compile(r"[^\P{Cc}\n]")  # control characters, the newline excepted (tabs become spaces first)
+_SPACES = regex.compile(r"[\t\p{Zs}]+")  # tabs, NBSP, the em/en/ideographic spaces ... and runs of them
+_BLANK_LINES = regex.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """Clean a text without assuming its language.
+
+    Unicode NFC; every line break (``\\r\\n``, ``\\r``, U+2028 ...) becomes ``\\n``; control characters and the
+    invisible zero-width space, word joiner, byte-order mark and soft hyphen are removed (ZWNJ and ZWJ are kept: scripts
+    such as Persian need them); tabs and Unicode spaces (NBSP, ideographic space ...) become one space per run; each
+    line is trimmed; more than two newlines become two. Nothing else changes: no stopwords, no language filter, no
+    guessing at mojibake (ftfy's ``fix_text`` rewrites quotes and guesses encodings, which changes correct text).
+
+    Args:
+        text: The raw text.
+
+    Returns:
+        The cleaned text, with no leading or trailing whitespace.
+    """
+    text = unicodedata.normalize("NFC", text).translate(_INVISIBLE)
+    text = _CONTROL.sub("", _LINE_BREAKS.sub("\n", text).replace("\t", " "))
+    text = "\n".join(line.strip() for line in _SPACES.sub(" ", text).split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+_TITLE_MAX_CHARS = 200
+_RST_UNDERLINE = regex.compile(r"([=\-~^\"'`#*+.:_])\1{2,}")
+_SENTENCE_END = regex.compile(r"\p{Sentence_Terminal}[\p{Pe}\p{Pf}\"']*$")
+
+
+def split_title(text: str) -> tuple[Optional[str], str]:
+    """The title of a cleaned text file and the text after it, when its first line looks like a title.
+
+    The first line is a title when it is a Markdown heading (``# Title``), is underlined as in reStructuredText, or is
+    followed by a blank line, is at most 200 characters and does not end a sentence (``.``, ``!``, ``?``, ``。``, ``؟``
+    ...: Unicode's Sentence_Terminal); and the text goes on after it. The title is removed from the text, as in
+    AdaptLLM's format (title on the first line, then the text).
+
+    Args:
+        text: A cleaned text (see `clean_text`).
+
+    Returns:
+        ``(title, rest)``, or ``(None, text)`` when the first line is not a title.
+    """
+    first, _, rest = text.partition("\n")
+    heading = regex.match(r"#{1,6} +(.+)", first)
+    if heading:
+        title = heading.group(1).rstrip("# ").strip()
+    else:
+        underline, _, after = rest.partition("\n")
+        if _RST_UNDERLINE.fullmatch(underline) and len(underline) >= len(first) // 2:
+            rest = after
+        elif not rest.startswith("\n"):
+            return None, text
+        title = first
+        if len(title) > _TITLE_MAX_CHARS or _SENTENCE_END.search(title):
+            return None, text
+    rest = rest.strip()
+    if not title or not rest:
+        return None, text
+    return title, rest
+
+
+# -- cutting to the token budget ---------------------------------------------------------------------------------------
+
+# where a text may be cut: after a line, or after a sentence terminal (with its closing quotes and brackets) that is
+# followed by whitespace (so "3.14" and "e.g." are not cut), or after an ideographic/full-width terminal, which is
+# written without a space after it in Chinese and Japanese
+_BOUNDARY = regex.compile(r"\n|\p{Sentence_Terminal}[\p{Pe}\p{Pf}\"']*(?=\s)|[。！？｡][\p{Pe}\p{Pf}」』]*")
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _budget_end(tokenizer, text: str, max_tokens: int, offsets: Optional[list] = None) -> int:
+    """How many characters of ``text`` its first ``max_tokens`` tokens cover."""
+    if offsets is not None:
+        return offsets[max_tokens - 1][1]
+    low, high = 0, len(text)  # a slow tokenizer has no offsets: the longest prefix within the budget, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _count(tokenizer, text[:middle]) <= max_tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def cut_to_tokens(text: str, tokenizer, max_tokens: int, offsets: Optional[list] = None) -> tuple[str, int]:
+    """Cut ``text`` to at most ``max_tokens`` tokens, at the last sentence or line boundary within the budget.
+
+    Without a boundary in the budget (one very long sentence), at the last space; without a space, at the last token
+    that fits. Special tokens (BOS, EOS) are not counted.
+
+    Args:
+        text: A cleaned text.
+        tokenizer: The pipeline tokenizer (a transformers tokenizer; a fast one is used with its offsets).
+        max_tokens: The budget.
+        offsets: The text's token offsets, when the caller already has them (a fast tokenizer's
+            ``offset_mapping``).
+
+    Returns:
+        The cut text and its number of tokens.
+    """
+    if offsets is None and tokenizer.is_fast:
+        offsets = tokenizer(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)["offset_mapping"]
+    count = len(offsets) if offsets is not None else _count(tokenizer, text)
+    if count <= max_tokens:
+        return text, count
+    end = _budget_end(tokenizer, text, max_tokens, offsets)
+    while end > 0:
+        # one character past the budget, so that a terminal right at its end can see the space after it
+        cuts = [m.end() for m in _BOUNDARY.finditer(text[:end + 1]) if m.end() <= end]
+        space = text[:end + 1].rfind(" ")
+        cut = cuts[-1] if cuts else space if space > 0 else end
+        piece = text[:cut].rstrip()
+        count = _count(tokenizer, piece)
+        if piece and count <= max_tokens:
+            return piece, count
+        # a tokenizer can merge across the cut so that the piece is longer than its share of the whole: cut earlier
+        end = cut - 1 if cut < end else end - 1
+    return "", 0
+
+
+# -- deduplication -------------------------------------------------------------------------------------------------------
+
+_WORDS = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]|[\p{L}\p{M}\p{N}]+")
+
+
+def exact_key(text: str) -> bytes:
+    """The 16-byte key of exact duplicates: BLAKE2b of the text with its whitespace normalized."""
+    return hashlib.blake2b(" ".join(text.split()).encode(), digest_size=16).digest()
+
+
+def shingles(text: str, size: int = 5) -> set[bytes]:
+    """The word ``size``-grams of a text, casefolded; a character of a script written without spaces (Chinese,
+    Japanese, Thai ...) counts as a word, so the same Jaccard works in every language."""
+    words = _WORDS.findall(text.casefold())
+    return {" ".join(words[i:i + size]).encode() for i in range(max(1, len(words) - size + 1))}
+
+
+def minhash_signature(text: str, num_perm: int = 128, size: int = 5) -> "Any":
+    """The MinHash signature (datasketch, ``num_perm`` uint32 values) of a text's word shingles."""
+    from datasketch import MinHash
+
+    minhash = MinHash(num_perm=num_perm, scheme="affine32")
+    minhash.update_batch(list(shingles(text, size)))
+    return minhash.hashvalues
+
+
+class Deduplicator:
+    """Keeps the first of each group of duplicates, fed documents in order: exact keys in a set, near duplicates by
+    querying a MinHash LSH index (datasketch) of the documents kept so far; a duplicate is not indexed, so each kept
+    document is indexed once."""
+
+    def __init__(self, mode: str, threshold: float = 0.8, num_perm: int = 128):
+        self.mode = mode
+        self.num_perm = num_perm
+        self.keys: set[bytes] = set()
+        self.lsh = None
+        if mode == "near":
+            from datasketch import MinHashLSH
+
+            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.kept = 0
+
+    def check(self, key: bytes, signature: Any = None) -> Optional[str]:
+        """None when the document is kept (and remembered), else the reason it is dropped."""
+        if self.mode == "none":
+            return None
+        if key in self.keys:
+            return "exact_duplicate"
+        if self.lsh is not None:
+            from datasketch import MinHash
+
+            minhash = MinHash(num_perm=self.num_perm, hashvalues=signature, scheme="affine32")
+            if self.lsh.query(minhash):
+                return "near_duplicate"
+            self.lsh.insert(self.kept, minhash, check_duplication=False)
+        self.keys.add(key)
+        self.kept += 1
+        return None
+
+
+# -- reading -----------------------------------------------------------------------------------------------------------
+
+
+def _is_text_file(path: Path) -> bool:
+    return _builder(path) == "text"
+
+
+def _list_files(root: Path) -> tuple[str, list[Path]]:
+    """The kind (``text`` or a datasets builder) and the files of a corpus path."""
+    if root.is_file():
+        return (_builder(root) or "text"), [root]
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    kinds: dict[str, list[Path]] = {}
+    for file in files:
+        kind = _builder(file)
+        if kind is not None:
+            kinds.setdefault(kind, []).append(file)
+    if not kinds:
+        raise UserError(f"corpus.path {str(root)!r} holds no corpus files (expected text files .txt, .md, .rst, or "
+                        f"data files {', '.join(sorted(set(BUILDERS) - {'.txt', '.text', '.md', '.rst'}))}, also "
+                        f"compressed {', '.join(COMPRESSIONS)}; or a Dataset.save_to_disk directory)")
+    if len(kinds) > 1:
+        found = ", ".join(f"{len(files)} {kind}" for kind, files in sorted(kinds.items()))
+        raise UserError(f"corpus.path {str(root)!r} mixes kinds of files ({found}); give a directory of one kind")
+    ((kind, files),) = kinds.items()
+    return kind, files
+
+
+def read_text_files(files: list[tuple[str, str]]) -> Iterator[dict]:
+    """One raw row per text file ``(id, path)``: ``id``, ``title`` (None), ``text`` and ``skip`` (None, or why the
+    file is skipped: ``empty``, ``not_utf8``, ``unreadable``), decompressing by the file's suffix (fsspec)."""
+    import fsspec
+
+    for doc_id, path in files:
+        row = {"id": doc_id, "title": None, "text": None, "skip": None}
+        try:
+            with fsspec.open(path, "rb", compression="infer") as handle:
+                data = handle.read()
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            row["skip"] = "not_utf8"
+        except Exception:  # noqa: BLE001 - each codec raises its own error class for a damaged archive
+            row["skip"] = "unreadable"
+        else:
+            if not text.strip():
+                row["skip"] = "empty"
+            else:
+                row["text"] = text
+        yield row
+
+
+def _text_file_args(root: Path, files: list[Path]) -> list[tuple[str, str]]:
+    base = root if root.is_dir() else root.parent
+    return [(file.relative_to(base).as_posix(), str(file)) for file in files]
+
+
+def _raw_features():
+    from datasets import Features, Value
+
+    return Features({"id": Value("string"), "title": Value("string"), "text": Value("string"),
+                     "skip": Value("string")})
+
+
+def _skip_reason(err: BaseException) -> str:
+    cause: Optional[BaseException] = err
+    while cause is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            return "not_utf8"
+        cause = cause.__cause__ or cause.__context__
+    return "unreadable"
+
+
+def _load_data_files(kind: str, files: list[Path], streaming: bool, skipped: list[dict]) -> Iterable:
+    """The rows of data files as one dataset (an iterable of rows when streaming), files that cannot be read skipped
+    and listed in ``skipped``."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    readable = []
+    for file in files:
+        # pyarrow's JSON and CSV readers take invalid UTF-8 into string columns unchecked (it fails later, on
+        # reading): check text formats here, in one pass of an incremental decoder
+        reason = "empty" if file.stat().st_size == 0 else _text_file_problem(file) if kind in ("json", "csv") else None
+        if reason:
+            skipped.append({"file": str(file), "reason": reason})
+        else:
+            readable.append(file)
+    sep = {"sep": "\t"} if kind == "csv" and any(".tsv" in f.suffixes for f in readable) else {}
+
+    def load(group: list[Path]):
+        return datasets.load_dataset(kind, data_files=[str(f) for f in group], split="train", streaming=streaming,
+                                     **sep)
+
+    if streaming:
+        return _stream_files(load, readable, skipped)
+    if not readable:
+        return []
+    bar = datasets_logging.is_progress_bar_enabled()
+    try:
+        return load(readable)
+    except Exception:  # noqa: BLE001 - one bad file fails the whole load: read them one by one to find it
+        if bar:
+            datasets_logging.enable_progress_bar()
+    parts = []
+    for file in readable:
+        try:
+            parts.append(load([file]))
+        except Exception as err:  # noqa: BLE001
+            skipped.append({"file": str(file), "reason": _skip_reason(err)})
+    return datasets.concatenate_datasets(parts) if parts else []
+
+
+def _text_file_problem(path: Path, chunk: int = 1 << 20) -> Optional[str]:
+    """``not_utf8``, ``empty`` (only whitespace) or ``unreadable`` for a text data file with that problem, else None."""
+    import codecs
+
+    import fsspec
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    blank = True
+    try:
+        with fsspec.open(str(path), "rb", compression="infer") as handle:
+            while data := handle.read(chunk):
+                blank = blank and not decoder.decode(data).strip()
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return "not_utf8"
+    except Exception:  # noqa: BLE001 - each codec raises its own error class for a damaged archive
+        return "unreadable"
+    return "empty" if blank else None
+
+
+def _stream_files(load: Callable, files: list[Path], skipped: list[dict]) -> Iterator[dict]:
+    for file in files:
+        try:
+            yield from load([file])
+        except Exception as err:  # noqa: BLE001 - a file that fails midway keeps the rows read before the error
+            skipped.append({"file": str(file), "reason": _skip_reason(err)})
+
+
+def _check_columns(columns: Iterable[str], options: CorpusOptions) -> None:
+    columns = list(columns)
+    if options.text_field not in columns:
+        raise UserError(f"corpus {options.path!r} has no text column {options.text_field!r} (set corpus.text_field); "
+                        f"its columns are: {', '.join(columns)}")
+
+
+def _normalize_row(row: dict, index: int, fields: tuple[str, Optional[str], Optional[str]], from_files: bool) -> dict:
+    """A raw row of any source as ``id``, ``title``, ``text``, ``skip`` (a data file's own columns are never taken
+    for ``skip``: only the rows of `read_text_files` have one)."""
+    text_field, title_field, id_field = fields
+    doc_id = row.get(id_field) if id_field else None
+    title = row.get(title_field) if title_field else None
+    text = row.get(text_field)
+    return {
+        "id": f"doc-{index:06d}" if doc_id is None or doc_id == "" else str(doc_id),
+        "title": title if isinstance(title, str) else None,
+        "text": text if isinstance(text, str) else None,
+        "skip": row.get("skip") if from_files else None,
+    }
+
+
+# -- the stage -----------------------------------------------------------------------------------------------------------
+
+
+def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, options: CorpusOptions,
+                  fields: tuple[str, Optional[str], Optional[str]], titles_from_text: bool) -> dict[str, list]:
+    """Clean, cut and hash a batch of raw rows (the per-document work, run by ``Dataset.map`` in ``num_proc``
+    processes or in the streamed loop): columns ``id``, ``title``, ``text``, ``tokens``, ``skip`` (why a text file was
+    skipped, if it was), ``drop`` (None, or why the document is dropped before deduplication), ``key`` (the exact key) and, for near dedup, ``minhash``."""
+    size = len(next(iter(batch.values()))) if batch else 0
+    rows = [_normalize_row({name: values[i] for name, values in batch.items()}, indices[i], fields, titles_from_text)
+            for i in range(size)]
+    out: dict[str, list] = {"id": [], "title": [], "text": [], "tokens": [], "skip": [], "drop": [], "key": []}
+    if options.dedup == "near":
+        out["minhash"] = []
+    texts, pending = [], []
+    for position, row in enumerate(rows):
+        drop, title, text = row["skip"], row["title"], row["text"]
+        if drop is None:
+            text = clean_text(text or "")
+            title = clean_text(title).replace("\n", " ") or None if title else None
+            if titles_from_text:
+                title, text = split_title(text)
+            if not text:
+                drop = "empty"
+            elif len(text) < options.min_chars:
+                drop = "too_short"
+            else:
+                texts.append(text)
+                pending.append(position)
+        out["id"].append(row["id"])
+        out["title"].append(title)
+        out["text"].append(text if drop is None else "")
+        out["tokens"].append(0)
+        out["skip"].append(row["skip"])
+        out["drop"].append(drop)
+    offsets = None
+    if texts and tokenizer.is_fast:
+        offsets = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=True)["offset_mapping"]
+    for j, position in enumerate(pending):
+        text, count = cut_to_tokens(texts[j], tokenizer, options.max_tokens, offsets[j] if offsets else None)
+        out["text"][position], out["tokens"][position] = text, count
+        if not text:
+            out["drop"][position] = "empty"
+    for position in range(size):
+        kept = out["drop"][position] is None
+        out["key"].append(exact_key(out["text"][position]) if kept else b"")
+        if options.dedup == "near":
+            out["minhash"].append(minhash_signature(out["text"][position], options.num_perm, options.shingle_words)
+                                  if kept else np.empty(0, np.uint32))
+    return out
+
+
+def _prepared_features(options: CorpusOptions):
+    from datasets import Features, List, Value
+
+    columns = {"id": Value("string"), "title": Value("string"), "text": Value("string"), "tokens": Value("int64"),
+               "skip": Value("string"), "drop": Value("string"), "key": Value("binary")}
+    if options.dedup == "near":
+        columns["minhash"] = List(Value("uint32"))
+    return Features(columns)
+
+
+def _source(options: CorpusOptions, skipped: list[dict]) -> tuple[Any, tuple, bool, int]:
+    """The raw rows of the corpus (a Dataset, or an iterable of rows when streaming), the fields to read from them,
+    whether titles come from the text's first line, and the number of files read."""
+    import datasets
+
+    root = Path(options.path)
+    if not root.exists():
+        raise MissingPathError(f"corpus.path {options.path!r} does not exist (expected a directory of text files, a "
+                               "JSONL/Parquet/CSV file or directory of them, or a Dataset.save_to_disk directory)")
+    fields = (options.text_field, options.title_field, options.id_field)
+    if root.is_dir() and any((root / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+        with _datasets_errors(options.path):
+            loaded = datasets.load_from_disk(str(root))
+        if isinstance(loaded, datasets.DatasetDict):
+            if options.split not in loaded:
+                raise UserError(f"corpus.split {options.split!r} is not a split of {options.path!r}; its splits are: "
+                                f"{', '.join(loaded)}")
+            loaded = loaded[options.split]
+        _check_columns(loaded.column_names, options)
+        return (loaded.to_iterable_dataset() if options.streaming else loaded), fields, False, len(loaded.cache_files)
+    kind, files = _list_files(root)
+    if kind == "text":
+        args = _text_file_args(root, files)
+        if options.streaming:
+            return read_text_files(args), ("text", "title", "id"), True, len(files)
+        return args, ("text", "title", "id"), True, len(files)
+    with _datasets_errors(options.path):
+        loaded = _load_data_files(kind, files, options.streaming, skipped)
+    if not options.streaming and loaded != []:
+        _check_columns(loaded.column_names, options)
+    return loaded, fields, False, len(files)
+
+
+def _text_files_dataset(args: list[tuple[str, str]], num_proc: int) -> "Dataset":
+    """The raw rows of text files as an Arrow dataset, read in ``num_proc`` processes; cached by the files' paths,
+    sizes and modification times, so that a changed file is read again."""
+    from datasets import Dataset
+
+    stamps = [(doc_id, path, Path(path).stat().st_size, Path(path).stat().st_mtime_ns) for doc_id, path in args]
+    return Dataset.from_generator(
+        _read_stamped, features=_raw_features(), gen_kwargs={"files": stamps},
+        num_proc=num_proc if num_proc > 1 and len(stamps) > 1 else None,
+    )
+
+
+def _read_stamped(files: list[tuple[str, str, int, int]]) -> Iterator[dict]:
+    return read_text_files([(doc_id, path) for doc_id, path, _, _ in files])
+
+
+def _report(options: CorpusOptions, files_read: int, skipped: list[dict]) -> dict:
+    return {"path": options.path, "files_read": files_read, "files_skipped": skipped, "documents_in": 0,
+            "documents_out": 0, "tokens_out": 0, "dropped": dict.fromkeys(DROP_REASONS, 0), "seconds": 0.0,
+            "streaming": options.streaming}
+
+
+def _finish(report: dict, options: CorpusOptions, started: float) -> None:
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    skipped = report["files_skipped"]
+    if skipped:
+        named = ", ".join(f"{item['file']} ({item['reason']})" for item in skipped[:WARN_FIRST])
+        more = f" and {len(skipped) - WARN_FIRST} more" if len(skipped) > WARN_FIRST else ""
+        print(f"moraft data: warning: skipped {len(skipped)} file(s) of {options.path}: {named}{more}",
+              file=sys.stderr)
+    if report["documents_out"] == 0:
+        dropped = ", ".join(f"{count} {reason}" for reason, count in report["dropped"].items() if count)
+        hint = f" (min_chars={options.min_chars})" if report["dropped"]["too_short"] else ""
+        files = f"; {len(skipped)} file(s) skipped" if skipped else ""
+        raise UserError(f"corpus {options.path!r}: no documents left of {report['documents_in']} read"
+                        f"{': ' + dropped if dropped else ''}{hint}{files}")
+
+
+def read_corpus(options: CorpusOptions, tokenizer, num_proc: int = 1) -> tuple["Dataset", dict]:
+    """Read, clean, cut and deduplicate a raw corpus into the corpus dataset.
+
+    Args:
+        options: Where the corpus is and how to treat it (`CorpusOptions`).
+        tokenizer: The pipeline tokenizer: ``max_tokens`` and the ``tokens`` column are measured with it.
+        num_proc: Processes for the per-document work (reading text files, cleaning, cutting, MinHash); the ordered
+            deduplication pass is one process. Not used with ``options.streaming``.
+
+    Returns:
+        The corpus dataset (columns ``id``, ``title``, ``text``, ``tokens``, in input order, duplicates and dropped
+        documents removed) and a report: ``path``, ``files_read``, ``files_skipped`` (a list of ``{"file",
+        "reason"}``), ``documents_in``, ``documents_out``, ``tokens_out``, ``dropped`` (a count per reason: ``empty``,
+        ``not_utf8``, ``unreadable``, ``too_short``, ``exact_duplicate``, ``near_duplicate``), ``seconds``,
+        ``streaming``.
+
+    Raises:
+        MissingPathError: ``options.path`` does not exist.
+        UserError: An invalid option, a data file without ``text_field``, or nothing left after dropping.
+    """
+    options.validate()
+    started = time.perf_counter()
+    skipped: list[dict] = []
+    source, fields, titles_from_text, files_read = _source(options, skipped)
+    report = _report(options, files_read, skipped)
+    prepare = dict(tokenizer=tokenizer, options=options, fields=fields, titles_from_text=titles_from_text)
+    if options.streaming:
+        corpus = _stream(source, prepare, options, report)
+    else:
+        if titles_from_text:
+            source = _text_files_dataset(source, num_proc)
+        corpus = _in_memory(source, prepare, options, report, num_proc)
+    _finish(report, options, started)
+    return corpus, report
+
+
+def _in_memory(source, prepare: dict, options: CorpusOptions, report: dict, num_proc: int) -> "Dataset":
+    """The non-streaming stage: per-document work by ``Dataset.map`` in ``num_proc`` processes, then one ordered
+    dedup pass over the keys and signatures, then ``select`` of the kept rows (Arrow, memory-mapped throughout)."""
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    if isinstance(source, list):  # no readable data file
+        source = Dataset.from_dict({"id": [], "title": [], "text": [], "skip": []}, features=_raw_features())
+    prepared = source.map(
+        prepare_batch, fn_kwargs=prepare, batched=True, batch_size=BATCH, with_indices=True,
+        remove_columns=source.column_names, features=_prepared_features(options),
+        num_proc=num_proc if num_proc > 1 and len(source) > 1 else None, desc="corpus: clean, cut, hash",
+    )
+    report["documents_in"] = len(prepared)
+    dedup = Deduplicator(options.dedup, options.near_threshold, options.num_perm)
+    columns = ["id", "skip", "drop", "key", "tokens"] + (["minhash"] if options.dedup == "near" else [])
+    keep: list[int] = []
+    with tqdm(total=len(prepared), desc="corpus: deduplicate", unit="doc") as bar:
+        for start, batch in _batches(prepared.select_columns(columns)):
+            for offset, drop in enumerate(batch["drop"]):
+                if drop is None:
+                    signature = batch["minhash"][offset] if options.dedup == "near" else None
+                    drop = dedup.check(batch["key"][offset], signature)
+                if drop is None:
+                    keep.append(start + offset)
+                    report["tokens_out"] += batch["tokens"][offset]
+                else:
+                    _count_drop(report, drop, batch["id"][offset], batch["skip"][offset] is not None, options)
+            bar.update(len(batch["drop"]))
+    report["documents_out"] = len(keep)
+    corpus = prepared.select(keep) if len(keep) < len(prepared) else prepared
+    return corpus.select_columns(list(OUTPUT_COLUMNS))
+
+
+def _batches(data: "Dataset", size: int = 1000) -> Iterator[tuple[int, dict]]:
+    for start in range(0, len(data), size):
+        yield start, data[start:start + size]
+
+
+def _count_drop(report: dict, drop: str, doc_id: str, file_skipped: bool, options: CorpusOptions) -> None:
+    report["dropped"][drop] += 1
+    if file_skipped:  # a text file that could not be read: named in the report, as a data file would be
+        root = Path(options.path)
+        file = root / doc_id if root.is_dir() else root
+        report["files_skipped"].append({"file": str(file), "reason": drop})
+
+
+def _stream(source, prepare: dict, options: CorpusOptions, report: dict) -> "Dataset":
+    """The streaming stage: rows read as they come, processed a batch at a time, deduplicated in order, and written
+    by ``Dataset.from_generator`` (Arrow batches on disk), so memory holds one batch and the dedup state."""
+    from datasets import Dataset, Features, Value
+    from tqdm.auto import tqdm
+
+    dedup = Deduplicator(options.dedup, options.near_threshold, options.num_perm)
+
+    def rows() -> Iterator[dict]:
+        checked = False
+        index = 0
+        with tqdm(desc="corpus: stream", unit="doc") as bar:
+            for chunk in _chunks(source, BATCH):
+                if not checked and not prepare["titles_from_text"]:
+                    _check_columns(chunk[0].keys(), options)
+                    checked = True
+                batch = {name: [row.get(name) for row in chunk] for name in chunk[0]}
+                out = prepare_batch(batch, list(range(index, index + len(chunk))), **prepare)
+                index += len(chunk)
+                for i in range(len(chunk)):
+                    drop = out["drop"][i]
+                    if drop is None:
+                        drop = dedup.check(out["key"][i], out["minhash"][i] if options.dedup == "near" else None)
+                    if drop is None:
+                        report["documents_out"] += 1
+                        report["tokens_out"] += out["tokens"][i]
+                        yield {name: out[name][i] for name in OUTPUT_COLUMNS}
+                    else:
+                        _count_drop(report, drop, out["id"][i], out["skip"][i] is not None, options)
+                report["documents_in"] = index
+                bar.update(len(chunk))
+
+    features = Features({"id": Value("string"), "title": Value("string"), "text": Value("string"),
+                         "tokens": Value("int64")})
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        # a fresh fingerprint: the generator must run (it fills the report), never be answered from datasets' cache
+        return Dataset.from_generator(rows, features=features, fingerprint=uuid.uuid4().hex)
+    except DatasetGenerationError as err:
+        if isinstance(err.__cause__, UserError):  # raised in the generator: the user's problem, one line
+            raise err.__cause__ from None
+        raise
+
+
+def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+__all__ = [
+    "CorpusOptions", "Deduplicator", "clean_text", "cut_to_tokens", "exact_key", "minhash_signature",
+    "prepare_batch", "read_corpus", "read_text_files", "shingles", "split_title",
+]

@@ -1,0 +1,303 @@
+"""The corpus stage (`moraft.data.corpus`): every input kind, skipped files, cleaning, the token budget, exact and
+near deduplication, and the same rows whether streamed or not, in one process or two."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import random
+
+import pytest
+from datasets import Dataset, DatasetDict
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from moraft.data.corpus import CorpusOptions, clean_text, cut_to_tokens, read_corpus, split_title
+from moraft.errors import MissingPathError, UserError
+from moraft.train.builtin import char_tokenizer
+
+WORDS = ("river delta sediment basin flow channel erosion deposit tide marsh estuary salinity current bank "
+         "levee flood plain gauge discharge runoff aquifer").split()
+
+
+def prose(seed: int, sentences: int = 12) -> str:
+    """Distinct random sentences of ASCII words (each seed its own text)."""
+    rng = random.Random(seed)
+    return " ".join(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 14))).capitalize() + "." for _ in range(sentences)
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A real subword tokenizer, trained in a moment on the test prose: merges make tokens span characters."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.train_from_iterator([prose(seed) for seed in range(50)],
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def rows(data: Dataset) -> list[dict]:
+    return data.to_list()
+
+
+# -- input kinds -------------------------------------------------------------------------------------------------------
+
+
+def test_text_files_titles_compressed_and_skipped_files(tmp_path, tokenizer, capsys):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text(f"River Deltas\n\n{prose(1)}\n")
+    (corpus / "b.md").write_text(f"# Tides and marshes\n\n{prose(2)}\n")
+    (corpus / "c.rst").write_text(f"Estuaries\n=========\n\n{prose(3)}\n")
+    (corpus / "d.txt").write_text(f"{prose(4, 6)}\n\n{prose(5, 6)}")  # its first line is a sentence: no title
+    (corpus / "sub" / "e.txt.gz").write_bytes(gzip.compress(prose(6).encode()))
+    (corpus / "f.txt.bz2").write_bytes(bz2.compress(prose(7).encode()))
+    (corpus / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    (corpus / "empty.txt").write_bytes(b"")
+    (corpus / "blank.md").write_text("  \n\n \t\n")
+
+    data, report = read_corpus(CorpusOptions(path=str(corpus)), tokenizer)
+
+    by_id = {row["id"]: row for row in rows(data)}
+    assert list(by_id) == ["a.txt", "b.md", "c.rst", "d.txt", "f.txt.bz2", "sub/e.txt.gz"]  # sorted paths
+    assert [by_id[i]["title"] for i in by_id] == ["River Deltas", "Tides and marshes", "Estuaries", None, None, None]
+    assert by_id["a.txt"]["text"] == prose(1)
+    assert by_id["d.txt"]["text"] == f"{prose(4, 6)}\n\n{prose(5, 6)}"
+    assert by_id["sub/e.txt.gz"]["text"] == prose(6) and by_id["f.txt.bz2"]["text"] == prose(7)
+    assert all(row["tokens"] == len(row["text"]) for row in by_id.values())  # one character, one token
+    skipped = {item["file"]: item["reason"] for item in report["files_skipped"]}
+    assert skipped == {str(corpus / "blank.md"): "empty", str(corpus / "empty.txt"): "empty",
+                       str(corpus / "latin1.txt"): "not_utf8"}
+    assert report["files_read"] == 9 and report["documents_in"] == 9 and report["documents_out"] == 6
+    assert report["dropped"]["empty"] == 2 and report["dropped"]["not_utf8"] == 1
+    warning = capsys.readouterr().err
+    assert "skipped 3 file(s)" in warning and "latin1.txt (not_utf8)" in warning
+
+
+def test_jsonl_with_title_and_id_and_generated_ids(tmp_path, tokenizer):
+    source = tmp_path / "docs.jsonl"
+    lines = [{"id": "pmid-1", "title": "Delta", "body": prose(1)}, {"title": None, "body": prose(2)},
+             {"id": 7, "body": prose(3)}]
+    source.write_text("\n".join(json.dumps(line) for line in lines))
+
+    data, report = read_corpus(CorpusOptions(path=str(source), text_field="body"), tokenizer)
+
+    assert data.column_names == ["id", "title", "text", "tokens"]
+    assert [(row["id"], row["title"]) for row in rows(data)] == [("pmid-1", "Delta"), ("doc-000001", None), ("7", None)]
+    assert [row["text"] for row in rows(data)] == [prose(1), prose(2), prose(3)]
+    assert report["files_read"] == 1 and report["files_skipped"] == []
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl directory", "save_to_disk"])
+def test_data_kinds(tmp_path, tokenizer, kind):
+    table = Dataset.from_dict({"text": [prose(i) for i in range(4)], "title": [f"T{i}" for i in range(4)]})
+    if kind == "parquet":
+        path = tmp_path / "docs.parquet"
+        table.to_parquet(str(path))
+    elif kind == "jsonl directory":
+        path = tmp_path / "shards"
+        path.mkdir()
+        table.select([0, 1]).to_json(str(path / "part-0.jsonl"))
+        table.select([2, 3]).to_json(str(path / "part-1.jsonl"))
+        (path / "part-2.jsonl").write_bytes(b"")
+    else:
+        path = tmp_path / "saved"
+        DatasetDict({"train": table.select([0]), "validation": table}).save_to_disk(str(path))
+
+    options = CorpusOptions(path=str(path), split="validation" if kind == "save_to_disk" else "train")
+    data, report = read_corpus(options, tokenizer)
+
+    assert [row["text"] for row in rows(data)] == [prose(i) for i in range(4)]
+    assert [row["title"] for row in rows(data)] == ["T0", "T1", "T2", "T3"]
+    assert [row["id"] for row in rows(data)] == [f"doc-{i:06d}" for i in range(4)]
+    if kind == "jsonl directory":
+        assert report["files_skipped"] == [{"file": str(path / "part-2.jsonl"), "reason": "empty"}]
+
+
+def test_non_utf8_data_file_skipped_and_named(tmp_path, tokenizer):
+    (tmp_path / "good.jsonl").write_text(json.dumps({"text": prose(1)}))
+    (tmp_path / "bad.jsonl").write_bytes(json.dumps({"text": "caf\xe9 " * 40}, ensure_ascii=False).encode("latin-1"))
+
+    data, report = read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)
+
+    assert [row["text"] for row in rows(data)] == [prose(1)]
+    assert report["files_skipped"] == [{"file": str(tmp_path / "bad.jsonl"), "reason": "not_utf8"}]
+
+
+# -- errors ------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path, tokenizer):
+    with pytest.raises(MissingPathError, match="nowhere"):
+        read_corpus(CorpusOptions(path=str(tmp_path / "nowhere")), tokenizer)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_missing_text_column_names_the_columns(tmp_path, tokenizer, streaming):
+    source = tmp_path / "docs.jsonl"
+    source.write_text(json.dumps({"abstract": prose(1), "doi": "10.1/x"}))
+    with pytest.raises(UserError, match=r"no text column 'text'.*columns are: abstract, doi"):
+        read_corpus(CorpusOptions(path=str(source), streaming=streaming), tokenizer)
+
+
+def test_empty_corpus_says_what_was_dropped(tmp_path, tokenizer):
+    (tmp_path / "short.txt").write_text("Too short.")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match=r"no documents left of 2 read: 1 empty, 1 too_short \(min_chars=100\)"):
+        read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)
+
+
+def test_invalid_option(tmp_path, tokenizer):
+    with pytest.raises(UserError, match=r"corpus.dedup='fuzzy' is invalid; expected one of near, exact, none"):
+        read_corpus(CorpusOptions(path=str(tmp_path), dedup="fuzzy"), tokenizer)
+
+
+# -- cleaning ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("line one\r\nline two\rline three", "line one\nline two\nline three"),
+    ("non\u00a0breaking\u3000space  and\t\ttabs", "non breaking space and tabs"),
+    ("zero\u200bwidth\ufeff soft\u00adhyphen\u2060joined", "zerowidth softhyphenjoined"),
+    ("bell\x07 null\x00 escape\x1b[0m done", "bell null escape[0m done"),
+    ("  trimmed  \n\n\n\n\nparagraph  ", "trimmed\n\nparagraph"),
+    ("e\u0301te\u0301", "\u00e9t\u00e9"),  # NFC
+    ("深度学习模型。  大规模语料！", "深度学习模型。 大规模语料！"),
+    ("النماذج اللغوية الكبيرة\u00a0تتعلم", "النماذج اللغوية الكبيرة تتعلم"),
+    ("می\u200cخواهم", "می\u200cخواهم"),  # Persian needs its zero-width non-joiner
+])
+def test_clean_text(raw, clean):
+    assert clean_text(raw) == clean
+
+
+def test_non_latin_documents_kept_intact(tmp_path, tokenizer):
+    chinese = "河流三角洲由沉积物堆积而成。" * 12
+    arabic = "تتكون دلتا النهر من الرواسب المتراكمة عند المصب. " * 6
+    Dataset.from_dict({"text": [chinese, arabic.strip()]}).to_json(str(tmp_path / "docs.jsonl"), force_ascii=False)
+
+    data, _ = read_corpus(CorpusOptions(path=str(tmp_path / "docs.jsonl")), tokenizer)
+
+    assert [row["text"] for row in rows(data)] == [chinese, arabic.strip()]
+
+
+@pytest.mark.parametrize("text, title", [
+    ("Title\n\nBody.", "Title"),
+    ("## Title ##\nBody.", "Title"),
+    ("Title\n=====\nBody.", "Title"),
+    ("A sentence.\n\nBody.", None),
+    ("Title\nBody right after.", None),
+    ("Only a title", None),
+])
+def test_split_title(text, title):
+    assert split_title(text)[0] == title
+
+
+# -- the token budget ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["char", "bpe"])
+@pytest.mark.parametrize("max_tokens", [150, 333, 600])
+def test_cut_lands_on_a_sentence_boundary_within_the_budget(tokenizer, bpe_tokenizer, which, max_tokens):
+    tok = tokenizer if which == "char" else bpe_tokenizer
+    text = prose(9, sentences=100)
+    cut, count = cut_to_tokens(text, tok, max_tokens)
+
+    assert count == len(tok(cut, add_special_tokens=False)["input_ids"]) <= max_tokens
+    assert text.startswith(cut) and cut.endswith(".")
+    longer = text[:text.index(".", len(cut)) + 1]  # one more sentence would not have fit
+    assert len(tok(longer, add_special_tokens=False)["input_ids"]) > max_tokens
+
+
+def test_cut_without_boundaries(tokenizer):
+    assert cut_to_tokens("word " * 30, tokenizer, 12) == ("word word", 9)  # at a space
+    assert cut_to_tokens("x" * 50, tokenizer, 12) == ("x" * 12, 12)  # at a token
+    assert cut_to_tokens("一二三。四五六。七八九", tokenizer, 9) == ("一二三。四五六。", 8)  # at 。, no space after it
+
+
+def test_max_tokens_applied_to_every_document(tmp_path, tokenizer):
+    Dataset.from_dict({"text": [prose(i, 40) for i in range(3)]}).to_json(str(tmp_path / "d.jsonl"))
+    data, report = read_corpus(CorpusOptions(path=str(tmp_path / "d.jsonl"), max_tokens=200), tokenizer)
+    assert all(row["tokens"] <= 200 and row["text"].endswith(".") for row in rows(data))
+    assert report["tokens_out"] == sum(row["tokens"] for row in rows(data))
+
+
+# -- deduplication -------------------------------------------------------------------------------------------------------
+
+
+def near_copy(text: str, changes: int, seed: int) -> str:
+    """``text`` with ``changes`` of its first 100 words replaced."""
+    words = text.split(" ")
+    rng = random.Random(seed)
+    for position in rng.sample(range(100), changes):
+        words[position] = "replaced"
+    return " ".join(words)
+
+
+def dedup_corpus() -> Dataset:
+    base = prose(100, sentences=20)
+    texts = [
+        base,                                   # 0: kept, first of its group
+        prose(101, sentences=20),               # 1: distinct
+        "  " + base.replace(" ", "  \n", 3),    # 2: exact duplicate of 0, up to whitespace
+        near_copy(base, 3, seed=1),             # 3: near duplicate of 0 (3 words changed)
+        prose(102, sentences=20),               # 4: distinct
+        near_copy(prose(101, sentences=20), 2, seed=2),  # 5: near duplicate of 1
+    ]
+    return Dataset.from_dict({"id": [f"d{i}" for i in range(6)], "text": texts})
+
+
+@pytest.mark.parametrize("dedup, kept, dropped", [
+    ("near", ["d0", "d1", "d4"], {"exact_duplicate": 1, "near_duplicate": 2}),
+    ("exact", ["d0", "d1", "d3", "d4", "d5"], {"exact_duplicate": 1, "near_duplicate": 0}),
+    ("none", ["d0", "d1", "d2", "d3", "d4", "d5"], {"exact_duplicate": 0, "near_duplicate": 0}),
+])
+def test_deduplication_keeps_the_first(tmp_path, tokenizer, dedup, kept, dropped):
+    dedup_corpus().save_to_disk(str(tmp_path / "saved"))
+    data, report = read_corpus(CorpusOptions(path=str(tmp_path / "saved"), dedup=dedup), tokenizer)
+    assert data["id"] == kept
+    assert {reason: report["dropped"][reason] for reason in dropped} == dropped
+
+
+# -- the same rows every way ---------------------------------------------------------------------------------------------
+
+
+def mixed_corpus(tmp_path):
+    """Text files with duplicates, a short one, titles and a file that is not UTF-8."""
+    corpus = tmp_path / "mixed"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text(f"Heading {i}\n\n{prose(i % 9, sentences=25)}")
+    (corpus / "doc90.txt").write_text(near_copy(prose(3, sentences=25), 2, seed=3))
+    (corpus / "doc91.txt").write_text("Short.")
+    (corpus / "doc92.txt").write_bytes(b"\xff" * 300)
+    return corpus
+
+
+def test_streaming_gives_the_same_rows(tmp_path, tokenizer):
+    corpus = mixed_corpus(tmp_path)
+    Dataset.from_list([{"id": f"r{i}", "text": prose(i % 5)} for i in range(9)]).to_json(str(tmp_path / "d.jsonl"))
+    for path in (corpus, tmp_path / "d.jsonl"):
+        options = dict(path=str(path), max_tokens=1500)
+        data, report = read_corpus(CorpusOptions(**options), tokenizer)
+        streamed, streamed_report = read_corpus(CorpusOptions(**options, streaming=True), tokenizer)
+        assert rows(streamed) == rows(data)
+        assert streamed_report["dropped"] == report["dropped"] and any(report["dropped"].values())
+        assert streamed_report["files_skipped"] == report["files_skipped"]
+
+
+def test_two_processes_give_the_same_rows(tmp_path, tokenizer):
+    corpus = mixed_corpus(tmp_path)
+    data, report = read_corpus(CorpusOptions(path=str(corpus), max_tokens=1500), tokenizer, num_proc=1)
+    parallel, parallel_report = read_corpus(CorpusOptions(path=str(corpus), max_tokens=1500), tokenizer, num_proc=2)
+    assert rows(parallel) == rows(data) and len(data) == 9  # 12 + 3 files; 3 exact and 1 near duplicate, 1 short,
+    assert parallel_report["dropped"] == report["dropped"]  # 1 not UTF-8
+    assert report["dropped"] == {"empty": 0, "not_utf8": 1, "unreadable": 0, "too_short": 1, "exact_duplicate": 3,
+                                 "near_duplicate": 1}
