@@ -285,7 +285,7 @@ def test_max_documents_processes_a_seeded_sample(tmp_path):
     with Teacher() as teacher:
         options = ComprehendOptions(llm_url=teacher.url, max_documents=3, seed=1)
         data, report = comprehend_corpus(docs, options, tmp_path / "cache.sqlite")
-        again, report2 = comprehend_corpus(docs, options, tmp_path / "cache.sqlite")
+        again, report2 = comprehend_corpus(docs, options, tmp_path / "cache.sqlite", num_proc=2)
     assert teacher.requests == 3
     assert (report["sampled"], report["generated"], report2["cached"]) == (3, 3, 3)
     assert len(data) == 8 and sum(bool(t) for t in data["llm_tasks"]) == 3

@@ -404,7 +404,8 @@ class _Local:
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
     def _stop_ids(self) -> list[int]:
-        ids = {i for i in [self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id] if isinstance(i, int)}
+        eos = [self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id]
+        ids = {i for i in eos if isinstance(i, int)}
         if self.chat:
             # the token that ends an assistant turn in the chat template (e.g. <|end|>, <|im_end|>) ends the reply
             marker = "\x00REPLY\x00"
@@ -422,8 +423,8 @@ class _Local:
         if self.chat:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                         add_generation_prompt=True)
-            return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(prompt)["input_ids"]
+            return self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        return self.tokenizer(prompt, verbose=False)["input_ids"]
 
     def generate(self, prompts: list[str]) -> list[Optional[str]]:
         """One reply per prompt; None for a prompt too long for the model's context."""
@@ -477,8 +478,8 @@ def comprehend_corpus(corpus, options: ComprehendOptions, cache_path: Path, num_
         (a list of ``{"question", "answer"}``; empty for a document not sampled, rejected or failed); the report
         counts ``documents``, ``sampled``, ``cached`` (answered from the cache), ``generated`` (new replies),
         ``rejected`` (sampled documents whose reply, new or cached, was rejected), ``failed`` (requests the endpoint
-        refused for that document alone, not cached), ``pairs``, and gives ``model``, ``cache`` and
-        ``rejected_reasons`` (a count per reason).
+        refused for that document alone, not cached), ``pairs``, and gives ``model``, ``cache``,
+        ``rejected_reasons`` (a count per kind: "not JSON", "schema") and ``failed_reasons`` (a count per message).
 
     Raises:
         UserError: a bad option or prompt template; an endpoint that did not answer after every retry (what is done
@@ -491,7 +492,7 @@ def comprehend_corpus(corpus, options: ComprehendOptions, cache_path: Path, num_
     documents = len(corpus)
     report: dict[str, Any] = {"documents": documents, "sampled": 0, "cached": 0, "generated": 0, "rejected": 0,
                               "failed": 0, "pairs": 0, "model": None, "cache": str(cache_path),
-                              "rejected_reasons": {}}
+                              "rejected_reasons": {}, "failed_reasons": {}}
     if not options.enabled:
         empty = Dataset.from_dict({"id": list(corpus["id"]), "llm_tasks": [[] for _ in range(documents)]},
                                   features=_features())
@@ -549,6 +550,7 @@ def comprehend_corpus(corpus, options: ComprehendOptions, cache_path: Path, num_
                             f"{done} of {len(chosen)} documents are done and cached in {cache_path}; rerun to "
                             "continue") from None
             report["generated"], report["failed"] = counts.generated, counts.failed
+            report["failed_reasons"] = dict(counts.failed_reasons)
         finally:
             cache.close()
     finally:
@@ -584,6 +586,11 @@ class _Counts:
     def __init__(self) -> None:
         self.generated = 0
         self.failed = 0
+        self.failed_reasons: Counter = Counter()
+
+    def fail(self, reason: str) -> None:
+        self.failed += 1
+        self.failed_reasons[reason[:200]] += 1
 
 
 def _reasons(cache_path: Path, keys: list[str]) -> dict[str, int]:
@@ -627,8 +634,8 @@ async def _run_endpoint(llm: _Endpoint, corpus, pending: list[int], keys: list, 
             prompt = render_prompt(template, row["text"], row["title"], o.num_pairs)
             try:
                 reply = await llm.ask(client, model, prompt)
-            except ValueError:  # this document's request alone was refused: not cached, tried again on a rerun
-                counts.failed += 1
+            except ValueError as err:  # this document's request alone was refused: not cached, tried again on a rerun
+                counts.fail(str(err))
             else:
                 _record(cache, keys[i], row["id"], model, o.endpoint, prompt, reply, o.num_pairs, counts)
             bar.update()
@@ -660,7 +667,8 @@ def _run_local(llm: _Local, corpus, pending: list[int], keys: list, template: st
             prompts = [render_prompt(template, r["text"], r["title"], o.num_pairs) for r in rows]
             for i, row, prompt, reply in zip(indices, rows, prompts, llm.generate(prompts)):
                 if reply is None:  # longer than the model's context: never cached, as an endpoint's 400
-                    counts.failed += 1
+                    counts.fail(f"the prompt and max_tokens={o.max_tokens} exceed the model's context of "
+                                f"{llm.context} tokens")
                 else:
                     _record(cache, keys[i], row["id"], model, o.endpoint, prompt, reply, o.num_pairs, counts)
             bar.update(len(indices))
