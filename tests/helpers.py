@@ -162,3 +162,27 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+class MoraftServe(LiveServer):
+    """A real ``moraft serve`` (`moraft.serve.server.build_server`: the engine, the adapter store, the HTTP API) of
+    the base model in ``base_dir`` on a loopback port; ``url + "/v1"`` is its OpenAI base URL and ``base_name`` its
+    model id. ``adapters_dir`` defaults to an empty folder; ``server`` options go to ``build_server``."""
+
+    def __init__(self, base_dir: Path, adapters_dir: Path | None = None, base_name: str = "base", **server) -> None:
+        import tempfile
+
+        from moraft.adapters import load_causal_lm
+        from moraft.serve.server import build_server
+
+        self._empty = None if adapters_dir is not None else tempfile.TemporaryDirectory()
+        model, tokenizer = load_causal_lm(base_dir)
+        self.moraft = build_server(model, tokenizer, adapters_dir or self._empty.name, base_name=base_name, **server)
+        self.base_name = base_name
+        super().__init__(self.moraft.app)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self.moraft.close()
+        if self._empty is not None:
+            self._empty.cleanup()
