@@ -112,8 +112,8 @@ def check_shots(shots: int, count: int) -> None:
 def few_shot_context(tasks: Sequence[Task], index: int, shots: int = 0, seed: int = 0) -> str:
     """The text that task ``index``'s options are scored after: its instruction (if any) and a blank line, ``shots``
     other tasks drawn with ``seed`` (each its prompt, a space and its right option), then its prompt; all separated by
-    blank lines. The draw depends only on ``seed`` and ``index``, so scoring a subset or in another order draws the
-    same examples for a task."""
+    blank lines. Each task's draw has its own generator, seeded by ``seed`` and ``index``: the same file and seed give
+    every task the same examples on every run, however the scoring is batched."""
     task = tasks[index]
     others = random.Random(f"{seed}:{index}").sample(range(len(tasks) - 1), shots)
     blocks = [task.instruction] if task.instruction else []
