@@ -1,5 +1,6 @@
-"""Evaluation: the uuid-memory task (character accuracy and exact match of greedily generated values) and
-perplexity on text, for a training run's adapter, a merged or fully fine-tuned model, or a base model.
+"""Evaluation: the uuid-memory task (character accuracy and exact match of greedily generated values), perplexity
+on text, and multiple-choice tasks ranked by likelihood (`moraft.train.tasks`), for a training run's adapter, a
+merged or fully fine-tuned model, or a base model.
 
 ``moraft eval PATH`` is `eval_command`; `uuid_accuracy` and `perplexity` are what training calls every
 ``eval_steps``; `load_trained` rebuilds what a run produced (including ReMoRA/ReLoRA's merged updates).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,9 +25,11 @@ from ..errors import MissingPathError, UserError
 from .builtin import BUILTIN_MODEL
 from .data import uuid_pairs, uuid_prompt
 from .options import DataOptions, ModelOptions, TrainOptions
+from .tasks import check_shots, read_tasks, score_tasks
 
 CONFIG_FILE = "train_config.yaml"
 MERGES_DIR = "merges"
+TASKS_FILE = "eval_tasks.json"
 
 
 @torch.no_grad()
@@ -194,13 +198,21 @@ def eval_command(
     seq_length: int = 512,
     batch_size: int = 64,
     output: Optional[str] = None,
+    tasks: Optional[str] = None,
+    shots: int = 0,
+    seed: int = 0,
 ) -> dict:
     """Evaluate a trained adapter, a merged or fully fine-tuned model, or a base model.
 
-    Without --text: the uuid-memory task: each value is generated greedily from "key:" and compared with the true
-    value (char_accuracy: fraction of characters right at their position; exact_match: fraction of values exactly
-    right). With --text SOURCE: loss and perplexity on that text (a text file, a directory of text files, or a
-    JSONL/Parquet/... file or dataset with a "text" column), cut into blocks of seq_length tokens. Prints the metrics as one JSON object.
+    Without --text or --tasks: the uuid-memory task: each value is generated greedily from "key:" and compared with
+    the true value (char_accuracy: fraction of characters right at their position; exact_match: fraction of values
+    exactly right). With --text SOURCE: loss and perplexity on that text (a text file, a directory of text files, or a
+    JSONL/Parquet/... file or dataset with a "text" column), cut into blocks of seq_length tokens. With --tasks
+    FILE.jsonl: multiple-choice tasks, each option ranked by its log-likelihood after the prompt (accuracy; and
+    accuracy_norm, per character of the option), with --shots examples drawn from the file's other tasks; one task a
+    line: {"prompt": ..., "options": [...], "answer": INDEX} (docs: "Evaluating on multiple-choice tasks"). The
+    metrics and each task's prediction also go to eval_tasks.json in PATH when PATH is a training run, else beside
+    --output when given. Prints the metrics as one JSON object.
 
     Args:
         path: a `moraft train` output directory, a PEFT adapter directory (MoRA, LoRA or DoRA), a model directory
@@ -213,10 +225,25 @@ def eval_command(
         seq_length: text: block length in tokens.
         batch_size: sequences per forward pass.
         output: also write the metrics to this JSON file.
+        tasks: evaluate on the multiple-choice tasks of this JSONL file instead of the uuid-memory task.
+        shots: tasks: examples (prompt and right option) before each prompt, drawn from the file's other tasks.
+        seed: tasks: seed of the few-shot draw.
     """
+    if text is not None and tasks is not None:
+        raise UserError("pass --text or --tasks, not both")
+    task_list = read_tasks(tasks) if tasks is not None else None  # bad task files fail before a model loads
+    if task_list is not None:
+        check_shots(shots, len(task_list))
     model, tokenizer, described = load_trained(path, base)
-    run = (read_train_config(path) if Path(path).is_dir() else None) or TrainOptions()
-    if text is not None:
+    run_config = read_train_config(path) if Path(path).is_dir() else None
+    run = run_config or TrainOptions()
+    if task_list is not None:
+        scored = score_tasks(model, tokenizer, task_list, shots, seed, batch_size)
+        metrics = {"task": "multiple-choice", "tasks": tasks, **{k: v for k, v in scored.items() if k != "rows"}}
+        details_dir = Path(path) if run_config is not None else Path(output).parent if output else None
+        if details_dir is not None:
+            write_json(details_dir / TASKS_FILE, {"evaluated": described, **metrics, "rows": scored["rows"]})
+    elif text is not None:
         metrics = {"task": "perplexity", "text": text, **perplexity(model, tokenizer, text, seq_length, batch_size)}
     else:
         pairs = uuid_pairs(
@@ -227,5 +254,14 @@ def eval_command(
     metrics = {"evaluated": described, **metrics}
     print(json.dumps(metrics))
     if output:
-        Path(output).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(Path(output), metrics)
     return metrics
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Write ``value`` as indented JSON to ``path`` through a temporary file beside it, so a reader never sees half
+    of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)
