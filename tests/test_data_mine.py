@@ -181,6 +181,27 @@ def test_summarize_and_completion_frames():
     assert not of_kind(mine_tasks(LONG_A, "A title", seed=3), "completion", "completion")  # one sentence: no cut
 
 
+def test_frames_drawn_with_adaptllm_probabilities():
+    """Title and completion (0.4), completion only (0.1), title only (0.4), neither (0.1); text2title and title2text
+    share the title-only case."""
+    text = f"{OPENING} {LONG_A} {LONG_C} {CLOSING}"
+    counts = {}
+    for seed in range(500):
+        found = tuple(
+            sorted(i["kind"] for i in mine_tasks(text, "T", seed=seed) if i["task"] in ("summarize", "completion"))
+        )
+        counts[found] = counts.get(found, 0) + 1
+    both, completion = counts[("completion", "text2title")] / 500, counts[("completion",)] / 500
+    title, neither = (counts[("text2title",)] + counts[("title2text",)]) / 500, counts.get((), 0) / 500
+    assert (
+        abs(both - 0.4) < 0.07
+        and abs(title - 0.4) < 0.07
+        and abs(completion - 0.1) < 0.05
+        and abs(neither - 0.1) < 0.05
+    )
+    assert abs(counts[("title2text",)] / 500 - 0.2) < 0.06
+
+
 # --- near misses not found -----------------------------------------------------------------------------------------
 
 
