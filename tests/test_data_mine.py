@@ -41,7 +41,15 @@ CONNECTIVES = {
     ("nli", "contradiction"): ["No", "However", "But", "On the contrary", "In contrast", "Whereas"],
     ("nli", "neutral"): ["Maybe", "Also", "Furthermore", "Secondly", "Additionally", "Moreover", "In addition"],
     ("commonsense", "cause_effect"): ["Thus", "Therefore", "Accordingly", "Hence", "For this reason"],
-    ("paraphrase", "similar"): ["In other words", "Namely", "That is to say", "i.e.", "Scilicet", "Similarly", "Equally"],
+    ("paraphrase", "similar"): [
+        "In other words",
+        "Namely",
+        "That is to say",
+        "i.e.",
+        "Scilicet",
+        "Similarly",
+        "Equally",
+    ],
     ("paraphrase", "different"): ["No", "However", "But", "On the contrary", "In contrast", "Whereas"],
 }
 PAIR_CASES = [(task, kind, c) for (task, kind), connectives in CONNECTIVES.items() for c in connectives]
@@ -147,7 +155,10 @@ def test_summarize_and_completion_frames():
     frames = set()
     for seed in range(100):
         items = mine_tasks(text, "Energy in cells", seed=seed)
-        summary, completion = of_kind(items, "summarize", "text2title") + of_kind(items, "summarize", "title2text"), None
+        summary, completion = (
+            of_kind(items, "summarize", "text2title") + of_kind(items, "summarize", "title2text"),
+            None,
+        )
         parts = of_kind(items, "completion", "completion")
         if parts:
             completion = parts[0]
@@ -157,9 +168,38 @@ def test_summarize_and_completion_frames():
             assert item["answer"] == ("Energy in cells" if item["kind"] == "text2title" else text)
         frames.add((tuple(i["kind"] for i in summary), bool(parts)))
     # AdaptLLM's four frames with a title (title only, completion only, both, neither) and both summary directions
-    assert frames == {(("text2title",), False), (("title2text",), False), ((), True), (("text2title",), True), ((), False)}
-    assert not of_kind(mine_tasks(text), "summarize", "text2title") + of_kind(mine_tasks(text), "summarize", "title2text")
+    assert frames == {
+        (("text2title",), False),
+        (("title2text",), False),
+        ((), True),
+        (("text2title",), True),
+        ((), False),
+    }
+    assert not of_kind(mine_tasks(text), "summarize", "text2title") + of_kind(
+        mine_tasks(text), "summarize", "title2text"
+    )
     assert not of_kind(mine_tasks(LONG_A, "A title", seed=3), "completion", "completion")  # one sentence: no cut
+
+
+def test_frames_drawn_with_adaptllm_probabilities():
+    """Title and completion (0.4), completion only (0.1), title only (0.4), neither (0.1); text2title and title2text
+    share the title-only case."""
+    text = f"{OPENING} {LONG_A} {LONG_C} {CLOSING}"
+    counts = {}
+    for seed in range(500):
+        found = tuple(
+            sorted(i["kind"] for i in mine_tasks(text, "T", seed=seed) if i["task"] in ("summarize", "completion"))
+        )
+        counts[found] = counts.get(found, 0) + 1
+    both, completion = counts[("completion", "text2title")] / 500, counts[("completion",)] / 500
+    title, neither = (counts[("text2title",)] + counts[("title2text",)]) / 500, counts.get((), 0) / 500
+    assert (
+        abs(both - 0.4) < 0.07
+        and abs(title - 0.4) < 0.07
+        and abs(completion - 0.1) < 0.05
+        and abs(neither - 0.1) < 0.05
+    )
+    assert abs(counts[("title2text",)] / 500 - 0.2) < 0.06
 
 
 # --- near misses not found -----------------------------------------------------------------------------------------
@@ -220,7 +260,10 @@ def test_definition_missed(sentence):
 
 
 def test_topic_missed_with_a_short_subject_or_topic():
-    for sentence in ("The handbook talks about the regulation of glucose.", "The handbook chapter two talks about insulin."):
+    for sentence in (
+        "The handbook talks about the regulation of glucose.",
+        "The handbook chapter two talks about insulin.",
+    ):
         assert ("word2text", "topic") not in kinds(mine_tasks(f"{OPENING} {sentence} {CLOSING}"))
 
 
@@ -237,7 +280,9 @@ def test_keywords_missed_with_two_domain_words_or_a_long_sentence():
 def many_pairs(n: int, filler: str = "") -> str:
     """A text with ``n`` entailment pairs, each told apart by a number word, then ``filler``."""
     numbers = ["one", "two", "three", "four", "five", "six"]
-    body = " ".join(f"{LONG_A[:-1]} in case {numbers[i]}. Therefore, {LONG_B[:-1]} in case {numbers[i]}." for i in range(n))
+    body = " ".join(
+        f"{LONG_A[:-1]} in case {numbers[i]}. Therefore, {LONG_B[:-1]} in case {numbers[i]}." for i in range(n)
+    )
     return f"{OPENING} {body} {filler}{CLOSING}"
 
 
@@ -248,7 +293,9 @@ def test_at_most_two_per_kind():
     assert kinds(items).count(("nli", "entailment")) == 2 and kinds(items).count(("commonsense", "cause_effect")) == 2
     words = {"mitochondria", "metabolism", "glycogenolysis"}
     sentence = "The glycogenolysis feeds metabolism in mitochondria."
-    keyword_items = of_kind(mine_tasks(f"{OPENING} " + " ".join([sentence] * 5), domain_words=words), "word2text", "keywords")
+    keyword_items = of_kind(
+        mine_tasks(f"{OPENING} " + " ".join([sentence] * 5), domain_words=words), "word2text", "keywords"
+    )
     assert len(keyword_items) == 2
 
 
@@ -333,7 +380,9 @@ def general_tokenizer():
 
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.train_from_iterator(GENERAL, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False))
+    backend.train_from_iterator(
+        GENERAL, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
 
@@ -360,7 +409,11 @@ def test_domain_words_against_the_character_tokenizer():
 
 def corpus() -> Dataset:
     rng = random.Random(0)
-    sentences = [LONG_A, LONG_C, "Glycogenolysis and gluconeogenesis both depend on healthy mitochondria in liver cells."]
+    sentences = [
+        LONG_A,
+        LONG_C,
+        "Glycogenolysis and gluconeogenesis both depend on healthy mitochondria in liver cells.",
+    ]
     rows = []
     for i in range(24):
         connective = rng.choice(["Therefore", "However", "Moreover", "In other words"])

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 TASKS = ("nli", "commonsense", "paraphrase", "word2text", "summarize", "completion")
+"""The task types `mine_tasks` returns, in its order."""
 MAX_PER_KIND = 2
 """At most this many items of one kind per text (AdaptLLM's ``max_subcategory_num``)."""
 CLASSIFY_PROBABILITY = 0.8
@@ -70,7 +71,11 @@ _CONNECTIVES = {
 }
 # A sentence of a pair: at least 50 characters up to its end mark, without a sentence end, a newline or a comma
 # inside (paraphrases allow commas; effect-cause pairs also exclude semicolons), as in AdaptLLM.
-_SENTENCE = {"nli": r"[^.!?\n,]{50,}[.!?]+", "commonsense": r"[^.!?\n,]{50,}[.!?]+", "paraphrase": r"[^.!?\n]{50,}[.!?]+"}
+_SENTENCE = {
+    "nli": r"[^.!?\n,]{50,}[.!?]+",
+    "commonsense": r"[^.!?\n,]{50,}[.!?]+",
+    "paraphrase": r"[^.!?\n]{50,}[.!?]+",
+}
 _EFFECT_CAUSE_SENTENCE = r"[^.!?;\n,]{50,}[.!?]+"
 _PREVIOUS_END = r"(?<=[.!?])\s+"  # the pair starts after the end of a previous sentence
 _END = r"(?=\s|\Z)"  # a sentence ends at whitespace or at the end of the text, not inside "3.5"
@@ -91,8 +96,8 @@ _DEFINITION = re.compile(
     re.IGNORECASE,
 )
 _TOPIC = re.compile(
-    rf"{_PREVIOUS_END}([^.!?,;\n]{{20,}}?)(?:\s+(was about|talks about|is about)|('s topic is))\s+([^.!?\n]{{20,}}[.!?]+)"
-    + _END,
+    rf"{_PREVIOUS_END}([^.!?,;\n]{{20,}}?)(?:\s+(was about|talks about|is about)|('s topic is))"
+    rf"\s+([^.!?\n]{{20,}}[.!?]+){_END}",
     re.IGNORECASE,
 )
 _WORD = re.compile(r"\w+")
@@ -127,21 +132,21 @@ def split_sentences(text: str) -> list[tuple[int, str]]:
         text: any text.
 
     Returns:
-        The sentences in order; their texts joined give back ``text``.
+        The sentences in order, each with its offset in ``text`` (clean=False: pysbd keeps the text as it is).
     """
     if not text.strip():
         return []
     return [(span.start, span.sent) for span in _segmenter().segment(text)]
 
 
-def _phrase(template: str, domain: str | None) -> str:
-    """A template with its ``[...]`` domain segments kept (domain filled) or dropped (no domain)."""
+def _phrase(template: str, domain: str | None, **slots: str) -> str:
+    """A template filled: its ``[...]`` domain segments kept (with the domain) or dropped (no domain), its slots set."""
     template = re.sub(r"\[([^\]]*)\]", (lambda m: m.group(1)) if domain else "", template)
-    return template.replace("{domain}", domain) if domain else template
+    return template.format(domain=domain or "", **slots)  # values go in verbatim, braces in them included
 
 
 def _item(task: str, kind: str, template: tuple[str, str], slots: dict[str, str], domain: str | None) -> dict:
-    question, answer = (_phrase(part, domain).format(**slots) for part in template)
+    question, answer = (_phrase(part, domain, **slots) for part in template)
     return {"task": task, "kind": kind, "question": question, "answer": answer}
 
 
@@ -231,7 +236,11 @@ def mine_tasks(
 
     rng = rng_of("definition")
     for term, verb, genitive, definition in _capped(_DEFINITION.findall(text), rng):
-        slots = {"term": term, "phrase": f"{term} {verb}" if verb else f"{term}{genitive}", "definition": definition.strip()}
+        slots = {
+            "term": term,
+            "phrase": f"{term} {verb}" if verb else f"{term}{genitive}",
+            "definition": definition.strip(),
+        }
         slots["connective"] = verb or genitive
         items.append(_item("word2text", "definition", rng.choice(templates.WORD2TEXT["definition"]), slots, domain))
     rng = rng_of("topic")
@@ -250,12 +259,14 @@ def mine_tasks(
     has_title, has_parts = bool(title and title.strip()), len(sentences) >= 2
     if has_title or has_parts:
         rng = rng_of("frame")
-        frames, weights = _FRAMES_BOTH if has_title and has_parts else _FRAMES_TITLE if has_title else _FRAMES_COMPLETION
+        frames, weights = (
+            _FRAMES_BOTH if has_title and has_parts else _FRAMES_TITLE if has_title else _FRAMES_COMPLETION
+        )
         summarize, complete = rng.choices(frames, weights)[0]
         if summarize:
             kind = "text2title" if complete or rng.random() < 0.5 else "title2text"
             slots = {"title": title.strip()}
-            question = _phrase(rng.choice(templates.SUMMARIZE[kind]), domain).format(**slots)
+            question = _phrase(rng.choice(templates.SUMMARIZE[kind]), domain, **slots)
             answer = title.strip() if kind == "text2title" else text.strip()
             items.append({"task": "summarize", "kind": kind, "question": question, "answer": answer})
         if complete:
@@ -397,7 +408,8 @@ class MineOptions:
                 raise UserError(f"mine.{name}={value!r} is invalid; expected an integer >= {minimum}")
 
 
-_TASK_FEATURES = {name: "string" for name in ("task", "kind", "question", "answer")}
+TASK_FIELDS = ("task", "kind", "question", "answer")
+"""The fields of a task item, in `mine_corpus`'s ``tasks`` column and in `render_example`'s input."""
 
 
 def _mine_row(row: dict, words: set[str] | None, seed: int, domain: str | None) -> dict:
@@ -442,7 +454,7 @@ def mine_corpus(corpus: Dataset, options: MineOptions, tokenizer: Any, num_proc:
             f"the corpus has no {' or '.join(missing)} column (columns: {', '.join(corpus.column_names)}); "
             "expected the corpus stage's dataset (id, title, text, tokens)"
         )
-    features = Features({"id": Value("string"), "tasks": List({k: Value(v) for k, v in _TASK_FEATURES.items()})})
+    features = Features({"id": Value("string"), "tasks": List({name: Value("string") for name in TASK_FIELDS})})
     if len(corpus) == 0:  # map would return the id column alone
         return Dataset.from_dict({"id": [], "tasks": []}, features=features)
     words = None
@@ -467,6 +479,8 @@ def mine_corpus(corpus: Dataset, options: MineOptions, tokenizer: Any, num_proc:
 
 
 __all__ = [
+    "TASKS",
+    "TASK_FIELDS",
     "MineOptions",
     "document_seed",
     "domain_words",

@@ -22,17 +22,22 @@ NLI_CLASSIFY = [
     ('Sentence 1: "{premise}"\nSentence 2: "{hypothesis}"\nIs sentence 2 true, based on sentence 1?', "{label}"),
     # which connective links the two sentences
     (
-        'Sentence 1: "{premise}"\nSentence 2: "{hypothesis}"\nWhich word connects them best: Therefore, However or '
-        "Moreover?",
+        'Sentence 1: "{premise}"\nSentence 2: "{hypothesis}"\nWhich word connects them: Therefore, However, Moreover?',
         "{connective}",
     ),
-    ("Pick the word that links these sentences (Therefore, However, Moreover):\n1. {premise}\n2. {hypothesis}", "{connective}"),
+    (
+        "Pick the word that links these sentences (Therefore, However, Moreover):\n1. {premise}\n2. {hypothesis}",
+        "{connective}",
+    ),
     # the relation by name
     (
         'Sentence 1: "{premise}"\nSentence 2: "{hypothesis}"\nIs their relation Entailment, Neutral or Contradictory?',
         "{relation}",
     ),
-    ('How do these two sentences relate: Entailment, Neutral or Contradictory?\n"{premise}"\n"{hypothesis}"', "{relation}"),
+    (
+        'How do these two sentences relate: Entailment, Neutral or Contradictory?\n"{premise}"\n"{hypothesis}"',
+        "{relation}",
+    ),
 ]
 
 # The three verbalizers of each relation: the label, the connective and the relation name.
@@ -117,7 +122,10 @@ WORD2TEXT = {
     ],
     "keywords": [
         ("Concepts: {keywords}\nWrite a sentence that uses all these[ {domain}] words.\nSentence:", "{sentence}"),
-        ("Keywords: {keywords}\nFind the sentence of the article that contains these[ {domain}] keywords.", "{sentence}"),
+        (
+            "Keywords: {keywords}\nFind the sentence of the article that contains these[ {domain}] keywords.",
+            "{sentence}",
+        ),
         ("Here are some[ {domain}] concepts: {keywords}\nWhat does the article say about them?", "{sentence}"),
         ("Write a[ {domain}] sentence about the following things:\n{keywords}\nAnswer:", "{sentence}"),
         ("Sentence: {sentence}\nWhat are the[ {domain}] keywords of this sentence?", "{keywords}"),
