@@ -1,8 +1,8 @@
 """The build stage: one training text per document, plus general instruction data at a token ratio.
 
-Each domain example is the document's *reading* (ETRC: its cluster neighbours' texts, then its own text) followed by
-the comprehension tasks about it: AdaptLLM's mined tasks and the LLM's question/answer pairs, formatted by
-`moraft.data.mine.render_example`. General instruction data (AdaptLLM mixes it 1:1 by tokens) is rendered to plain
+Each domain example is the document's *reading* (ETRC: its cluster neighbours' texts, then its own text) with the
+comprehension tasks about its own text: AdaptLLM's mined tasks and the LLM's question/answer pairs, formatted with the
+text by `moraft.data.mine.render_example`. General instruction data (AdaptLLM mixes it 1:1 by tokens) is rendered to plain
 text, so the whole set is text for continued pre-training: ``moraft train --data OUTPUT/train`` reads it directly and
 takes the loss on every token.
 """
@@ -46,10 +46,10 @@ class BuildOptions(_Group):
                     "a number > 0")
 
 
-def reading(texts: list[str], index: int, neighbors: list[int]) -> str:
-    """ETRC's extended reading of document ``index``: its neighbours' texts (nearest last, next to the text the
-    questions are about), then its own text."""
-    return READING_SEPARATOR.join([texts[j] for j in reversed(neighbors)] + [texts[index]])
+def extended(texts: list[str], neighbors: list[int], example: str) -> str:
+    """ETRC's extended reading: the neighbours' texts (nearest last, next to the text the questions are about), then
+    the document's own example (its text framed with its tasks by `render_example`)."""
+    return READING_SEPARATOR.join([texts[j] for j in reversed(neighbors)] + [example])
 
 
 def llm_tasks(pairs: list[dict]) -> list[dict]:
@@ -87,10 +87,8 @@ def domain_examples(corpus, mined=None, comprehension=None, clusters=None, *, do
 
     def render(row: dict, index: int) -> dict:
         tasks = list(row["tasks"] or []) + llm_tasks(row["llm"] or [])
-        text = reading(texts, index, row["neighbors"]) if row["neighbors"] else row["text"]
-        doc_seed = document_seed(row["text"], seed)
-        return {"text": render_example(text, row["title"], tasks, domain=domain, seed=doc_seed),
-                "neighbors": len(row["neighbors"])}
+        example = render_example(row["text"], row["title"], tasks, domain=domain, seed=document_seed(row["text"], seed))
+        return {"text": extended(texts, row["neighbors"], example), "neighbors": len(row["neighbors"])}
 
     table = corpus.select_columns(["id", "title", "text"])
     for name, values in extra.items():

@@ -214,7 +214,7 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
         llm = {k: v for k, v in asdict(options.comprehend).items() if k not in {"concurrency", "timeout", "retries"}}
         fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp)
         found["comprehend"] = stages.run("comprehend", fingerprints["comprehend"], lambda: comprehend_corpus(
-            corpus, options.comprehend, output / LLM_CACHE))
+            corpus, options.comprehend, output / LLM_CACHE, num_proc=options.num_proc))
     elif "build" in needed:
         print("moraft data: comprehend: skipped (no --comprehend.llm_url or --comprehend.local_model)")
     if "cluster" in needed:
