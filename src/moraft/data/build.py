@@ -142,7 +142,7 @@ def general_examples(source: str, split: str, tokenizer, target_tokens: int, see
             rng.shuffle(order)
             for i in order:
                 text = render_general(data[i], fmt, tokenizer)
-                n = len(tokenizer(text).input_ids)
+                n = len(tokenizer(text, verbose=False).input_ids)
                 rows.append({"text": text})
                 tokens += n
                 bar.update(n)
@@ -155,7 +155,7 @@ def general_examples(source: str, split: str, tokenizer, target_tokens: int, see
 
 def count_tokens(data, tokenizer, num_proc: int = 1) -> list[int]:
     """The token count of each row's ``text``."""
-    counted = data.map(lambda batch: {"n": [len(ids) for ids in tokenizer(batch["text"]).input_ids]},
+    counted = data.map(lambda batch: {"n": [len(ids) for ids in tokenizer(batch["text"], verbose=False).input_ids]},
                        batched=True, num_proc=num_proc if num_proc > 1 else None, desc="Counting tokens")
     return counted["n"]
 

@@ -145,6 +145,7 @@ class Stages:
         from datasets import load_from_disk
 
         directory = self.output / (TRAIN_DIR if name == "build" else name)
+        self.output.mkdir(parents=True, exist_ok=True)  # only once a stage has something to save
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.output))
         try:
             data.save_to_disk(str(tmp / "data"))
@@ -193,7 +194,7 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
     output = Path(options.output).expanduser()
     if output.exists() and not output.is_dir():
         raise UserError(f"output={options.output!r} is a file; expected a directory (created if missing)")
-    output.mkdir(parents=True, exist_ok=True)
+    _require_extras(options)
     tokenizer = load_tokenizer(options.tokenizer)
     stages = Stages(output, options.force, options.chosen)
     needed = _needed(options.chosen, options)
@@ -208,8 +209,8 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
     fingerprints = {"corpus": corpus_fp}
     if "mine" in needed:
         fingerprints["mine"] = _fingerprint(FORMAT_VERSION, "mine", asdict(options.mine), tok, corpus_fp)
-        found["mine"] = stages.run("mine", fingerprints["mine"], lambda: (
-            mine_corpus(corpus, options.mine, _mine_tokenizer(options, tokenizer), num_proc=options.num_proc), {}))
+        found["mine"] = stages.run("mine", fingerprints["mine"], lambda: _counted(
+            mine_corpus(corpus, options.mine, _mine_tokenizer(options, tokenizer), num_proc=options.num_proc)))
     if "comprehend" in needed and _has_llm(options):
         llm = {k: v for k, v in asdict(options.comprehend).items() if k not in {"concurrency", "timeout", "retries"}}
         fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp)
@@ -219,8 +220,8 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
         print("moraft data: comprehend: skipped (no --comprehend.llm_url or --comprehend.local_model)")
     if "cluster" in needed:
         fingerprints["cluster"] = _fingerprint(FORMAT_VERSION, "cluster", asdict(options.cluster), corpus_fp)
-        found["cluster"] = stages.run("cluster", fingerprints["cluster"], lambda: (
-            cluster_corpus(corpus, options.cluster), {}))
+        found["cluster"] = stages.run("cluster", fingerprints["cluster"], lambda: _clustered(
+            cluster_corpus(corpus, options.cluster)))
     if "build" in needed:
         build_fp = _fingerprint(FORMAT_VERSION, "build", asdict(options.build), options.mine.domain,
                                 options.mine.seed, tok, fingerprints)
@@ -230,6 +231,40 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
     stats = {"output": str(output), "stages": {name: stages.reports.get(name, {}) for name in needed}}
     _write_json(output / STATS_FILE, stats)
     return stats
+
+
+def _counted(mined) -> tuple[Any, dict]:
+    """The mine stage's dataset and its report: tasks per type and kind, documents without any."""
+    kinds: dict[str, int] = {}
+    for tasks in mined["tasks"]:
+        for task in tasks:
+            kinds[f"{task['task']}/{task['kind']}"] = kinds.get(f"{task['task']}/{task['kind']}", 0) + 1
+    empty = sum(1 for tasks in mined["tasks"] if not tasks)
+    return mined, {"tasks": dict(sorted(kinds.items())), "documents_without_tasks": empty}
+
+
+def _clustered(clusters) -> tuple[Any, dict]:
+    """The cluster stage's dataset and its report: clusters, and neighbours per reading."""
+    counts = [len(n) for n in clusters["neighbors"]]
+    return clusters, {"clusters": len(set(clusters["cluster"])), "extended_readings": sum(1 for c in counts if c),
+                      "mean_neighbors": sum(counts) / max(len(counts), 1)}
+
+
+# the modules each stage imports, and the extra that installs them
+EXTRAS = {"mine": ["pysbd"], "cluster": ["sklearn"], "corpus": ["datasketch"]}
+
+
+def _require_extras(options: DataPipelineOptions) -> None:
+    """A clear message, before any work, when moraft was installed without the data extra."""
+    import importlib.util
+
+    wanted = [m for stage in ("corpus", "mine", "cluster") for m in EXTRAS[stage]]
+    if options.comprehend.llm_url:
+        wanted.append("openai")
+    missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"moraft data needs {', '.join(missing)}, which are not installed; install them with "
+                        "pip install 'moraft[data]'")
 
 
 def _mine_tokenizer(options: DataPipelineOptions, tokenizer):

@@ -1,0 +1,172 @@
+"""``moraft data`` as a whole: the stages saved and skipped when up to date, the build stage's mix, bad input, and the
+recipe end to end (a real corpus → moraft data with a real ``moraft serve`` as the LLM → moraft train --method mora →
+moraft eval --tasks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import load_from_disk
+
+from helpers import MoraftServe, TINY, assert_refused, free_socket, run_cli
+
+DEBIAN = Path(__file__).parent / "fixtures" / "debian"
+
+
+def corpus_file(tmp_path: Path, documents: int = 40) -> Path:
+    """The first ``documents`` documents of the Debian science corpus."""
+    lines = (DEBIAN / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:documents]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def general_file(tmp_path: Path) -> Path:
+    """A small chat set standing in for general instruction data: questions whose answers need no domain."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+            for a in range(2, 9) for b in range(3, 7)]
+    path = tmp_path / "general.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def data_flags(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return ["data", "--corpus", str(corpus), "--output", str(out), "--mine.domain", "science",
+            "--cluster.context_tokens", "4096", *extra]
+
+
+def failed(stderr: str, expected: str) -> None:
+    """A run stopped by bad input: its last line is the one-line error saying ``expected``, and no traceback."""
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("moraft data: error: "), stderr
+    assert expected in stderr.strip().splitlines()[-1], stderr
+
+
+def ran(stdout: str) -> list[str]:
+    """The stages a run computed (not loaded as up to date)."""
+    return [line.split(":")[1].strip() for line in stdout.splitlines() if line.endswith(": running")]
+
+
+def test_stages_are_saved_and_skipped_when_up_to_date(tmp_path, capsys):
+    corpus, out = corpus_file(tmp_path, 30), tmp_path / "out"
+    status, stdout, stderr = run_cli(data_flags(corpus, out), capsys)
+    assert status == 0, stderr
+    assert ran(stdout) == ["corpus", "mine", "cluster", "build"]
+    stats = json.loads((out / "stats.json").read_text())
+    built = stats["stages"]["build"]
+    assert built["documents"] == stats["stages"]["corpus"]["documents_out"] == 30 == built["examples"]
+    assert built["tasks"] == stats["stages"]["mine"]["tasks"] and sum(built["tasks"].values()) > 0
+    assert built["extended_readings"] == stats["stages"]["cluster"]["extended_readings"] > 0
+    first = load_from_disk(str(out / "train"))["text"]
+
+    status, stdout, _ = run_cli(data_flags(corpus, out), capsys)
+    assert status == 0 and ran(stdout) == [] and "build: up to date" in stdout
+    assert load_from_disk(str(out / "train"))["text"] == first
+
+    # an option of one stage reruns that stage and the stages that read it, nothing else
+    status, stdout, _ = run_cli(data_flags(corpus, out, "--mine.seed", "1"), capsys)
+    assert status == 0 and ran(stdout) == ["mine", "build"]
+    status, stdout, _ = run_cli(data_flags(corpus, out, "--mine.seed", "1", "--cluster.max_neighbors", "1"), capsys)
+    assert status == 0 and ran(stdout) == ["cluster", "build"]
+    assert max(len(n) for n in load_from_disk(str(out / "cluster"))["neighbors"]) == 1
+    # --force reruns the chosen stages; --stages runs only those asked for (and loads what they read)
+    status, stdout, _ = run_cli(data_flags(corpus, out, "--mine.seed", "1", "--cluster.max_neighbors", "1",
+                                           "--stages", "mine", "--force"), capsys)
+    assert status == 0 and ran(stdout) == ["mine"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
+
+
+def test_general_data_is_mixed_at_the_token_ratio(tmp_path, capsys):
+    corpus, out = corpus_file(tmp_path, 20), tmp_path / "out"
+    general = general_file(tmp_path)
+    status, _, stderr = run_cli(data_flags(corpus, out, "--build.general", str(general),
+                                           "--build.general_ratio", "0.25"), capsys)
+    assert status == 0, stderr
+    built = json.loads((out / "stats.json").read_text())["stages"]["build"]
+    target = 0.25 * built["domain_tokens"]
+    longest = 60  # the rendered chat examples are at most this many characters (one token each)
+    assert target <= built["general"]["tokens"] < target + longest
+    assert built["general"]["format"] == "chat" and built["general"]["passes"] > 1  # 28 rows, repeated
+    texts = load_from_disk(str(out / "train"))["text"]
+    assert len(texts) == built["examples"] == built["documents"] + built["general"]["rows"]
+    assert sum("plus" in t and "<|assistant|>" in t for t in texts) == built["general"]["rows"]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--stages", "mine,train"], "stages='mine,train' is invalid; expected some of corpus, mine, comprehend"),
+    (["--stages", "comprehend"], "comprehend, which needs --comprehend.llm_url"),
+    (["--build.general_ratio", "0"], "build.general_ratio=0.0 is invalid; expected a number > 0"),
+])
+def test_bad_options_are_refused(tmp_path, capsys, flags, expected):
+    out = tmp_path / "out"
+    assert_refused(data_flags(corpus_file(tmp_path, 5), out, *flags), capsys, expected, out)
+
+
+def test_empty_corpus_is_refused_and_writes_nothing(tmp_path, capsys):
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("", encoding="utf-8")
+    (corpus / "b.txt").write_bytes(b"\xff\xfe not utf-8 \xc3\x28" * 20)
+    out = tmp_path / "out"
+    status, _, stderr = run_cli(data_flags(corpus, out), capsys)
+    assert status == 2
+    failed(stderr, "no documents left of 2 read: 1 empty, 1 not_utf8")
+    assert "a.txt (empty)" in stderr and "b.txt (not_utf8)" in stderr  # the skipped files, named
+    assert not out.exists()
+
+
+def test_context_budget_smaller_than_a_document(tmp_path, capsys):
+    corpus, out = corpus_file(tmp_path, 10), tmp_path / "out"
+    status, _, stderr = run_cli(data_flags(corpus, out)[:-2] + ["--cluster.context_tokens", "50"], capsys)
+    assert status == 2
+    failed(stderr, "cluster.context_tokens=50; raise --cluster.context_tokens to at least")
+    # the stages before it are done and kept; nothing of the failed stage or after it is written
+    assert (out / "corpus").is_dir() and (out / "mine").is_dir()
+    assert not (out / "cluster").exists() and not (out / "train").exists()
+
+
+def test_llm_endpoint_down_keeps_done_work(tmp_path, capsys):
+    corpus, out = corpus_file(tmp_path, 5), tmp_path / "out"
+    closed = free_socket()  # bound, never listening: connections are refused
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    try:
+        status, _, stderr = run_cli(data_flags(corpus, out, "--comprehend.llm_url", url, "--comprehend.llm_model",
+                                               "m", "--comprehend.retries", "1"), capsys)
+    finally:
+        closed.close()
+    assert status == 2
+    failed(stderr, f"LLM endpoint {url}")
+    assert "rerun to continue" in stderr
+    assert (out / "corpus").is_dir() and not (out / "comprehend").exists() and not (out / "train").exists()
+
+
+def test_recipe_end_to_end(tmp_path, capsys, llama_dir):
+    """The documented recipe, small: corpus → moraft data (the LLM stage against a real moraft serve) → moraft
+    train --method mora → moraft eval --tasks."""
+    corpus, out, run = corpus_file(tmp_path, 40), tmp_path / "data", tmp_path / "run"
+    with MoraftServe(llama_dir) as server:
+        flags = data_flags(corpus, out, "--comprehend.llm_url", f"{server.url}/v1", "--comprehend.max_documents",
+                           "4", "--comprehend.max_tokens", "24", "--build.general", str(general_file(tmp_path)),
+                           "--corpus.max_tokens", "600")  # prompts within the served model's 1,024 positions
+        status, stdout, stderr = run_cli(flags, capsys)
+        assert status == 0, stderr
+        llm = json.loads((out / "stats.json").read_text())["stages"]["comprehend"]
+        # the tiny random model cannot write JSON: every reply is rejected, counted, and nothing fails
+        assert llm["sampled"] == 4 == llm["generated"] and llm["rejected"] + llm["pairs"] > 0 and llm["failed"] == 0
+        status, stdout, _ = run_cli(flags, capsys)  # a rerun asks the LLM nothing
+        assert status == 0 and ran(stdout) == []
+
+    tiny = [f"--{group}.{key}={value}" for group, values in TINY.items() for key, value in values.items()
+            if group in ("model", "output")]
+    status, _, stderr = run_cli(["train", *tiny, "--data", str(out / "train"), "--adapter.method", "mora",
+                                 "--data.seq_length", "128", "--optimization.batch_size", "2",
+                                 "--optimization.max_steps", "4", "--output.dir", str(run)], capsys)
+    assert status == 0, stderr
+    tasks = tmp_path / "tasks.jsonl"  # 20 of the 100 questions: the scoring is tested in test_eval_tasks.py
+    tasks.write_text("".join((DEBIAN / "tasks.jsonl").read_text(encoding="utf-8").splitlines(True)[:20]))
+    status, stdout, stderr = run_cli(["eval", str(run), "--tasks", str(tasks)], capsys)
+    assert status == 0, stderr
+    scores = json.loads((run / "eval_tasks.json").read_text())
+    assert scores["num_tasks"] == 20 and 0 <= scores["accuracy"] <= 1 and scores["chance"] == 0.25
