@@ -65,6 +65,8 @@ def test_loglikelihoods_are_the_sums_of_the_option_tokens_log_probabilities(toke
             logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
         expected = logprobs[-n:].gather(1, ids[0, -n:, None]).sum().item()
         assert got == pytest.approx(expected, abs=1e-4)
+    # a model without logits_to_keep (the same weights under a wrapper) gets every position's logits: same scores
+    assert loglikelihoods(Favouring(0, 0.0), tokenizer, pairs, batch_size=3) == pytest.approx(batched, abs=1e-4)
 
 
 def test_ranking_follows_the_favoured_token_and_acc_norm_divides_by_length(tokenizer):

@@ -25,6 +25,7 @@ than the model's context loses tokens from the left of the prompt, as in lm-eval
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from dataclasses import dataclass
@@ -149,7 +150,9 @@ def loglikelihoods(
     model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16, progress: bool = True
 ) -> list[float]:
     """The sum of the log-probabilities of each continuation's tokens given its context (see `encode_pair`), in
-    float32, batched longest first and right-padded. A context too long for the model is cut from the left."""
+    float32, batched longest first and right-padded. A context too long for the model is cut from the left. Only the
+    positions that predict continuation tokens get logits, where the model takes ``logits_to_keep`` (transformers'
+    causal LMs do), so a large vocabulary does not cost batch × length × vocabulary floats."""
     limit = context_length(model, tokenizer)
     encoded = [encode_pair(tokenizer, context, continuation) for context, continuation in pairs]
     # an empty context (a tokenizer that adds no BOS) still needs one position to predict the first option token
@@ -166,6 +169,7 @@ def loglikelihoods(
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    trims = accepts_logits_to_keep(model)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="Scoring options", disable=not progress):
             batch = order[start : start + batch_size]
@@ -175,16 +179,24 @@ def loglikelihoods(
             for row, i in enumerate(batch):
                 ids[row, : len(inputs[i])] = torch.tensor(inputs[i])
                 mask[row, : len(inputs[i])] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            first = min(len(inputs[i]) - len(encoded[i][1]) for i in batch) if trims else 0
+            kept = {"logits_to_keep": torch.arange(first, width, device=device)} if trims else {}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kept).logits  # (B, width-first, V)
             for row, i in enumerate(batch):
                 cont = encoded[i][1]
-                end = len(inputs[i])
-                logprobs = torch.log_softmax(logits[row, end - len(cont) : end], dim=-1)  # (len(cont), vocab)
+                end = len(inputs[i]) - first
+                logprobs = torch.log_softmax(logits[row, end - len(cont) : end].float(), dim=-1)  # (len(cont), V)
                 target = torch.tensor(cont, device=logprobs.device).unsqueeze(1)
                 scores[i] = logprobs.gather(1, target).sum().item()
     finally:
         model.train(was_training)
     return scores
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model (or the model under a PEFT wrapper) computes logits for chosen positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def score_tasks(
