@@ -136,32 +136,46 @@ def mora_config() -> str:
     return "\n".join([HEADER, *rows])
 
 
-def _train_actions() -> dict[str, object]:
-    """The ``moraft train`` parser's actions by dotted name: their help is exactly what ``--help`` prints."""
-    from moraft.cli import command_parser
-    from moraft.train.runner import train
+def _option_tables(func, anchor: str) -> str:
+    """One table per option group of a command taking an options dataclass (``train``, ``data``), in its order; the
+    options of its own (``moraft data --output``) first. The help is the parser's: exactly what ``--help`` prints."""
+    from moraft.cli import command_parser, option_types, options_class
 
-    return {action.dest: action for action in command_parser(train)._actions}  # argparse has no public list
-
-
-def train_options() -> str:
-    """One table per option group of ``moraft train``, in the order of TrainOptions."""
-    from moraft.cli import option_types
-    from moraft.train.options import TrainOptions
-    from moraft.train.runner import train
-
-    actions, types = _train_actions(), option_types(train)
-    hints = typing.get_type_hints(TrainOptions)
+    actions = {action.dest: action for action in command_parser(func)._actions}  # argparse has no public list
+    types = option_types(func)
+    options = options_class(func)
+    hints = typing.get_type_hints(options)
+    groups = [f for f in dataclasses.fields(options) if dataclasses.is_dataclass(hints[f.name])]
+    own = [f for f in dataclasses.fields(options) if f not in groups]
     out = []
-    for group in dataclasses.fields(TrainOptions):
+    if own:
+        out += [f"### Options of its own {{ #{anchor}-own }}", "", HEADER]
+        out += [_row(f"--{f.name}", types[f.name], _yaml(actions[f.name].default), actions[f.name].help or "",
+                     f"--{f.name}") for f in own]
+        out.append("")
+    for group in groups:
         cls = hints[group.name]
-        out += [f"### `{group.name}`: {inspect.getdoc(cls)} {{ #train-{group.name} }}", "", HEADER]
+        out += [f"### `{group.name}`: {inspect.getdoc(cls)} {{ #{anchor}-{group.name} }}", "", HEADER]
         for f in dataclasses.fields(cls):
             dotted = f"{group.name}.{f.name}"
             action = actions[dotted]
             out.append(_row(f"--{dotted}", types[dotted], _yaml(action.default), action.help or "", f"--{dotted}"))
         out.append("")
     return "\n".join(out)
+
+
+def train_options() -> str:
+    """One table per option group of ``moraft train``, in the order of TrainOptions."""
+    from moraft.train.runner import train
+
+    return _option_tables(train, "train")
+
+
+def data_options() -> str:
+    """The options of ``moraft data``: its own, then one table per stage."""
+    from moraft.data.pipeline import data
+
+    return _option_tables(data, "data")
 
 
 def train_yaml() -> str:
@@ -190,5 +204,6 @@ GENERATORS = {
     "mora-config": mora_config,
     "train-options": train_options,
     "train-yaml": train_yaml,
+    "data-options": data_options,
     "commands": commands,
 }
