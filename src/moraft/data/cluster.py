@@ -316,9 +316,15 @@ def _cluster_neighbors(
         similarity = inside[rows] @ inside.T  # (b, m)
         similarity[np.arange(len(rows)), rows] = -np.inf  # never itself
         ranked = _nearest_first(similarity, min(size - 1, max(CANDIDATES, 16 * max_neighbors)))  # (b, c)
-        for row, candidates in zip(rows, ranked):
-            left = budget - int(member_tokens[row])
+        head = ranked[:, :max_neighbors]  # (b, k)
+        lefts = budget - member_tokens[rows]  # (b,)
+        # Where the k nearest fit together, greedy takes exactly them: no loop over candidates for those rows.
+        all_fit = member_tokens[head].sum(axis=1) <= lefts
+        for row, candidates, left, fit in zip(rows, ranked, lefts.tolist(), all_fit):
             chosen = neighbors[int(members[row])]
+            if fit:
+                chosen.extend(members[candidates[:max_neighbors]].tolist())
+                continue
             for candidate in candidates:
                 if len(chosen) == max_neighbors or left < smallest:
                     break
@@ -330,7 +336,7 @@ def _cluster_neighbors(
 
 def _nearest_first(similarity: np.ndarray, count: int) -> np.ndarray:
     """The column indices of each row's ``count`` largest similarities, largest first (ties: lower index first)."""
-    if count < similarity.shape[1] - 1:
+    if count * 4 < similarity.shape[1]:
         # A big cluster's full sort would cost m log m per document: partition first, then sort only the top.
         # Ties at the cut are broken by index here too, as a full stable sort would (argpartition picks any).
         threshold = np.partition(similarity, -count, axis=1)[:, -count]  # (b,) the count-th largest
