@@ -214,3 +214,18 @@ def test_the_partitioned_ranking_of_a_big_cluster_is_the_head_of_the_full_sort()
     similarity = np.random.default_rng(0).standard_normal((5, 400)).round(1)  # rounded: many ties
     full = np.argsort(-similarity, axis=1, kind="stable")
     np.testing.assert_array_equal(cluster_module._nearest_first(similarity, 20), full[:, :20])
+
+
+def test_every_option_has_its_help():
+    import dataclasses
+    import re
+
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # as moraft's CLI does
+    parser = ArgumentParser()
+    parser.add_class_arguments(ClusterOptions, "cluster")
+    text = " ".join(parser.format_help().split("options:")[1].split())  # past the usage line
+    for field in dataclasses.fields(ClusterOptions):
+        help_of = re.search(rf"--cluster\.{field.name} \S+ (.*?)\(type:", text).group(1)
+        assert len(help_of) > 20 and "--cluster." not in help_of, field.name
