@@ -177,6 +177,8 @@ def test_faiss_finds_the_topics_as_kmeans_does():
     for algorithm in ("kmeans", "faiss"):
         labels = assign_clusters(vectors, ClusterOptions(clusters=3, algorithm=algorithm))
         assert adjusted_rand_score(topics, labels) == 1.0, algorithm
+    again = assign_clusters(vectors, ClusterOptions(clusters=3, algorithm="faiss"))
+    np.testing.assert_array_equal(again, labels)  # seeded as k-means is
 
 
 def test_faiss_requested_without_faiss_says_what_to_install(monkeypatch):
