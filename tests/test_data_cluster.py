@@ -120,6 +120,9 @@ def test_bad_input_is_one_clear_message(tmp_path):
         embedding_kind(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="is not a model directory"):
         embedding_kind(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="does not load as a transformers model"):
+        embed_documents(["a text"], ClusterOptions(embedding=str(tmp_path)))
     with pytest.raises(UserError, match="no tokens column"):
         cluster_corpus(corpus.remove_columns("tokens"), ClusterOptions())
     blank = Dataset.from_list([{"id": "x", "text": "!!", "tokens": 3}, {"id": "y", "text": "?", "tokens": 2}])
