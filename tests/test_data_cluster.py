@@ -120,6 +120,9 @@ def test_bad_input_is_one_clear_message(tmp_path):
         embedding_kind(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="is not a model directory"):
         embedding_kind(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="does not load as a transformers model"):
+        embed_documents(["a text"], ClusterOptions(embedding=str(tmp_path)))
     with pytest.raises(UserError, match="no tokens column"):
         cluster_corpus(corpus.remove_columns("tokens"), ClusterOptions())
     blank = Dataset.from_list([{"id": "x", "text": "!!", "tokens": 3}, {"id": "y", "text": "?", "tokens": 2}])
@@ -177,6 +180,8 @@ def test_faiss_finds_the_topics_as_kmeans_does():
     for algorithm in ("kmeans", "faiss"):
         labels = assign_clusters(vectors, ClusterOptions(clusters=3, algorithm=algorithm))
         assert adjusted_rand_score(topics, labels) == 1.0, algorithm
+    again = assign_clusters(vectors, ClusterOptions(clusters=3, algorithm="faiss"))
+    np.testing.assert_array_equal(again, labels)  # seeded as k-means is
 
 
 def test_faiss_requested_without_faiss_says_what_to_install(monkeypatch):
@@ -214,3 +219,18 @@ def test_the_partitioned_ranking_of_a_big_cluster_is_the_head_of_the_full_sort()
     similarity = np.random.default_rng(0).standard_normal((5, 400)).round(1)  # rounded: many ties
     full = np.argsort(-similarity, axis=1, kind="stable")
     np.testing.assert_array_equal(cluster_module._nearest_first(similarity, 20), full[:, :20])
+
+
+def test_every_option_has_its_help():
+    import dataclasses
+    import re
+
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # as moraft's CLI does
+    parser = ArgumentParser()
+    parser.add_class_arguments(ClusterOptions, "cluster")
+    text = " ".join(parser.format_help().split("options:")[1].split())  # past the usage line
+    for field in dataclasses.fields(ClusterOptions):
+        help_of = re.search(rf"--cluster\.{field.name} \S+ (.*?)\(type:", text).group(1)
+        assert len(help_of) > 20 and "--cluster." not in help_of, field.name

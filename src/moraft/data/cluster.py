@@ -168,7 +168,13 @@ def _embed_sentence_transformers(texts: Sequence[str], options: ClusterOptions) 
         raise UserError(
             f"cluster.embedding={options.embedding!r} is a sentence-transformers model; install sentence-transformers"
         ) from None
-    model = SentenceTransformer(options.embedding, local_files_only=True)
+    try:
+        model = SentenceTransformer(options.embedding, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"cluster.embedding={options.embedding!r} does not load as a sentence-transformers model: {message}"
+        )
     model.max_seq_length = min(options.max_length, model.max_seq_length or options.max_length)
     vectors = model.encode(
         list(texts), batch_size=options.batch_size, normalize_embeddings=True, convert_to_numpy=True,
@@ -181,15 +187,20 @@ def _embed_causal_lm(texts: Sequence[str], options: ClusterOptions) -> np.ndarra
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(options.embedding, local_files_only=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(options.embedding, local_files_only=True)
+        # AutoModel: the decoder without its LM head, whose output we do not need.
+        model = AutoModel.from_pretrained(
+            options.embedding, local_files_only=True, dtype="auto" if device == "cuda" else torch.float32
+        )
+    except (OSError, ValueError, KeyError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cluster.embedding={options.embedding!r} does not load as a transformers model: {message}")
+    model = model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # left padding would shift the positions of a causal LM's real tokens
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # AutoModel: the decoder without its LM head, whose output we do not need.
-    model = AutoModel.from_pretrained(
-        options.embedding, local_files_only=True, dtype="auto" if device == "cuda" else torch.float32
-    ).to(device).eval()
     # Batches of similar lengths waste less on padding; the output goes back to the input's order.
     lengths = [len(text) for text in texts]
     order = np.argsort(lengths, kind="stable")
@@ -316,9 +327,15 @@ def _cluster_neighbors(
         similarity = inside[rows] @ inside.T  # (b, m)
         similarity[np.arange(len(rows)), rows] = -np.inf  # never itself
         ranked = _nearest_first(similarity, min(size - 1, max(CANDIDATES, 16 * max_neighbors)))  # (b, c)
-        for row, candidates in zip(rows, ranked):
-            left = budget - int(member_tokens[row])
+        head = ranked[:, :max_neighbors]  # (b, k)
+        lefts = budget - member_tokens[rows]  # (b,)
+        # Where the k nearest fit together, greedy takes exactly them: no loop over candidates for those rows.
+        all_fit = member_tokens[head].sum(axis=1) <= lefts
+        for row, candidates, left, fit in zip(rows, ranked, lefts.tolist(), all_fit):
             chosen = neighbors[int(members[row])]
+            if fit:
+                chosen.extend(members[candidates[:max_neighbors]].tolist())
+                continue
             for candidate in candidates:
                 if len(chosen) == max_neighbors or left < smallest:
                     break
@@ -330,7 +347,7 @@ def _cluster_neighbors(
 
 def _nearest_first(similarity: np.ndarray, count: int) -> np.ndarray:
     """The column indices of each row's ``count`` largest similarities, largest first (ties: lower index first)."""
-    if count < similarity.shape[1] - 1:
+    if count * 4 < similarity.shape[1]:
         # A big cluster's full sort would cost m log m per document: partition first, then sort only the top.
         # Ties at the cut are broken by index here too, as a full stable sort would (argpartition picks any).
         threshold = np.partition(similarity, -count, axis=1)[:, -count]  # (b,) the count-th largest
