@@ -46,15 +46,32 @@ class BuildOptions(_Group):
                     "a number > 0")
 
 
-def extended(texts: list[str], neighbors: list[int], example: str) -> str:
-    """ETRC's extended reading: the neighbours' texts (nearest last, next to the text the questions are about), then
-    the document's own example (its text framed with its tasks by `render_example`)."""
-    return READING_SEPARATOR.join([texts[j] for j in reversed(neighbors)] + [example])
+def extended(neighbor_texts: list[str], example: str) -> str:
+    """ETRC's extended reading: the neighbours' texts (given nearest first; written nearest last, next to the text the
+    questions are about), then the document's own example (its text framed with its tasks by `render_example`)."""
+    return READING_SEPARATOR.join([*reversed(neighbor_texts), example])
 
 
 def llm_tasks(pairs: list[dict]) -> list[dict]:
     """The LLM's question/answer pairs as tasks `render_example` formats: one more task type."""
     return [{"task": LLM_TASK, "kind": "llm", "question": p["question"], "answer": p["answer"]} for p in pairs]
+
+
+def joined(corpus, mined=None, comprehension=None, clusters=None):
+    """The corpus with the stages' columns beside it (``tasks``, ``llm_tasks``, ``neighbors``), side by side on the
+    same Arrow tables (nothing is copied into memory)."""
+    from datasets import concatenate_datasets
+
+    parts = [corpus.select_columns(["id", "title", "text"])]
+    for name, stage, column in (("mine", mined, "tasks"), ("comprehend", comprehension, "llm_tasks"),
+                                ("cluster", clusters, "neighbors")):
+        if stage is None:
+            continue
+        if len(stage) != len(corpus) or stage[:1]["id"] != corpus[:1]["id"] or stage[-1:]["id"] != corpus[-1:]["id"]:
+            raise UserError(f"the {name} stage's output does not match the corpus (rows or ids differ); rerun it "
+                            "with --force")
+        parts.append(stage.select_columns([column]))
+    return concatenate_datasets(parts, axis=1)
 
 
 def domain_examples(corpus, mined=None, comprehension=None, clusters=None, *, domain: str, seed: int = 0,
@@ -71,31 +88,26 @@ def domain_examples(corpus, mined=None, comprehension=None, clusters=None, *, do
         num_proc: processes for the rendering.
 
     Returns:
-        A dataset with ``id``, ``text`` and ``neighbors`` (how many texts extend the reading), in corpus order.
+        A dataset with ``text`` and ``neighbors`` (how many texts extend the reading), in corpus order.
     """
     from .mine import document_seed, render_example
 
-    for name, stage in (("mine", mined), ("comprehend", comprehension), ("cluster", clusters)):
-        if stage is not None and (len(stage) != len(corpus) or stage[:1]["id"] != corpus[:1]["id"]):
-            raise UserError(f"the {name} stage's output does not match the corpus (rows or ids differ); rerun it")
-    texts = corpus["text"]
-    extra = {
-        "tasks": mined["tasks"] if mined is not None else [[] for _ in texts],
-        "llm": comprehension["llm_tasks"] if comprehension is not None else [[] for _ in texts],
-        "neighbors": clusters["neighbors"] if clusters is not None else [[] for _ in texts],
-    }
+    texts = corpus.select_columns(["text"])  # memory-mapped: neighbours are read as they are needed
 
-    def render(row: dict, index: int) -> dict:
-        tasks = list(row["tasks"] or []) + llm_tasks(row["llm"] or [])
-        example = render_example(row["text"], row["title"], tasks, domain=domain, seed=document_seed(row["text"], seed))
-        return {"text": extended(texts, row["neighbors"], example), "neighbors": len(row["neighbors"])}
+    def render(batch: dict) -> dict:
+        out: dict[str, list] = {"text": [], "neighbors": []}
+        for i, text in enumerate(batch["text"]):
+            tasks = list(batch["tasks"][i] or []) if "tasks" in batch else []
+            tasks += llm_tasks(batch["llm_tasks"][i] or []) if "llm_tasks" in batch else []
+            neighbors = batch["neighbors"][i] or [] if "neighbors" in batch else []
+            example = render_example(text, batch["title"][i], tasks, domain=domain, seed=document_seed(text, seed))
+            out["text"].append(extended(texts[neighbors]["text"] if neighbors else [], example))
+            out["neighbors"].append(len(neighbors))
+        return out
 
-    table = corpus.select_columns(["id", "title", "text"])
-    for name, values in extra.items():
-        table = table.add_column(name, values)
-    # texts are captured by the closure: datasets pickles it for num_proc > 1, once per process
-    return table.map(render, with_indices=True, num_proc=num_proc if num_proc > 1 else None,
-                     remove_columns=["title", "tasks", "llm"], desc="Rendering examples")
+    table = joined(corpus, mined, comprehension, clusters)
+    return table.map(render, batched=True, batch_size=100, num_proc=num_proc if num_proc > 1 else None,
+                     remove_columns=table.column_names, desc="build: rendering examples")
 
 
 def render_general(row: dict, fmt: str, tokenizer) -> str:
@@ -173,33 +185,37 @@ def build(corpus, mined, comprehension, clusters, options: BuildOptions, *, toke
                                num_proc=num_proc)
     domain_tokens = sum(count_tokens(examples, tokenizer, num_proc))
     tasks: Counter = Counter()
-    if mined is not None:
-        for row in mined["tasks"]:
-            tasks.update(f"{t['task']}/{t['kind']}" for t in row)
-    if comprehension is not None:
-        tasks[f"{LLM_TASK}/llm"] = sum(len(row) for row in comprehension["llm_tasks"])
-    extended = examples["neighbors"]
+    without = neighbors = extended_readings = reading_tokens = 0
+    table = joined(corpus, mined, comprehension)
+    columns = [c for c in ("tasks", "llm_tasks") if c in table.column_names]
+    for batch in table.select_columns(columns).iter(batch_size=1000) if columns else []:
+        for i in range(len(batch[columns[0]])):
+            mined_tasks = batch["tasks"][i] or [] if "tasks" in batch else []
+            pairs = batch["llm_tasks"][i] or [] if "llm_tasks" in batch else []
+            tasks.update(f"{t['task']}/{t['kind']}" for t in mined_tasks)
+            if pairs:
+                tasks[f"{LLM_TASK}/llm"] += len(pairs)
+            without += not (mined_tasks or pairs)
+    for batch in examples.select_columns(["neighbors"]).iter(batch_size=10_000):
+        neighbors += sum(batch["neighbors"])
+        extended_readings += sum(1 for n in batch["neighbors"] if n)
+    for batch in corpus.select_columns(["tokens"]).iter(batch_size=10_000):
+        reading_tokens += sum(batch["tokens"])
     report: dict[str, Any] = {
         "documents": len(examples),
         "tasks": dict(sorted(tasks.items())),
-        "documents_without_tasks": _without_tasks(mined, comprehension, len(examples)),
-        "extended_readings": sum(1 for n in extended if n),
-        "mean_neighbors": sum(extended) / max(len(extended), 1),
+        "documents_without_tasks": without if columns else len(examples),
+        "extended_readings": extended_readings,
+        "mean_neighbors": neighbors / max(len(examples), 1),
         "domain_tokens": domain_tokens,
-        "reading_tokens": sum(corpus["tokens"]),
+        "reading_tokens": reading_tokens,
     }
     parts = [examples.select_columns(["text"])]
     if options.general:
         general, report["general"] = general_examples(options.general, options.general_split, tokenizer,
                                                       round(domain_tokens * options.general_ratio), options.seed)
         parts.append(general)
-    train = concatenate_datasets(parts).shuffle(seed=options.seed).flatten_indices()
+    train = concatenate_datasets(parts).shuffle(seed=options.seed)  # save_to_disk writes it in the shuffled order
     report["examples"] = len(train)
     report["tokens"] = domain_tokens + report.get("general", {}).get("tokens", 0)
     return train, report
-
-
-def _without_tasks(mined, comprehension, n: int) -> int:
-    mined_counts = [len(t) for t in mined["tasks"]] if mined is not None else [0] * n
-    llm_counts = [len(t) for t in comprehension["llm_tasks"]] if comprehension is not None else [0] * n
-    return sum(1 for a, b in zip(mined_counts, llm_counts) if a + b == 0)
