@@ -1,0 +1,115 @@
+"""moraft.data.engine: per-document functions on datatrove's local executor, against an in-process ``Dataset.map``.
+
+The real stage functions live in other modules; ``count_words`` (engine.py) and the functions below stand in for
+them, since the engine only needs a picklable function of one row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import pytest
+
+from moraft.data.engine import (
+    ROW_INDEX, DocumentError, RowFunction, count_words, read_output, run_per_document, write_shards,
+)
+from moraft.errors import UserError
+
+
+def fail_on_d7(row: dict) -> dict:
+    if row["id"] == "d7":
+        raise ValueError("cannot read this one")
+    return count_words(row)
+
+
+def corpus(n: int = 40) -> datasets.Dataset:
+    """The first ten rows have no title and no long word, so the first shard's ``title`` and ``long_words``
+    columns are all null / empty: their types differ from the other shards' until the engine unifies them."""
+    rows = []
+    for i in range(n):
+        words = "short words only" if i < 10 else "extraordinary considerations about pharmacokinetics"
+        rows.append({"id": f"d{i}", "title": None if i < 10 else f"Title {i}", "text": f"{words} {i}. " * (i % 5 + 1)})
+    return datasets.Dataset.from_list(rows)
+
+
+def shard_states(directory) -> dict:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(directory.glob("*.parquet"))}
+
+
+@pytest.fixture
+def shards(tmp_path):
+    return write_shards(corpus(), tmp_path / "in", num_shards=4)
+
+
+def test_local_four_tasks_two_workers_equals_in_process_map(shards, tmp_path):
+    out = run_per_document(count_words, shards, tmp_path / "out", tasks=4, workers=2)
+    assert sorted(p.name for p in out.glob("*.parquet")) == [f"{t:05d}_000.parquet" for t in range(4)]
+    # the shards share one schema, so datasets reads them as they are
+    loaded = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train")
+    assert loaded.features["title"] == datasets.Value("string")
+    assert loaded.features["long_words"] == datasets.List(datasets.Value("string"))
+    expected = corpus().map(count_words)
+    result = read_output(out)
+    assert result[ROW_INDEX] == list(range(40))
+    assert result.remove_columns(ROW_INDEX).to_list() == expected.to_list()
+    assert expected[12]["long_words"] and not expected[3]["long_words"]  # both kinds of row were exercised
+
+
+def test_jsonl_input_dotted_name_and_row_function(tmp_path):
+    rows = [{"id": f"j{i}", "text": "" if i == 2 else "one two three " * i} for i in range(6)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_per_document("moraft.data.engine:count_words", tmp_path / "in", tmp_path / "words")
+    result = read_output(out)
+    assert result["id"] == [r["id"] for r in rows]  # the empty text is kept, positions become row_index
+    assert result[ROW_INDEX] == list(range(6))
+    assert list(result["words"]) == [0 if i == 2 else 3 * i for i in range(6)] and result["text"][2] == ""
+    # a function of one column, chained on the first stage's output (its row_index is kept)
+    chars = read_output(run_per_document(RowFunction(len, output="chars"), out, tmp_path / "chars", tasks=2))
+    assert chars["chars"] == [len(r["text"]) for r in rows] and chars["words"] == result["words"]
+
+
+def test_rerun_after_a_crash_redoes_only_the_missing_task(shards, tmp_path):
+    out = run_per_document(count_words, shards, tmp_path / "out", tasks=4, workers=2)
+    expected = read_output(out).to_list()
+    before = shard_states(out)
+    run_per_document(count_words, shards, out, tasks=4, workers=2)
+    assert shard_states(out) == before  # nothing to redo
+
+    # task 2 crashed: no completion mark, no shard
+    (out / "logs" / "completions" / "00002").unlink()
+    (out / "00002_000.parquet").unlink()
+    run_per_document(count_words, shards, out, tasks=4, workers=2)
+    after = shard_states(out)
+    assert set(after) == set(before)
+    assert {name for name in before if after[name] != before[name]} == {"00002_000.parquet"}
+    assert read_output(out).to_list() == expected
+
+
+def test_a_failing_document_is_named(shards, tmp_path):
+    with pytest.raises(DocumentError, match=r"fail_on_d7 failed on document 'd7' \(row 7\): ValueError: cannot read"):
+        run_per_document(fail_on_d7, shards, tmp_path / "out", tasks=4, workers=2)
+    assert not (tmp_path / "out" / "00000_000.parquet").exists()  # task 0 holds d7: nothing half-written
+
+
+def test_refusals(shards, tmp_path):
+    def refused(match, **kwargs):
+        arguments = {"function": count_words, "input_path": shards, "output_path": tmp_path / "out"} | kwargs
+        with pytest.raises(UserError, match=match):
+            run_per_document(**arguments)
+
+    refused(r"unknown executor 'spark': choose one of local, slurm, ray", executor="spark")
+    refused(r"executor 'ray' needs Ray .* pip install", executor="ray")
+    if not os.environ.get("SLURM_CLUSTER_NAME"):
+        refused(r"executor 'slurm' needs Slurm's sbatch on PATH", executor="slurm")
+    refused(r"executor 'local' has no option partition: it accepts .*start_method", partition="cpu")
+    refused(r"has no column 'body' \(text_field\): its columns are id, title, text", text_field="body")
+    refused(r"cannot import module 'moraft.nowhere'", function="moraft.nowhere:f")
+    refused(r"holds no \*.parquet or \*.jsonl files", input_path=tmp_path)
+    refused(r"tasks=0", tasks=0)
+    run_per_document(count_words, shards, tmp_path / "out", tasks=2)
+    refused(r"written by a different run \(function, tasks differ\)", function=fail_on_d7)
+    with pytest.raises(UserError, match="already holds Parquet files"):
+        write_shards(corpus(), shards, num_shards=2)
