@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import stat
 
 import datasets
+import dill
 import pytest
 
 from moraft.data.engine import (
@@ -113,3 +116,41 @@ def test_refusals(shards, tmp_path):
     refused(r"written by a different run \(function, tasks differ\)", function=fail_on_d7)
     with pytest.raises(UserError, match="already holds Parquet files"):
         write_shards(corpus(), shards, num_shards=2)
+
+
+def test_slurm_submits_two_chained_array_jobs_that_run_on_the_nodes(shards, tmp_path, monkeypatch):
+    """Slurm is not here: a fake ``sbatch`` records the submissions, then each array task runs as Slurm would run
+    it (``launch_pickled_pipeline logs/executor.pik`` with SLURM_ARRAY_TASK_ID set), in this process; a fake
+    ``scontrol`` names the node."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\ncat "$(eval echo \\${$#})" >> '
+                      '"$(dirname "$0")/scripts"\necho "Submitted batch job $((4240 + $(wc -l < "$(dirname "$0")/calls")))"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")  # `scontrol show hostnames $SLURM_NODELIST`
+    for tool in bin_dir.iterdir():
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    out = run_per_document(count_words, shards, tmp_path / "out", tasks=4, workers=2, executor="slurm",
+                           time="00:10:00", partition="cpu")
+    assert not list(out.glob("*.parquet"))  # submitted, not run
+    calls = (bin_dir / "calls").read_text().splitlines()
+    # the tasks (4241), their stats merge (4242), the schema step after the tasks succeed (4243), its stats merge
+    assert len(calls) == 4 and "--dependency=afterok:4241" in calls[2]
+    scripts = (bin_dir / "scripts").read_text()
+    for directive in ("--partition=cpu", "--time=00:10:00", "--array=0-3%2", "--job-name=moraft-out",
+                      "--job-name=moraft-out-schema"):
+        assert f"#SBATCH {directive}\n" in scripts
+
+    def run_array_task(pickled, index):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(index))
+        monkeypatch.setenv("SLURM_NODELIST", "node1")
+        with open(pickled, "rb") as f:
+            dill.load(f).run()
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # a task installs a requeue handler: not in pytest
+    for index in range(4):
+        run_array_task(out / "logs" / "executor.pik", index)
+    run_array_task(out / "logs" / "final" / "executor.pik", 0)
+    result = read_output(out)
+    assert result.remove_columns(ROW_INDEX).to_list() == corpus().map(count_words).to_list()

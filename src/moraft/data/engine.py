@@ -225,9 +225,13 @@ def run_per_document(
         # datatrove's default, forkserver, imports moraft (torch, transformers: ~6 s of CPU) again in a fresh
         # server process; forked workers start with it loaded, as datasets' map(num_proc=) workers do
         options.setdefault("start_method", "fork")
+    if executor == "slurm":
+        options.setdefault("job_name", f"moraft-{output_path.name}")
     main = _make_executor(executor_class, executor, pipeline, output_path / "logs", options)
     # skip_completed=False: a rerun that redid one task must unify that task's new shard with the others
     final_options = {**options, "tasks": 1, "workers": 1, "skip_completed": False, "depends": main}
+    if executor == "slurm":
+        final_options["job_name"] = f"{options['job_name']}-schema"
     final = _make_executor(executor_class, executor, [_UnifySchemas(str(output_path))], output_path / "logs" / "final",
                            final_options)
     _claim_output(output_path, function, files, tasks, text_field)
