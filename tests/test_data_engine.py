@@ -56,6 +56,7 @@ def test_local_four_tasks_two_workers_equals_in_process_map(shards, tmp_path):
     expected = corpus().map(count_words)
     result = read_output(out)
     assert result[ROW_INDEX] == list(range(40))
+    assert result.column_names == ["id", "title", "text", ROW_INDEX, "words", "long_words"]
     assert result.remove_columns(ROW_INDEX).to_list() == expected.to_list()
     assert expected[12]["long_words"] and not expected[3]["long_words"]  # both kinds of row were exercised
 

@@ -336,7 +336,8 @@ def _claim_output(output: Path, function: str | Callable, files: list[str], task
 
 
 class _RowReader(BaseDiskReader):
-    """Reads whole rows into Documents: the text as the text, every other field (and ``row_index``) as metadata.
+    """Reads whole rows into Documents: the text as the text, the row (its text replaced by None, and ``row_index``)
+    as metadata, so that the columns keep their order.
 
     datatrove's own readers drop rows with an empty text and number rows per file; the corpus contract needs every
     row and a position across files.
@@ -354,7 +355,9 @@ class _RowReader(BaseDiskReader):
         for position, row in enumerate(_rows(path)):
             if self.offsets is not None:
                 row[ROW_INDEX] = self.offsets[filepath] + position
-            text = row.pop(self.text_key, None)
+            if self.text_key not in row:
+                raise UserError(f"{path}, row {position}: no column {self.text_key!r} (text_field)")
+            text, row[self.text_key] = row[self.text_key], None  # the text lives in the Document; its key keeps its place
             yield Document(text=text or "", id=str(row.get("id", row[ROW_INDEX])), metadata=row)
 
 
@@ -372,7 +375,7 @@ class _Apply(PipelineStep):
         function = resolve_function(self.function)
         for document in data:
             with self.track_time():
-                row = {self.text_field: document.text, **document.metadata}
+                row = {**document.metadata, self.text_field: document.text}
                 try:
                     columns = function(row)
                 except Exception as error:
@@ -429,7 +432,8 @@ class _ShardWriter(PipelineStep):
         try:
             for document in data:
                 with self.track_time():
-                    batch.append({"id": document.id, self.text_field: document.text, **document.metadata})
+                    record = {**document.metadata, self.text_field: document.text}
+                    batch.append(record if "id" in record else {"id": document.id, **record})
                     if len(batch) == _BATCH:
                         flush()
                 yield document
