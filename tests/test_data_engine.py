@@ -6,6 +6,7 @@ them, since the engine only needs a picklable function of one row.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -25,6 +26,10 @@ def fail_on_d7(row: dict) -> dict:
     if row["id"] == "d7":
         raise ValueError("cannot read this one")
     return count_words(row)
+
+
+def clip(row: dict, limit: int, tokenizer: object = None) -> dict:
+    return {"text": row["text"][:limit]}
 
 
 def corpus(n: int = 40) -> datasets.Dataset:
@@ -73,6 +78,12 @@ def test_jsonl_input_dotted_name_and_row_function(tmp_path):
     # a function of one column, chained on the first stage's output (its row_index is kept)
     chars = read_output(run_per_document(RowFunction(len, output="chars"), out, tmp_path / "chars", tasks=2))
     assert chars["chars"] == [len(r["text"]) for r in rows] and chars["words"] == result["words"]
+    # a function with bound arguments (a tokenizer, options) is a partial; a rerun finds the run it resumes
+    run_per_document(functools.partial(clip, limit=5, tokenizer=object()), out, tmp_path / "clipped")
+    before = shard_states(tmp_path / "clipped")
+    again = functools.partial(clip, limit=5, tokenizer=object())  # its repr differs, as in another process
+    assert read_output(run_per_document(again, out, tmp_path / "clipped"))["text"][3] == "one t"
+    assert shard_states(tmp_path / "clipped") == before
 
 
 def test_rerun_after_a_crash_redoes_only_the_missing_task(shards, tmp_path):

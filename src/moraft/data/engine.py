@@ -22,6 +22,7 @@ hold a string later, and shards disagree).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -315,7 +316,11 @@ def _function_name(function: str | Callable) -> str:
         return function
     if isinstance(function, RowFunction):
         return f"RowFunction({_function_name(function.function)}, {function.inputs}, {function.output!r})"
-    return f"{getattr(function, '__module__', '?')}:{getattr(function, '__qualname__', repr(function))}"
+    if isinstance(function, functools.partial):  # its arguments' reprs may hold addresses that change every run
+        return f"functools.partial({_function_name(function.func)})"
+    if not hasattr(function, "__qualname__"):  # a callable object: named by its class
+        function = type(function)
+    return f"{function.__module__}:{function.__qualname__}"
 
 
 def _claim_output(output: Path, function: str | Callable, files: list[str], tasks: int, text_field: str) -> None:
