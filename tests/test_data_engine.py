@@ -17,7 +17,8 @@ import dill
 import pytest
 
 from moraft.data.engine import (
-    ROW_INDEX, DocumentError, RowFunction, count_words, read_output, run_per_document, write_shards,
+    ROW_INDEX, DocumentError, EngineOptions, RowFunction, count_words, map_on_engine, read_output, run_per_document,
+    write_shards,
 )
 from moraft.errors import UserError
 
@@ -64,6 +65,14 @@ def test_local_four_tasks_two_workers_equals_in_process_map(shards, tmp_path):
     assert result.column_names == ["id", "title", "text", ROW_INDEX, "words", "long_words"]
     assert result.remove_columns(ROW_INDEX).to_list() == expected.to_list()
     assert expected[12]["long_words"] and not expected[3]["long_words"]  # both kinds of row were exercised
+
+
+def test_map_on_engine_is_dataset_map(tmp_path):
+    options = EngineOptions(executor="local", tasks=3, workers=2)
+    mapped = map_on_engine(count_words, corpus(12), tmp_path, options)
+    assert mapped.remove_columns(ROW_INDEX).to_list() == corpus(12).map(count_words).to_list()
+    with pytest.raises(UserError, match="not slurm"):
+        map_on_engine(count_words, corpus(12), tmp_path, EngineOptions(executor="slurm"))
 
 
 def test_jsonl_input_dotted_name_and_row_function(tmp_path):

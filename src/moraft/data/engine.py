@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import datasets
 import pyarrow as pa
@@ -71,6 +71,50 @@ class RowFunction:
 
     def __call__(self, row: dict) -> dict:
         return {self.output: resolve_function(self.function)(*(row.get(name) for name in self.inputs))}
+
+
+@dataclasses.dataclass
+class EngineOptions:
+    """Where the per-document stages of ``moraft data`` run (each field's docstring is its ``--help``)."""
+
+    executor: Optional[Literal["local", "slurm", "ray"]] = None
+    """Run the per-document stages on datatrove: local (worker processes on this machine), slurm (array jobs; set
+    time and partition in executor_options) or ray (a running Ray cluster). Unset: in this process, Dataset.map."""
+    tasks: int = 8
+    """How many shards the corpus is cut into, one task each (use at least as many as workers)."""
+    workers: int = 2
+    """How many tasks run at once: processes on this machine, or concurrent jobs on Slurm and Ray."""
+    executor_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """More options for datatrove's executor, e.g. {time: '02:00:00', partition: cpu, cpus_per_task: 2} for Slurm."""
+
+
+def map_on_engine(function: str | Callable[[dict], dict], dataset: datasets.Dataset, work_dir: str | Path,
+                  options: EngineOptions) -> datasets.Dataset:
+    """``dataset.map(function)`` on datatrove: the same rows in the same order, with the function's columns.
+
+    The dataset is written as ``options.tasks`` Parquet shards under ``work_dir/shards`` (once; a rerun reuses
+    them), processed into ``work_dir/output`` (a rerun resumes there) and read back.
+
+    Args:
+        function: as for ``run_per_document``.
+        dataset: the stage's input, e.g. the corpus dataset.
+        work_dir: a directory for the shards, the output and datatrove's logs, kept for resuming.
+        options: where to run; ``executor`` must be set, and not to ``slurm``, whose jobs outlive this call
+            (use ``run_per_document`` and, once they finish, ``read_output``).
+
+    Returns:
+        The dataset's columns (plus ``row_index``) and the function's, row for row.
+    """
+    if options.executor is None or options.executor == "slurm":
+        raise UserError(f"map_on_engine runs on the local or ray executor, not {options.executor}: without one, use "
+                        "Dataset.map; on Slurm, run_per_document submits the jobs and read_output reads them back")
+    work_dir = Path(work_dir)
+    shards = work_dir / "shards"
+    if not (shards.is_dir() and any(shards.glob("*.parquet"))):
+        write_shards(dataset, shards, num_shards=options.tasks)
+    output = run_per_document(function, shards, work_dir / "output", tasks=options.tasks, workers=options.workers,
+                              executor=options.executor, **options.executor_options)
+    return read_output(output)
 
 
 def count_words(row: dict) -> dict:
@@ -483,6 +527,6 @@ class _UnifySchemas(PipelineStep):
 
 
 __all__ = [
-    "DocumentError", "EXECUTORS", "ROW_INDEX", "RowFunction", "count_words", "read_output", "resolve_function",
-    "run_per_document", "write_shards",
+    "DocumentError", "EXECUTORS", "EngineOptions", "ROW_INDEX", "RowFunction", "count_words", "map_on_engine",
+    "read_output", "resolve_function", "run_per_document", "write_shards",
 ]
