@@ -71,6 +71,10 @@ def test_map_on_engine_is_dataset_map(tmp_path):
     options = EngineOptions(executor="local", tasks=3, workers=2)
     mapped = map_on_engine(count_words, corpus(12), tmp_path, options)
     assert mapped.remove_columns(ROW_INDEX).to_list() == corpus(12).map(count_words).to_list()
+    before = shard_states(tmp_path / "output")
+    assert map_on_engine(count_words, corpus(12), tmp_path, options).to_list() == mapped.to_list()
+    assert shard_states(tmp_path / "output") == before  # resumed: nothing redone
+    assert len(map_on_engine(count_words, corpus(5), tmp_path, options)) == 5  # another input starts over
     with pytest.raises(UserError, match="not slurm"):
         map_on_engine(count_words, corpus(12), tmp_path, EngineOptions(executor="slurm"))
 

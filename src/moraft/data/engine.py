@@ -92,8 +92,9 @@ def map_on_engine(function: str | Callable[[dict], dict], dataset: datasets.Data
                   options: EngineOptions) -> datasets.Dataset:
     """``dataset.map(function)`` on datatrove: the same rows in the same order, with the function's columns.
 
-    The dataset is written as ``options.tasks`` Parquet shards under ``work_dir/shards`` (once; a rerun reuses
-    them), processed into ``work_dir/output`` (a rerun resumes there) and read back.
+    The dataset is written as ``options.tasks`` Parquet shards under ``work_dir/shards``, processed into
+    ``work_dir/output`` and read back. A rerun on the same dataset (by its ``datasets`` fingerprint) reuses the
+    shards and resumes the output; another dataset replaces both.
 
     Args:
         function: as for ``run_per_document``.
@@ -109,9 +110,17 @@ def map_on_engine(function: str | Callable[[dict], dict], dataset: datasets.Data
         raise UserError(f"map_on_engine runs on the local or ray executor, not {options.executor}: without one, use "
                         "Dataset.map; on Slurm, run_per_document submits the jobs and read_output reads them back")
     work_dir = Path(work_dir)
-    shards = work_dir / "shards"
-    if not (shards.is_dir() and any(shards.glob("*.parquet"))):
+    shards, record = work_dir / "shards", work_dir / "shards.json"
+    # datasets' fingerprint follows the content (and every map/filter that made it): a new input starts over
+    written = {"fingerprint": dataset._fingerprint, "rows": len(dataset), "tasks": options.tasks}
+    if not record.exists() or json.loads(record.read_text()) != written:
+        for stale in (shards, work_dir / "output", record):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
         write_shards(dataset, shards, num_shards=options.tasks)
+        record.write_text(json.dumps(written))
     output = run_per_document(function, shards, work_dir / "output", tasks=options.tasks, workers=options.workers,
                               executor=options.executor, **options.executor_options)
     return read_output(output)
