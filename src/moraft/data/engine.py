@@ -5,8 +5,8 @@ shards and running one task per shard. datatrove (https://github.com/huggingface
 the same pipeline runs on this machine (``LocalPipelineExecutor``, a process pool), on a Slurm cluster
 (``SlurmPipelineExecutor``, one array job per task) or on a Ray cluster (``RayPipelineExecutor``), and each finished
 task leaves a file under ``logs/completions/`` so that a rerun skips it. Ray Data and Spark were the alternatives;
-datatrove is pure Python (two small dependencies beyond moraft's, no JVM, no second torch), is Hugging Face's own, and keeps
-one code path for the three targets (docs/data-scale.md has the comparison).
+datatrove is pure Python (two small dependencies beyond moraft's, no JVM, no second torch), is Hugging Face's own,
+and keeps one code path for the three targets (docs/data-scale.md has the comparison).
 
 What datatrove lacks and this module adds: the corpus contract of ``moraft data`` (every row kept, empty texts
 included, each row's fields carried through, the original order restored by a row index), output shards written
