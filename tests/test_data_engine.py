@@ -150,8 +150,9 @@ def test_slurm_submits_two_chained_array_jobs_that_run_on_the_nodes(shards, tmp_
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     sbatch = bin_dir / "sbatch"
-    sbatch.write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\ncat "$(eval echo \\${$#})" >> '
-                      '"$(dirname "$0")/scripts"\necho "Submitted batch job $((4240 + $(wc -l < "$(dirname "$0")/calls")))"\n')
+    sbatch.write_text(  # records its arguments and the script (its last argument), answers with a job id
+        '#!/bin/sh\necho "$@" >> "$(dirname "$0")/calls"\ncat "$(eval echo \\${$#})" >> "$(dirname "$0")/scripts"\n'
+        'echo "Submitted batch job $((4240 + $(wc -l < "$(dirname "$0")/calls")))"\n')
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")  # `scontrol show hostnames $SLURM_NODELIST`
     for tool in bin_dir.iterdir():
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)

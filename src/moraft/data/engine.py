@@ -415,7 +415,8 @@ class _RowReader(BaseDiskReader):
                 row[ROW_INDEX] = self.offsets[filepath] + position
             if self.text_key not in row:
                 raise UserError(f"{path}, row {position}: no column {self.text_key!r} (text_field)")
-            text, row[self.text_key] = row[self.text_key], None  # the text lives in the Document; its key keeps its place
+            # the text lives in the Document; its key stays in the row, so that the columns keep their order
+            text, row[self.text_key] = row[self.text_key], None
             yield Document(text=text or "", id=str(row.get("id", row[ROW_INDEX])), metadata=row)
 
 
