@@ -1,5 +1,5 @@
-"""Smoke tests of the training benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py,
-benchmarks/qmora_memory.py): each runs end to end with tiny arguments, so the scripts cannot silently rot. The
+"""Smoke tests of the benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py, benchmarks/qmora_memory.py,
+benchmarks/data_throughput.py): each runs end to end with tiny arguments, so the scripts cannot silently rot. The
 benchmarks themselves are not part of the test suite."""
 
 from __future__ import annotations
@@ -89,3 +89,23 @@ def test_qmora_memory_runs_and_reports_ratios(tmp_path, capsys):
     assert abs(lora - mora) / lora < 0.05
     assert json.loads((tmp_path / "q.json").read_text())["ratios"] == report["ratios"]
     assert "4bit mora / 4bit lora: " in capsys.readouterr().out
+
+
+def test_data_throughput_runs_and_reports_rates(tmp_path, capsys):
+    report = load("data_throughput").main([
+        "--documents", "24", "--words", "40", "--workers", "1", "2", "--output", str(tmp_path / "d.json"),
+        "--work_dir", str(tmp_path),
+    ])
+    out = capsys.readouterr().out
+    # the stand-ins always run; the stages of other modules run once they exist, or are skipped with a note
+    assert {"count_words", "textwrap.wrap"} <= set(report["results"])
+    for stage in ("count_words", "textwrap.wrap"):
+        assert [row["mode"] for row in report["results"][stage]] == ["map", "engine x1", "engine x2"]
+    for rows in report["results"].values():
+        for row in rows:
+            assert row["documents"] == 24 and row["seconds"] > 0 and row["peak_mib"] > 0
+    assert set(report["ratios"]) >= {"count_words engine x1 / map", "count_words engine x2 / map"}
+    for note in report["notes"]:
+        assert f"note: {note}" in out
+    assert "documents/s" in out and json.loads((tmp_path / "d.json").read_text())["ratios"] == report["ratios"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "d.json"]  # the shards went to a temporary folder
