@@ -170,3 +170,15 @@ def test_recipe_end_to_end(tmp_path, capsys, llama_dir):
     assert status == 0, stderr
     scores = json.loads((run / "eval_tasks.json").read_text())
     assert scores["num_tasks"] == 20 and 0 <= scores["accuracy"] <= 1 and scores["chance"] == 0.25
+
+
+def test_mining_on_datatrove_gives_the_same_rows(tmp_path, capsys):
+    corpus = corpus_file(tmp_path, 24)
+    for out, engine in ((tmp_path / "here", []), (tmp_path / "engine", ["--engine.executor", "local",
+                                                                        "--engine.tasks", "3"])):
+        status, _, stderr = run_cli(data_flags(corpus, out, "--stages", "mine", *engine), capsys)
+        assert status == 0, stderr
+    here, there = load_from_disk(str(tmp_path / "here" / "mine")), load_from_disk(str(tmp_path / "engine" / "mine"))
+    assert there.features == here.features and there.to_list() == here.to_list()
+    assert sum(len(t) for t in here["tasks"]) > 0
+    assert (tmp_path / "engine" / "engine" / "output").is_dir()  # datatrove's shards and logs, kept for resuming

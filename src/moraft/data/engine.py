@@ -41,6 +41,8 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 
 from moraft.errors import MissingPathError, UserError
 
+from .pipeline import EngineOptions  # the --engine.* group of moraft data, defined where no datatrove import is needed
+
 ROW_INDEX = "row_index"
 """The column that carries each document's position in the input corpus; ``read_output`` sorts by it."""
 
@@ -71,21 +73,6 @@ class RowFunction:
 
     def __call__(self, row: dict) -> dict:
         return {self.output: resolve_function(self.function)(*(row.get(name) for name in self.inputs))}
-
-
-@dataclasses.dataclass
-class EngineOptions:
-    """Where the per-document stages of ``moraft data`` run (each field's docstring is its ``--help``)."""
-
-    executor: Optional[Literal["local", "slurm", "ray"]] = None
-    """Run the per-document stages on datatrove: local (worker processes on this machine), slurm (array jobs; set
-    time and partition in executor_options) or ray (a running Ray cluster). Unset: in this process, Dataset.map."""
-    tasks: int = 8
-    """How many shards the corpus is cut into, one task each (use at least as many as workers)."""
-    workers: int = 2
-    """How many tasks run at once: processes on this machine, or concurrent jobs on Slurm and Ray."""
-    executor_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """More options for datatrove's executor, e.g. {time: '02:00:00', partition: cpu, cpus_per_task: 2} for Slurm."""
 
 
 def map_on_engine(function: str | Callable[[dict], dict], dataset: datasets.Dataset, work_dir: str | Path,

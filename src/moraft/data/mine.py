@@ -432,7 +432,8 @@ def _load_base_tokenizer(path: str):
         raise UserError(f"mine.base_tokenizer={path!r} holds no tokenizer ({first})") from None
 
 
-def mine_corpus(corpus: Dataset, options: MineOptions, tokenizer: Any, num_proc: int = 1) -> Dataset:
+def mine_corpus(corpus: Dataset, options: MineOptions, tokenizer: Any, num_proc: int = 1, *,
+                engine: Any = None, work_dir: Any = None) -> Dataset:
     """The mine stage: `mine_tasks` on every document of a corpus dataset.
 
     Args:
@@ -440,6 +441,9 @@ def mine_corpus(corpus: Dataset, options: MineOptions, tokenizer: Any, num_proc:
         options: the stage's options.
         tokenizer: the pipeline tokenizer, the base of the keywords kind unless ``options.base_tokenizer`` is set.
         num_proc: processes for the mining (`datasets.Dataset.map`).
+        engine: a `moraft.data.pipeline.EngineOptions` with an executor, to mine on datatrove instead
+            (`moraft.data.engine.map_on_engine`, in ``work_dir``); the rows are the same.
+        work_dir: the engine's directory (shards, output, logs), kept for resuming.
 
     Returns:
         A dataset row-aligned with ``corpus``: ``id`` and ``tasks`` (a list of ``{task, kind, question, answer}``).
@@ -468,6 +472,15 @@ def mine_corpus(corpus: Dataset, options: MineOptions, tokenizer: Any, num_proc:
                     progress.update(len(batch["text"]))
 
             words = domain_words(batches(), base, options.vocab_size, min_chars=options.keyword_min_chars)
+    if engine is not None:
+        import functools
+
+        from .engine import map_on_engine
+
+        row = functools.partial(_mine_row, words=words, seed=options.seed, domain=options.domain or None)
+        columns = [name for name in ("id", "title", "text") if name in corpus.column_names]
+        mined = map_on_engine(row, corpus.select_columns(columns), work_dir, engine)
+        return mined.select_columns(["id", "tasks"]).cast(features)
     return corpus.map(
         _mine_row,
         fn_kwargs={"words": words, "seed": options.seed, "domain": options.domain or None},

@@ -22,9 +22,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 from ..errors import UserError
+from ..train.options import _Group
 from .build import BuildOptions, build
 from .cluster import ClusterOptions, cluster_corpus
 from .comprehend import ComprehendOptions, comprehend_corpus
@@ -36,7 +37,31 @@ STAGE_FILE = "moraft_stage.json"
 TRAIN_DIR = "train"  # the build stage's output: what moraft train reads
 STATS_FILE = "stats.json"
 LLM_CACHE = "llm_cache.sqlite"
+ENGINE_DIR = "engine"  # datatrove's shards, output and logs, kept for resuming
 FORMAT_VERSION = 1  # bump when a stage's output changes for the same options
+
+
+@dataclass
+class EngineOptions(_Group):
+    """Where the per-document mining runs: in this process (datasets' map, --num_proc), or on datatrove's executors
+    for corpora that outgrow one process (`moraft.data.engine`)."""
+
+    GROUP: ClassVar[str] = "engine"
+    SHORTCUT: ClassVar[Optional[str]] = "executor"
+
+    executor: Optional[Literal["local", "slurm", "ray"]] = None
+    """Run the mine stage on datatrove: local (worker processes on this machine) or ray (a running Ray cluster).
+    Unset: in this process, Dataset.map. (Slurm jobs outlive the command: use moraft.data.engine.run_per_document.)"""
+    tasks: int = 8
+    """How many shards the corpus is cut into, one task each (use at least as many as workers)."""
+    workers: int = 2
+    """How many tasks run at once: processes on this machine, or concurrent tasks on Ray."""
+    executor_options: dict[str, Any] = field(default_factory=dict)
+    """More options for datatrove's executor, e.g. {time: '02:00:00', partition: cpu, cpus_per_task: 2} for Slurm."""
+
+    def validate(self) -> None:
+        self._integer("tasks", 1)
+        self._integer("workers", 1)
 
 
 @dataclass
@@ -55,6 +80,7 @@ class DataPipelineOptions:
     comprehend: ComprehendOptions = field(default_factory=ComprehendOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     build: BuildOptions = field(default_factory=BuildOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
     output: str = "moraft-data"
     """The output directory: one subdirectory per stage, train/ (the training set) and stats.json."""
     tokenizer: Optional[str] = None
@@ -70,8 +96,8 @@ class DataPipelineOptions:
     """Run the chosen stages again even when their saved output is up to date."""
 
     def groups(self) -> dict[str, Any]:
-        """The option groups by name (corpus, mine, comprehend, cluster, build)."""
-        return {name: getattr(self, name) for name in ("corpus", "mine", "comprehend", "cluster", "build")}
+        """The option groups by name (corpus, mine, comprehend, cluster, build, engine)."""
+        return {name: getattr(self, name) for name in ("corpus", "mine", "comprehend", "cluster", "build", "engine")}
 
     @property
     def chosen(self) -> list[str]:
@@ -210,7 +236,8 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
     if "mine" in needed:
         fingerprints["mine"] = _fingerprint(FORMAT_VERSION, "mine", asdict(options.mine), tok, corpus_fp)
         found["mine"] = stages.run("mine", fingerprints["mine"], lambda: _counted(
-            mine_corpus(corpus, options.mine, _mine_tokenizer(options, tokenizer), num_proc=options.num_proc)))
+            mine_corpus(corpus, options.mine, _mine_tokenizer(options, tokenizer), num_proc=options.num_proc,
+                        engine=options.engine if options.engine.executor else None, work_dir=output / ENGINE_DIR)))
     if "comprehend" in needed and _has_llm(options):
         llm = {k: v for k, v in asdict(options.comprehend).items() if k not in {"concurrency", "timeout", "retries"}}
         fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp)
@@ -261,9 +288,11 @@ def _require_extras(options: DataPipelineOptions) -> None:
     wanted = [m for stage in ("corpus", "mine", "cluster") for m in EXTRAS[stage]]
     if options.comprehend.llm_url:
         wanted.append("openai")
+    if options.engine.executor:
+        wanted.append("datatrove")
     missing = [m for m in wanted if importlib.util.find_spec(m) is None]
     if missing:
-        raise UserError(f"moraft data needs {', '.join(missing)}, which are not installed; install them with "
+        raise UserError(f"moraft data needs packages that are not installed ({', '.join(missing)}); install them with "
                         "pip install 'moraft[data]'")
 
 
