@@ -1,6 +1,6 @@
 """Smoke tests of the benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py, benchmarks/qmora_memory.py,
-benchmarks/data_throughput.py): each runs end to end with tiny arguments, so the scripts cannot silently rot. The
-benchmarks themselves are not part of the test suite."""
+benchmarks/data_throughput.py, benchmarks/data_pipeline.py): each runs end to end with tiny arguments, so the
+scripts cannot silently rot. The benchmarks themselves are not part of the test suite."""
 
 from __future__ import annotations
 
@@ -109,3 +109,13 @@ def test_data_throughput_runs_and_reports_rates(tmp_path, capsys):
         assert f"note: {note}" in out
     assert "documents/s" in out and json.loads((tmp_path / "d.json").read_text())["ratios"] == report["ratios"]
     assert list(tmp_path.iterdir()) == [tmp_path / "d.json"]  # the shards went to a temporary folder
+
+
+def test_data_pipeline_runs_and_reports_each_stage(tmp_path, capsys):
+    report = load("data_pipeline").main(["--documents", "30", "--words", "60", "--output", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    assert [row["stage"] for row in report["rows"]] == ["baseline (load_dataset json)", "corpus", "mine", "cluster",
+                                                        "build"]
+    assert all(row["documents"] == 30 and row["seconds"] > 0 for row in report["rows"])
+    assert report["stats"]["build"]["examples"] == report["stats"]["corpus"]["documents_out"] > 0
+    assert "documents/s" in out and json.loads((tmp_path / "p.json").read_text())["rows"] == report["rows"]

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
@@ -192,8 +193,9 @@ class Stages:
         data = self.cached(name, fingerprint)
         if data is None:
             print(f"moraft data: {name}: running")
+            started = time.perf_counter()
             data, report = compute()
-            data = self.save(name, fingerprint, data, report)
+            data = self.save(name, fingerprint, data, {**report, "seconds": round(time.perf_counter() - started, 3)})
         return data
 
 
