@@ -13,7 +13,7 @@ from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from moraft.data.corpus import CorpusOptions, clean_text, cut_to_tokens, read_corpus, split_title
+from moraft.data.corpus import CorpusOptions, clean_text, cut_batch, cut_to_tokens, read_corpus, split_title
 from moraft.errors import MissingPathError, UserError
 from moraft.train.builtin import char_tokenizer
 
@@ -200,7 +200,7 @@ def test_split_title(text, title):
     assert split_title(text)[0] == title
 
 
-# -- the token budget ----------------------------------------------------------------------------------------------------
+# -- the token budget --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("which", ["char", "bpe"])
@@ -214,6 +214,8 @@ def test_cut_lands_on_a_sentence_boundary_within_the_budget(tokenizer, bpe_token
     assert text.startswith(cut) and cut.endswith(".")
     longer = text[:text.index(".", len(cut)) + 1]  # one more sentence would not have fit
     assert len(tok(longer, add_special_tokens=False)["input_ids"]) > max_tokens
+    short = prose(9, sentences=2)
+    assert cut_batch([text, short], tok, max_tokens) == [(cut, count), cut_to_tokens(short, tok, max_tokens)]
 
 
 def test_cut_without_boundaries(tokenizer):
@@ -229,7 +231,7 @@ def test_max_tokens_applied_to_every_document(tmp_path, tokenizer):
     assert report["tokens_out"] == sum(row["tokens"] for row in rows(data))
 
 
-# -- deduplication -------------------------------------------------------------------------------------------------------
+# -- deduplication -----------------------------------------------------------------------------------------------------
 
 
 def near_copy(text: str, changes: int, seed: int) -> str:
@@ -266,7 +268,7 @@ def test_deduplication_keeps_the_first(tmp_path, tokenizer, dedup, kept, dropped
     assert {reason: report["dropped"][reason] for reason in dropped} == dropped
 
 
-# -- the same rows every way ---------------------------------------------------------------------------------------------
+# -- the same rows every way -------------------------------------------------------------------------------------------
 
 
 def mixed_corpus(tmp_path):

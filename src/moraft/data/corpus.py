@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 DEDUPS = ("near", "exact", "none")
 DROP_REASONS = ("empty", "not_utf8", "unreadable", "too_short", "exact_duplicate", "near_duplicate")
 WARN_FIRST = 5  # skipped files named in the warning line (the report lists all of them)
+# a long document (a book) is tokenized only as far as its budget can reach: its first max_tokens * HEAD_CHARS
+# characters, enough unless its tokens are longer than 16 characters on average (then it is tokenized whole)
+HEAD_CHARS = 16
 BATCH = 256  # documents per batch: tokenized together, and the unit of streamed processing
 OUTPUT_COLUMNS = ("id", "title", "text", "tokens")
 
@@ -185,14 +188,26 @@ def split_title(text: str) -> tuple[Optional[str], str]:
 _BOUNDARY = regex.compile(r"\n|\p{Sentence_Terminal}[\p{Pe}\p{Pf}\"']*(?=\s)|[。！？｡][\p{Pe}\p{Pf}」』]*")
 
 
+def _encode(tokenizer, texts: list[str]) -> list:
+    """A fast tokenizer's encodings, from its Rust backend directly (in parallel threads, and without transformers
+    converting every field of every encoding to Python lists, which costs as much as tokenizing)."""
+    return tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+
+
 def _count(tokenizer, text: str) -> int:
+    if tokenizer.is_fast:
+        return len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False))
+    # verbose=False: counting tokens of a text longer than the model's context is what this stage is for
     return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def _budget_end(tokenizer, text: str, max_tokens: int, offsets: Optional[list] = None) -> int:
-    """How many characters of ``text`` its first ``max_tokens`` tokens cover."""
-    if offsets is not None:
-        return offsets[max_tokens - 1][1]
+def _budget_end(tokenizer, text: str, max_tokens: int) -> int:
+    """How many characters of ``text`` its first ``max_tokens`` tokens cover (``text`` is longer than that)."""
+    if tokenizer.is_fast:
+        encoding = _encode(tokenizer, [text[:max_tokens * HEAD_CHARS]])[0]
+        if len(encoding) <= max_tokens:  # tokens of more than HEAD_CHARS characters on average: all of it
+            encoding = _encode(tokenizer, [text])[0]
+        return encoding.token_to_chars(max_tokens - 1)[1]
     low, high = 0, len(text)  # a slow tokenizer has no offsets: the longest prefix within the budget, by bisection
     while low < high:
         middle = (low + high + 1) // 2
@@ -203,7 +218,15 @@ def _budget_end(tokenizer, text: str, max_tokens: int, offsets: Optional[list] =
     return low
 
 
-def cut_to_tokens(text: str, tokenizer, max_tokens: int, offsets: Optional[list] = None) -> tuple[str, int]:
+def _cut_at(text: str, end: int) -> int:
+    """The last boundary at or before character ``end``: a sentence or line, else a space, else ``end``."""
+    # one character past the budget, so that a terminal right at its end can see the space after it
+    cuts = [m.end() for m in _BOUNDARY.finditer(text[:end + 1]) if m.end() <= end]
+    space = text[:end + 1].rfind(" ")
+    return cuts[-1] if cuts else space if space > 0 else end
+
+
+def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> tuple[str, int]:
     """Cut ``text`` to at most ``max_tokens`` tokens, at the last sentence or line boundary within the budget.
 
     Without a boundary in the budget (one very long sentence), at the last space; without a space, at the last token
@@ -213,23 +236,18 @@ def cut_to_tokens(text: str, tokenizer, max_tokens: int, offsets: Optional[list]
         text: A cleaned text.
         tokenizer: The pipeline tokenizer (a transformers tokenizer; a fast one is used with its offsets).
         max_tokens: The budget.
-        offsets: The text's token offsets, when the caller already has them (a fast tokenizer's
-            ``offset_mapping``).
 
     Returns:
         The cut text and its number of tokens.
     """
-    if offsets is None and tokenizer.is_fast:
-        offsets = tokenizer(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)["offset_mapping"]
-    count = len(offsets) if offsets is not None else _count(tokenizer, text)
+    count = _count(tokenizer, text[:max_tokens * HEAD_CHARS])
+    if count <= max_tokens and len(text) > max_tokens * HEAD_CHARS:
+        count = _count(tokenizer, text)
     if count <= max_tokens:
         return text, count
-    end = _budget_end(tokenizer, text, max_tokens, offsets)
+    end = _budget_end(tokenizer, text, max_tokens)
     while end > 0:
-        # one character past the budget, so that a terminal right at its end can see the space after it
-        cuts = [m.end() for m in _BOUNDARY.finditer(text[:end + 1]) if m.end() <= end]
-        space = text[:end + 1].rfind(" ")
-        cut = cuts[-1] if cuts else space if space > 0 else end
+        cut = _cut_at(text, end)
         piece = text[:cut].rstrip()
         count = _count(tokenizer, piece)
         if piece and count <= max_tokens:
@@ -239,7 +257,29 @@ def cut_to_tokens(text: str, tokenizer, max_tokens: int, offsets: Optional[list]
     return "", 0
 
 
-# -- deduplication -------------------------------------------------------------------------------------------------------
+def cut_batch(texts: list[str], tokenizer, max_tokens: int) -> list[tuple[str, int]]:
+    """`cut_to_tokens` of each text, a batch at a time: with a fast tokenizer, the texts (each only as far as its
+    budget can reach) and then the cut pieces are tokenized in one call each; a piece over the budget (a merge across
+    its cut) goes through `cut_to_tokens`."""
+    if not tokenizer.is_fast:
+        return [cut_to_tokens(text, tokenizer, max_tokens) for text in texts]
+    head = max_tokens * HEAD_CHARS
+    results: list[Optional[tuple[str, int]]] = [None] * len(texts)
+    cuts: dict[int, str] = {}
+    for i, (text, encoding) in enumerate(zip(texts, _encode(tokenizer, [text[:head] for text in texts]))):
+        if len(encoding) > max_tokens:
+            cuts[i] = text[:_cut_at(text, encoding.token_to_chars(max_tokens - 1)[1])].rstrip()
+        elif len(text) <= head:
+            results[i] = (text, len(encoding))
+        else:
+            results[i] = cut_to_tokens(text, tokenizer, max_tokens)
+    for (i, piece), encoding in zip(cuts.items(), _encode(tokenizer, list(cuts.values()))):
+        fits = piece and len(encoding) <= max_tokens
+        results[i] = (piece, len(encoding)) if fits else cut_to_tokens(texts[i], tokenizer, max_tokens)
+    return results
+
+
+# -- deduplication -----------------------------------------------------------------------------------------------------
 
 _WORDS = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]|[\p{L}\p{M}\p{N}]+")
 
@@ -256,11 +296,22 @@ def shingles(text: str, size: int = 5) -> set[bytes]:
     return {" ".join(words[i:i + size]).encode() for i in range(max(1, len(words) - size + 1))}
 
 
-def minhash_signature(text: str, num_perm: int = 128, size: int = 5) -> "Any":
-    """The MinHash signature (datasketch, ``num_perm`` uint32 values) of a text's word shingles."""
+_PERMUTATIONS: dict[int, Any] = {}
+
+
+def _minhash(num_perm: int, hashvalues: Any = None):
+    """A datasketch MinHash with the permutations of seed 1 made once per process (datasketch draws them again for
+    every new MinHash, which costs more than hashing a document's shingles)."""
     from datasketch import MinHash
 
-    minhash = MinHash(num_perm=num_perm, scheme="affine32")
+    if num_perm not in _PERMUTATIONS:
+        _PERMUTATIONS[num_perm] = MinHash(num_perm=num_perm, scheme="affine32").permutations
+    return MinHash(num_perm=num_perm, hashvalues=hashvalues, permutations=_PERMUTATIONS[num_perm], scheme="affine32")
+
+
+def minhash_signature(text: str, num_perm: int = 128, size: int = 5) -> "Any":
+    """The MinHash signature (datasketch, ``num_perm`` uint32 values) of a text's word shingles."""
+    minhash = _minhash(num_perm)
     minhash.update_batch(list(shingles(text, size)))
     return minhash.hashvalues
 
@@ -288,9 +339,7 @@ class Deduplicator:
         if key in self.keys:
             return "exact_duplicate"
         if self.lsh is not None:
-            from datasketch import MinHash
-
-            minhash = MinHash(num_perm=self.num_perm, hashvalues=signature, scheme="affine32")
+            minhash = _minhash(self.num_perm, signature)
             if self.lsh.query(minhash):
                 return "near_duplicate"
             self.lsh.insert(self.kept, minhash, check_duplication=False)
@@ -461,14 +510,15 @@ def _normalize_row(row: dict, index: int, fields: tuple[str, Optional[str], Opti
     }
 
 
-# -- the stage -----------------------------------------------------------------------------------------------------------
+# -- the stage ---------------------------------------------------------------------------------------------------------
 
 
 def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, options: CorpusOptions,
                   fields: tuple[str, Optional[str], Optional[str]], titles_from_text: bool) -> dict[str, list]:
     """Clean, cut and hash a batch of raw rows (the per-document work, run by ``Dataset.map`` in ``num_proc``
     processes or in the streamed loop): columns ``id``, ``title``, ``text``, ``tokens``, ``skip`` (why a text file was
-    skipped, if it was), ``drop`` (None, or why the document is dropped before deduplication), ``key`` (the exact key) and, for near dedup, ``minhash``."""
+    skipped, if it was), ``drop`` (None, or why the document is dropped before deduplication), ``key`` (the exact
+    key) and, for near dedup, ``minhash``."""
     size = len(next(iter(batch.values()))) if batch else 0
     rows = [_normalize_row({name: values[i] for name, values in batch.items()}, indices[i], fields, titles_from_text)
             for i in range(size)]
@@ -496,11 +546,7 @@ def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, opti
         out["tokens"].append(0)
         out["skip"].append(row["skip"])
         out["drop"].append(drop)
-    offsets = None
-    if texts and tokenizer.is_fast:
-        offsets = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=True)["offset_mapping"]
-    for j, position in enumerate(pending):
-        text, count = cut_to_tokens(texts[j], tokenizer, options.max_tokens, offsets[j] if offsets else None)
+    for position, (text, count) in zip(pending, cut_batch(texts, tokenizer, options.max_tokens)):
         out["text"][position], out["tokens"][position] = text, count
         if not text:
             out["drop"][position] = "empty"
@@ -734,6 +780,6 @@ def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 
 __all__ = [
-    "CorpusOptions", "Deduplicator", "clean_text", "cut_to_tokens", "exact_key", "minhash_signature",
+    "CorpusOptions", "Deduplicator", "clean_text", "cut_batch", "cut_to_tokens", "exact_key", "minhash_signature",
     "prepare_batch", "read_corpus", "read_text_files", "shingles", "split_title",
 ]
