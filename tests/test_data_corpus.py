@@ -9,6 +9,7 @@ import json
 import random
 
 import pytest
+import zstandard
 from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -60,6 +61,8 @@ def test_text_files_titles_compressed_and_skipped_files(tmp_path, tokenizer, cap
     (corpus / "d.txt").write_text(f"{prose(4, 6)}\n\n{prose(5, 6)}")  # its first line is a sentence: no title
     (corpus / "sub" / "e.txt.gz").write_bytes(gzip.compress(prose(6).encode()))
     (corpus / "f.txt.bz2").write_bytes(bz2.compress(prose(7).encode()))
+    (corpus / "g.md.zst").write_bytes(zstandard.ZstdCompressor().compress(prose(8).encode()))
+    (corpus / "h.txt.gz").write_bytes(gzip.compress(prose(9).encode())[:60])  # cut short: cannot be decompressed
     (corpus / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
     (corpus / "empty.txt").write_bytes(b"")
     (corpus / "blank.md").write_text("  \n\n \t\n")
@@ -67,19 +70,19 @@ def test_text_files_titles_compressed_and_skipped_files(tmp_path, tokenizer, cap
     data, report = read_corpus(CorpusOptions(path=str(corpus)), tokenizer)
 
     by_id = {row["id"]: row for row in rows(data)}
-    assert list(by_id) == ["a.txt", "b.md", "c.rst", "d.txt", "f.txt.bz2", "sub/e.txt.gz"]  # sorted paths
-    assert [by_id[i]["title"] for i in by_id] == ["River Deltas", "Tides and marshes", "Estuaries", None, None, None]
+    assert list(by_id) == ["a.txt", "b.md", "c.rst", "d.txt", "f.txt.bz2", "g.md.zst", "sub/e.txt.gz"]  # sorted
+    assert [by_id[i]["title"] for i in by_id] == ["River Deltas", "Tides and marshes", "Estuaries"] + [None] * 4
     assert by_id["a.txt"]["text"] == prose(1)
     assert by_id["d.txt"]["text"] == f"{prose(4, 6)}\n\n{prose(5, 6)}"
-    assert by_id["sub/e.txt.gz"]["text"] == prose(6) and by_id["f.txt.bz2"]["text"] == prose(7)
+    assert [by_id[i]["text"] for i in ("sub/e.txt.gz", "f.txt.bz2", "g.md.zst")] == [prose(6), prose(7), prose(8)]
     assert all(row["tokens"] == len(row["text"]) for row in by_id.values())  # one character, one token
     skipped = {item["file"]: item["reason"] for item in report["files_skipped"]}
     assert skipped == {str(corpus / "blank.md"): "empty", str(corpus / "empty.txt"): "empty",
-                       str(corpus / "latin1.txt"): "not_utf8"}
-    assert report["files_read"] == 9 and report["documents_in"] == 9 and report["documents_out"] == 6
+                       str(corpus / "latin1.txt"): "not_utf8", str(corpus / "h.txt.gz"): "unreadable"}
+    assert report["files_read"] == 11 and report["documents_in"] == 11 and report["documents_out"] == 7
     assert report["dropped"]["empty"] == 2 and report["dropped"]["not_utf8"] == 1
     warning = capsys.readouterr().err
-    assert "skipped 3 file(s)" in warning and "latin1.txt (not_utf8)" in warning
+    assert "skipped 4 file(s)" in warning and "latin1.txt (not_utf8)" in warning
 
 
 def test_jsonl_with_title_and_id_and_generated_ids(tmp_path, tokenizer):
@@ -252,14 +255,15 @@ def dedup_corpus() -> Dataset:
         near_copy(base, 3, seed=1),             # 3: near duplicate of 0 (3 words changed)
         prose(102, sentences=20),               # 4: distinct
         near_copy(prose(101, sentences=20), 2, seed=2),  # 5: near duplicate of 1
+        base[:len(base) // 2] + " " + prose(103, sentences=10),  # 6: shares half of 0 (Jaccard about 1/3): kept
     ]
-    return Dataset.from_dict({"id": [f"d{i}" for i in range(6)], "text": texts})
+    return Dataset.from_dict({"id": [f"d{i}" for i in range(7)], "text": texts})
 
 
 @pytest.mark.parametrize("dedup, kept, dropped", [
-    ("near", ["d0", "d1", "d4"], {"exact_duplicate": 1, "near_duplicate": 2}),
-    ("exact", ["d0", "d1", "d3", "d4", "d5"], {"exact_duplicate": 1, "near_duplicate": 0}),
-    ("none", ["d0", "d1", "d2", "d3", "d4", "d5"], {"exact_duplicate": 0, "near_duplicate": 0}),
+    ("near", ["d0", "d1", "d4", "d6"], {"exact_duplicate": 1, "near_duplicate": 2}),
+    ("exact", ["d0", "d1", "d3", "d4", "d5", "d6"], {"exact_duplicate": 1, "near_duplicate": 0}),
+    ("none", ["d0", "d1", "d2", "d3", "d4", "d5", "d6"], {"exact_duplicate": 0, "near_duplicate": 0}),
 ])
 def test_deduplication_keeps_the_first(tmp_path, tokenizer, dedup, kept, dropped):
     dedup_corpus().save_to_disk(str(tmp_path / "saved"))

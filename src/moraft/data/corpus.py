@@ -35,6 +35,7 @@ import sys
 import time
 import unicodedata
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
@@ -300,13 +301,16 @@ _PERMUTATIONS: dict[int, Any] = {}
 
 
 def _minhash(num_perm: int, hashvalues: Any = None):
-    """A datasketch MinHash with the permutations of seed 1 made once per process (datasketch draws them again for
+    """A datasketch MinHash (scheme affine32) with the permutations of seed 1 made once per process (datasketch draws them again for
     every new MinHash, which costs more than hashing a document's shingles)."""
     from datasketch import MinHash
 
     if num_perm not in _PERMUTATIONS:
         _PERMUTATIONS[num_perm] = MinHash(num_perm=num_perm, scheme="affine32").permutations
-    return MinHash(num_perm=num_perm, hashvalues=hashvalues, permutations=_PERMUTATIONS[num_perm], scheme="affine32")
+    # CRC-32 as the base hash of a shingle: the permutations make the independent hash functions, the base hash only
+    # has to spread distinct shingles over 32 bits, and it is five times faster than datasketch's default SHA-1
+    return MinHash(num_perm=num_perm, hashvalues=hashvalues, permutations=_PERMUTATIONS[num_perm], scheme="affine32",
+                   hashfunc=zlib.crc32)
 
 
 def minhash_signature(text: str, num_perm: int = 128, size: int = 5) -> "Any":
@@ -316,20 +320,31 @@ def minhash_signature(text: str, num_perm: int = 128, size: int = 5) -> "Any":
     return minhash.hashvalues
 
 
+# LSH bands tuned for recall (false negatives weigh 0.9, false positives 0.1 in datasketch's choice of bands): at 0.8,
+# 14 bands of 9 rows find 87% of the pairs of Jaccard 0.8, 97.5% at 0.85, 99.9% at 0.9, where the even weights' 9 bands
+# of 13 find 40%, 69%, 93%. The false positives this lets in are removed by comparing the signatures themselves.
+RECALL_WEIGHTS = (0.1, 0.9)
+
+
 class Deduplicator:
-    """Keeps the first of each group of duplicates, fed documents in order: exact keys in a set, near duplicates by
-    querying a MinHash LSH index (datasketch) of the documents kept so far; a duplicate is not indexed, so each kept
-    document is indexed once."""
+    """Keeps the first of each group of duplicates, fed documents in order.
+
+    Exact keys are kept in a set. A near duplicate is a document whose estimated Jaccard similarity (the share of equal
+    MinHash values) with a kept document reaches the threshold, among the candidates that a MinHash LSH index
+    (datasketch) of the kept documents returns. Duplicates are not indexed, so each kept document is indexed once.
+    """
 
     def __init__(self, mode: str, threshold: float = 0.8, num_perm: int = 128):
         self.mode = mode
         self.num_perm = num_perm
+        self.threshold = threshold
         self.keys: set[bytes] = set()
+        self.signatures: list[np.ndarray] = []  # of the kept documents, by their LSH key
         self.lsh = None
         if mode == "near":
             from datasketch import MinHashLSH
 
-            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=RECALL_WEIGHTS)
         self.kept = 0
 
     def check(self, key: bytes, signature: Any = None) -> Optional[str]:
@@ -340,9 +355,11 @@ class Deduplicator:
             return "exact_duplicate"
         if self.lsh is not None:
             minhash = _minhash(self.num_perm, signature)
-            if self.lsh.query(minhash):
-                return "near_duplicate"
-            self.lsh.insert(self.kept, minhash, check_duplication=False)
+            for candidate in self.lsh.query(minhash):
+                if np.mean(self.signatures[candidate] == minhash.hashvalues) >= self.threshold:
+                    return "near_duplicate"
+            self.lsh.insert(len(self.signatures), minhash, check_duplication=False)
+            self.signatures.append(minhash.hashvalues)
         self.keys.add(key)
         self.kept += 1
         return None
