@@ -330,22 +330,33 @@ class Deduplicator:
     """Keeps the first of each group of duplicates, fed documents in order.
 
     Exact keys are kept in a set. A near duplicate is a document whose estimated Jaccard similarity (the share of equal
-    MinHash values) with a kept document reaches the threshold, among the candidates that a MinHash LSH index
-    (datasketch) of the kept documents returns. Duplicates are not indexed, so each kept document is indexed once.
+    MinHash values) with a kept document reaches the threshold, among the candidates that share a band of their
+    signatures with it (LSH, with datasketch's choice of bands and rows). Duplicates are not indexed.
+
+    The band index is one dict from a band's 64-bit hash to the first kept document with that band, and the kept
+    signatures are stored in blocks of a uint32 array: about 2 KB per kept document at 128 permutations, against about
+    6 KB in datasketch's ``MinHashLSH`` (a set per bucket, and each key's band values kept twice). A bucket remembers
+    only its first document, so a document is compared with the first of each bucket it falls in.
     """
+
+    BLOCK = 1 << 16  # signatures per block of the store
 
     def __init__(self, mode: str, threshold: float = 0.8, num_perm: int = 128):
         self.mode = mode
         self.num_perm = num_perm
         self.threshold = threshold
         self.keys: set[bytes] = set()
-        self.signatures: list[np.ndarray] = []  # of the kept documents, by their LSH key
-        self.lsh = None
+        self.buckets: dict[int, int] = {}
+        self.blocks: list[np.ndarray] = []
+        self.kept = 0
         if mode == "near":
             from datasketch import MinHashLSH
 
-            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=RECALL_WEIGHTS)
-        self.kept = 0
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=RECALL_WEIGHTS)
+            self.bands = [(i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b)]
+
+    def _signature(self, index: int) -> np.ndarray:
+        return self.blocks[index // self.BLOCK][index % self.BLOCK]
 
     def check(self, key: bytes, signature: Any = None) -> Optional[str]:
         """None when the document is kept (and remembered), else the reason it is dropped."""
@@ -353,13 +364,22 @@ class Deduplicator:
             return None
         if key in self.keys:
             return "exact_duplicate"
-        if self.lsh is not None:
-            minhash = _minhash(self.num_perm, signature)
-            for candidate in self.lsh.query(minhash):
-                if np.mean(self.signatures[candidate] == minhash.hashvalues) >= self.threshold:
+        if self.mode == "near":
+            signature = np.asarray(signature, dtype=np.uint32)
+            # Python's hash of bytes is seeded per process; the index lives in one process, and a 64-bit collision
+            # between different bands is too rare to change a result
+            bands = [hash(i.to_bytes(2, "little") + signature[start:end].tobytes())
+                     for i, (start, end) in enumerate(self.bands)]
+            candidates = {self.buckets[band] for band in bands if band in self.buckets}
+            for candidate in sorted(candidates):
+                if np.mean(self._signature(candidate) == signature) >= self.threshold:
                     return "near_duplicate"
-            self.lsh.insert(len(self.signatures), minhash, check_duplication=False)
-            self.signatures.append(minhash.hashvalues)
+            index = self.kept
+            if index % self.BLOCK == 0:
+                self.blocks.append(np.empty((self.BLOCK, self.num_perm), dtype=np.uint32))
+            self.blocks[-1][index % self.BLOCK] = signature
+            for band in bands:
+                self.buckets.setdefault(band, index)
         self.keys.add(key)
         self.kept += 1
         return None
