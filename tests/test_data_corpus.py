@@ -151,11 +151,12 @@ def test_missing_text_column_names_the_columns(tmp_path, tokenizer, streaming):
         read_corpus(CorpusOptions(path=str(source), streaming=streaming), tokenizer)
 
 
-def test_empty_corpus_says_what_was_dropped(tmp_path, tokenizer):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_empty_corpus_says_what_was_dropped(tmp_path, tokenizer, streaming):
     (tmp_path / "short.txt").write_text("Too short.")
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match=r"no documents left of 2 read: 1 empty, 1 too_short \(min_chars=100\)"):
-        read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)
+        read_corpus(CorpusOptions(path=str(tmp_path), streaming=streaming), tokenizer)
 
 
 def test_invalid_option(tmp_path, tokenizer):
