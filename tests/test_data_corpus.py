@@ -7,6 +7,7 @@ import bz2
 import gzip
 import json
 import random
+import shutil
 
 import pytest
 import zstandard
@@ -300,10 +301,12 @@ def test_streaming_gives_the_same_rows(tmp_path, tokenizer):
         assert streamed_report["files_skipped"] == report["files_skipped"]
 
 
-def test_two_processes_give_the_same_rows(tmp_path, tokenizer):
+def test_two_processes_give_the_same_rows(tmp_path, tokenizer, capsys):
     corpus = mixed_corpus(tmp_path)
+    copy = shutil.copytree(corpus, tmp_path / "copy")  # another path: datasets' cache cannot answer the second run
     data, report = read_corpus(CorpusOptions(path=str(corpus), max_tokens=1500), tokenizer, num_proc=1)
-    parallel, parallel_report = read_corpus(CorpusOptions(path=str(corpus), max_tokens=1500), tokenizer, num_proc=2)
+    parallel, parallel_report = read_corpus(CorpusOptions(path=str(copy), max_tokens=1500), tokenizer, num_proc=2)
+    assert "num_proc=2" in capsys.readouterr().err  # datasets' progress bar of the map in two processes
     assert rows(parallel) == rows(data) and len(data) == 9  # 12 + 3 files; 3 exact and 1 near duplicate, 1 short,
     assert parallel_report["dropped"] == report["dropped"]  # 1 not UTF-8
     assert report["dropped"] == {"empty": 0, "not_utf8": 1, "unreadable": 0, "too_short": 1, "exact_duplicate": 3,
