@@ -37,7 +37,7 @@ import time
 import unicodedata
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
 
@@ -387,10 +387,6 @@ class Deduplicator:
 
 
 # -- reading -----------------------------------------------------------------------------------------------------------
-
-
-def _is_text_file(path: Path) -> bool:
-    return _builder(path) == "text"
 
 
 def _list_files(root: Path) -> tuple[str, list[Path]]:
