@@ -7,7 +7,7 @@ Every later stage reads its output, the *corpus dataset*: a ``datasets.Dataset``
 What it reads (``CorpusOptions.path``):
 
 - a directory of text files (``.txt``, ``.text``, ``.md``, ``.rst``, also compressed ``.gz``/``.bz2``/``.xz``/
-  ``.zst``/``.lz4``), or one such file: one document per file, its path relative to the directory as its id. The
+  ``.zst``), or one such file: one document per file, its path relative to the directory as its id. The
   first line is taken as the title when it looks like one (see `split_title`). A file that is empty, not UTF-8 or
   cannot be decompressed is skipped, counted and named, never fatal;
 - a JSON/JSONL, Parquet, Arrow or CSV file, or a directory of them: one document per row, from ``text_field``
