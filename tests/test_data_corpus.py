@@ -7,13 +7,15 @@ import bz2
 import gzip
 import json
 import random
+import shutil
 
 import pytest
+import zstandard
 from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from moraft.data.corpus import CorpusOptions, clean_text, cut_to_tokens, read_corpus, split_title
+from moraft.data.corpus import CorpusOptions, clean_text, cut_batch, cut_to_tokens, read_corpus, split_title
 from moraft.errors import MissingPathError, UserError
 from moraft.train.builtin import char_tokenizer
 
@@ -60,6 +62,8 @@ def test_text_files_titles_compressed_and_skipped_files(tmp_path, tokenizer, cap
     (corpus / "d.txt").write_text(f"{prose(4, 6)}\n\n{prose(5, 6)}")  # its first line is a sentence: no title
     (corpus / "sub" / "e.txt.gz").write_bytes(gzip.compress(prose(6).encode()))
     (corpus / "f.txt.bz2").write_bytes(bz2.compress(prose(7).encode()))
+    (corpus / "g.md.zst").write_bytes(zstandard.ZstdCompressor().compress(prose(8).encode()))
+    (corpus / "h.txt.gz").write_bytes(gzip.compress(prose(9).encode())[:60])  # cut short: cannot be decompressed
     (corpus / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
     (corpus / "empty.txt").write_bytes(b"")
     (corpus / "blank.md").write_text("  \n\n \t\n")
@@ -67,19 +71,19 @@ def test_text_files_titles_compressed_and_skipped_files(tmp_path, tokenizer, cap
     data, report = read_corpus(CorpusOptions(path=str(corpus)), tokenizer)
 
     by_id = {row["id"]: row for row in rows(data)}
-    assert list(by_id) == ["a.txt", "b.md", "c.rst", "d.txt", "f.txt.bz2", "sub/e.txt.gz"]  # sorted paths
-    assert [by_id[i]["title"] for i in by_id] == ["River Deltas", "Tides and marshes", "Estuaries", None, None, None]
+    assert list(by_id) == ["a.txt", "b.md", "c.rst", "d.txt", "f.txt.bz2", "g.md.zst", "sub/e.txt.gz"]  # sorted
+    assert [by_id[i]["title"] for i in by_id] == ["River Deltas", "Tides and marshes", "Estuaries"] + [None] * 4
     assert by_id["a.txt"]["text"] == prose(1)
     assert by_id["d.txt"]["text"] == f"{prose(4, 6)}\n\n{prose(5, 6)}"
-    assert by_id["sub/e.txt.gz"]["text"] == prose(6) and by_id["f.txt.bz2"]["text"] == prose(7)
+    assert [by_id[i]["text"] for i in ("sub/e.txt.gz", "f.txt.bz2", "g.md.zst")] == [prose(6), prose(7), prose(8)]
     assert all(row["tokens"] == len(row["text"]) for row in by_id.values())  # one character, one token
     skipped = {item["file"]: item["reason"] for item in report["files_skipped"]}
     assert skipped == {str(corpus / "blank.md"): "empty", str(corpus / "empty.txt"): "empty",
-                       str(corpus / "latin1.txt"): "not_utf8"}
-    assert report["files_read"] == 9 and report["documents_in"] == 9 and report["documents_out"] == 6
+                       str(corpus / "latin1.txt"): "not_utf8", str(corpus / "h.txt.gz"): "unreadable"}
+    assert report["files_read"] == 11 and report["documents_in"] == 11 and report["documents_out"] == 7
     assert report["dropped"]["empty"] == 2 and report["dropped"]["not_utf8"] == 1
     warning = capsys.readouterr().err
-    assert "skipped 3 file(s)" in warning and "latin1.txt (not_utf8)" in warning
+    assert "skipped 4 file(s)" in warning and "latin1.txt (not_utf8)" in warning
 
 
 def test_jsonl_with_title_and_id_and_generated_ids(tmp_path, tokenizer):
@@ -148,11 +152,12 @@ def test_missing_text_column_names_the_columns(tmp_path, tokenizer, streaming):
         read_corpus(CorpusOptions(path=str(source), streaming=streaming), tokenizer)
 
 
-def test_empty_corpus_says_what_was_dropped(tmp_path, tokenizer):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_empty_corpus_says_what_was_dropped(tmp_path, tokenizer, streaming):
     (tmp_path / "short.txt").write_text("Too short.")
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match=r"no documents left of 2 read: 1 empty, 1 too_short \(min_chars=100\)"):
-        read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)
+        read_corpus(CorpusOptions(path=str(tmp_path), streaming=streaming), tokenizer)
 
 
 def test_invalid_option(tmp_path, tokenizer):
@@ -200,7 +205,7 @@ def test_split_title(text, title):
     assert split_title(text)[0] == title
 
 
-# -- the token budget ----------------------------------------------------------------------------------------------------
+# -- the token budget --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("which", ["char", "bpe"])
@@ -214,6 +219,8 @@ def test_cut_lands_on_a_sentence_boundary_within_the_budget(tokenizer, bpe_token
     assert text.startswith(cut) and cut.endswith(".")
     longer = text[:text.index(".", len(cut)) + 1]  # one more sentence would not have fit
     assert len(tok(longer, add_special_tokens=False)["input_ids"]) > max_tokens
+    short = prose(9, sentences=2)
+    assert cut_batch([text, short], tok, max_tokens) == [(cut, count), cut_to_tokens(short, tok, max_tokens)]
 
 
 def test_cut_without_boundaries(tokenizer):
@@ -229,7 +236,7 @@ def test_max_tokens_applied_to_every_document(tmp_path, tokenizer):
     assert report["tokens_out"] == sum(row["tokens"] for row in rows(data))
 
 
-# -- deduplication -------------------------------------------------------------------------------------------------------
+# -- deduplication -----------------------------------------------------------------------------------------------------
 
 
 def near_copy(text: str, changes: int, seed: int) -> str:
@@ -250,14 +257,15 @@ def dedup_corpus() -> Dataset:
         near_copy(base, 3, seed=1),             # 3: near duplicate of 0 (3 words changed)
         prose(102, sentences=20),               # 4: distinct
         near_copy(prose(101, sentences=20), 2, seed=2),  # 5: near duplicate of 1
+        base[:len(base) // 2] + " " + prose(103, sentences=10),  # 6: shares half of 0 (Jaccard about 1/3): kept
     ]
-    return Dataset.from_dict({"id": [f"d{i}" for i in range(6)], "text": texts})
+    return Dataset.from_dict({"id": [f"d{i}" for i in range(7)], "text": texts})
 
 
 @pytest.mark.parametrize("dedup, kept, dropped", [
-    ("near", ["d0", "d1", "d4"], {"exact_duplicate": 1, "near_duplicate": 2}),
-    ("exact", ["d0", "d1", "d3", "d4", "d5"], {"exact_duplicate": 1, "near_duplicate": 0}),
-    ("none", ["d0", "d1", "d2", "d3", "d4", "d5"], {"exact_duplicate": 0, "near_duplicate": 0}),
+    ("near", ["d0", "d1", "d4", "d6"], {"exact_duplicate": 1, "near_duplicate": 2}),
+    ("exact", ["d0", "d1", "d3", "d4", "d5", "d6"], {"exact_duplicate": 1, "near_duplicate": 0}),
+    ("none", ["d0", "d1", "d2", "d3", "d4", "d5", "d6"], {"exact_duplicate": 0, "near_duplicate": 0}),
 ])
 def test_deduplication_keeps_the_first(tmp_path, tokenizer, dedup, kept, dropped):
     dedup_corpus().save_to_disk(str(tmp_path / "saved"))
@@ -266,7 +274,7 @@ def test_deduplication_keeps_the_first(tmp_path, tokenizer, dedup, kept, dropped
     assert {reason: report["dropped"][reason] for reason in dropped} == dropped
 
 
-# -- the same rows every way ---------------------------------------------------------------------------------------------
+# -- the same rows every way -------------------------------------------------------------------------------------------
 
 
 def mixed_corpus(tmp_path):
@@ -293,10 +301,12 @@ def test_streaming_gives_the_same_rows(tmp_path, tokenizer):
         assert streamed_report["files_skipped"] == report["files_skipped"]
 
 
-def test_two_processes_give_the_same_rows(tmp_path, tokenizer):
+def test_two_processes_give_the_same_rows(tmp_path, tokenizer, capsys):
     corpus = mixed_corpus(tmp_path)
+    copy = shutil.copytree(corpus, tmp_path / "copy")  # another path: datasets' cache cannot answer the second run
     data, report = read_corpus(CorpusOptions(path=str(corpus), max_tokens=1500), tokenizer, num_proc=1)
-    parallel, parallel_report = read_corpus(CorpusOptions(path=str(corpus), max_tokens=1500), tokenizer, num_proc=2)
+    parallel, parallel_report = read_corpus(CorpusOptions(path=str(copy), max_tokens=1500), tokenizer, num_proc=2)
+    assert "num_proc=2" in capsys.readouterr().err  # datasets' progress bar of the map in two processes
     assert rows(parallel) == rows(data) and len(data) == 9  # 12 + 3 files; 3 exact and 1 near duplicate, 1 short,
     assert parallel_report["dropped"] == report["dropped"]  # 1 not UTF-8
     assert report["dropped"] == {"empty": 0, "not_utf8": 1, "unreadable": 0, "too_short": 1, "exact_duplicate": 3,

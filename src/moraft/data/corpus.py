@@ -7,7 +7,7 @@ Every later stage reads its output, the *corpus dataset*: a ``datasets.Dataset``
 What it reads (``CorpusOptions.path``):
 
 - a directory of text files (``.txt``, ``.text``, ``.md``, ``.rst``, also compressed ``.gz``/``.bz2``/``.xz``/
-  ``.zst``/``.lz4``), or one such file: one document per file, its path relative to the directory as its id. The
+  ``.zst``), or one such file: one document per file, its path relative to the directory as its id. The
   first line is taken as the title when it looks like one (see `split_title`). A file that is empty, not UTF-8 or
   cannot be decompressed is skipped, counted and named, never fatal;
 - a JSON/JSONL, Parquet, Arrow or CSV file, or a directory of them: one document per row, from ``text_field``
@@ -17,15 +17,16 @@ What it reads (``CorpusOptions.path``):
 Each document is then cleaned (`clean_text`, language-agnostic), dropped when shorter than ``min_chars``, cut to
 ``max_tokens`` at the last sentence or line boundary (AdaptLLM cuts each text to about 1,850 tokens: arXiv 2309.09530,
 https://github.com/microsoft/LMOps/tree/main/adaptllm), and deduplicated, keeping the first of each group: exact
-(a 16-byte BLAKE2b of the text with its whitespace normalized) and near (MinHash LSH over word 5-gram shingles with
-datasketch, Jaccard >= ``near_threshold``; the 5-grams and 0.8 of Lee et al., arXiv 2107.06499).
+(a 16-byte BLAKE2b of the text with its whitespace normalized) and near (MinHash signatures of word 5-gram shingles
+with datasketch, candidates by LSH bands, Jaccard >= ``near_threshold``; the 5-grams and 0.8 of Lee et al.,
+arXiv 2107.06499).
 
 Memory: without ``streaming`` the input and output are Arrow files, memory-mapped; cleaning, cutting, hashing and the
 MinHash signatures run in ``num_proc`` processes (``Dataset.map``), and one ordered pass then keeps the first of each
 group. With ``streaming`` the input is read as it goes (``streaming=True``; text files one at a time) and the output
 is written by ``Dataset.from_generator`` in batches, in one process. In both, what stays in memory per *kept* document
-is the dedup state: an exact key (a 16-byte ``bytes`` in a set, about 100 bytes with Python's overhead) and, for near
-dedup, the document's band keys in the LSH index (about 1 KB: see ``docs/data-corpus.md`` for the measurement).
+is the dedup state: an exact key (a 16-byte ``bytes`` in a set: 44 bytes measured, with Python's overhead) and, for
+near dedup, its signature and band keys (`Deduplicator`: about 2.1 KB measured at 128 permutations).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import sys
 import time
 import unicodedata
 import uuid
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
 
@@ -52,6 +54,9 @@ if TYPE_CHECKING:
 DEDUPS = ("near", "exact", "none")
 DROP_REASONS = ("empty", "not_utf8", "unreadable", "too_short", "exact_duplicate", "near_duplicate")
 WARN_FIRST = 5  # skipped files named in the warning line (the report lists all of them)
+# a long document (a book) is tokenized only as far as its budget can reach: its first max_tokens * HEAD_CHARS
+# characters, enough unless its tokens are longer than 16 characters on average (then it is tokenized whole)
+HEAD_CHARS = 16
 BATCH = 256  # documents per batch: tokenized together, and the unit of streamed processing
 OUTPUT_COLUMNS = ("id", "title", "text", "tokens")
 
@@ -185,14 +190,26 @@ def split_title(text: str) -> tuple[Optional[str], str]:
 _BOUNDARY = regex.compile(r"\n|\p{Sentence_Terminal}[\p{Pe}\p{Pf}\"']*(?=\s)|[。！？｡][\p{Pe}\p{Pf}」』]*")
 
 
+def _encode(tokenizer, texts: list[str]) -> list:
+    """A fast tokenizer's encodings, from its Rust backend directly (in parallel threads, and without transformers
+    converting every field of every encoding to Python lists, which costs as much as tokenizing)."""
+    return tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+
+
 def _count(tokenizer, text: str) -> int:
+    if tokenizer.is_fast:
+        return len(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False))
+    # verbose=False: counting tokens of a text longer than the model's context is what this stage is for
     return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def _budget_end(tokenizer, text: str, max_tokens: int, offsets: Optional[list] = None) -> int:
-    """How many characters of ``text`` its first ``max_tokens`` tokens cover."""
-    if offsets is not None:
-        return offsets[max_tokens - 1][1]
+def _budget_end(tokenizer, text: str, max_tokens: int) -> int:
+    """How many characters of ``text`` its first ``max_tokens`` tokens cover (``text`` is longer than that)."""
+    if tokenizer.is_fast:
+        encoding = _encode(tokenizer, [text[:max_tokens * HEAD_CHARS]])[0]
+        if len(encoding) <= max_tokens:  # tokens of more than HEAD_CHARS characters on average: all of it
+            encoding = _encode(tokenizer, [text])[0]
+        return encoding.token_to_chars(max_tokens - 1)[1]
     low, high = 0, len(text)  # a slow tokenizer has no offsets: the longest prefix within the budget, by bisection
     while low < high:
         middle = (low + high + 1) // 2
@@ -203,7 +220,15 @@ def _budget_end(tokenizer, text: str, max_tokens: int, offsets: Optional[list] =
     return low
 
 
-def cut_to_tokens(text: str, tokenizer, max_tokens: int, offsets: Optional[list] = None) -> tuple[str, int]:
+def _cut_at(text: str, end: int) -> int:
+    """The last boundary at or before character ``end``: a sentence or line, else a space, else ``end``."""
+    # one character past the budget, so that a terminal right at its end can see the space after it
+    cuts = [m.end() for m in _BOUNDARY.finditer(text[:end + 1]) if m.end() <= end]
+    space = text[:end + 1].rfind(" ")
+    return cuts[-1] if cuts else space if space > 0 else end
+
+
+def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> tuple[str, int]:
     """Cut ``text`` to at most ``max_tokens`` tokens, at the last sentence or line boundary within the budget.
 
     Without a boundary in the budget (one very long sentence), at the last space; without a space, at the last token
@@ -213,23 +238,18 @@ def cut_to_tokens(text: str, tokenizer, max_tokens: int, offsets: Optional[list]
         text: A cleaned text.
         tokenizer: The pipeline tokenizer (a transformers tokenizer; a fast one is used with its offsets).
         max_tokens: The budget.
-        offsets: The text's token offsets, when the caller already has them (a fast tokenizer's
-            ``offset_mapping``).
 
     Returns:
         The cut text and its number of tokens.
     """
-    if offsets is None and tokenizer.is_fast:
-        offsets = tokenizer(text, add_special_tokens=False, verbose=False, return_offsets_mapping=True)["offset_mapping"]
-    count = len(offsets) if offsets is not None else _count(tokenizer, text)
+    count = _count(tokenizer, text[:max_tokens * HEAD_CHARS])
+    if count <= max_tokens and len(text) > max_tokens * HEAD_CHARS:
+        count = _count(tokenizer, text)
     if count <= max_tokens:
         return text, count
-    end = _budget_end(tokenizer, text, max_tokens, offsets)
+    end = _budget_end(tokenizer, text, max_tokens)
     while end > 0:
-        # one character past the budget, so that a terminal right at its end can see the space after it
-        cuts = [m.end() for m in _BOUNDARY.finditer(text[:end + 1]) if m.end() <= end]
-        space = text[:end + 1].rfind(" ")
-        cut = cuts[-1] if cuts else space if space > 0 else end
+        cut = _cut_at(text, end)
         piece = text[:cut].rstrip()
         count = _count(tokenizer, piece)
         if piece and count <= max_tokens:
@@ -239,7 +259,29 @@ def cut_to_tokens(text: str, tokenizer, max_tokens: int, offsets: Optional[list]
     return "", 0
 
 
-# -- deduplication -------------------------------------------------------------------------------------------------------
+def cut_batch(texts: list[str], tokenizer, max_tokens: int) -> list[tuple[str, int]]:
+    """`cut_to_tokens` of each text, a batch at a time: with a fast tokenizer, the texts (each only as far as its
+    budget can reach) and then the cut pieces are tokenized in one call each; a piece over the budget (a merge across
+    its cut) goes through `cut_to_tokens`."""
+    if not tokenizer.is_fast:
+        return [cut_to_tokens(text, tokenizer, max_tokens) for text in texts]
+    head = max_tokens * HEAD_CHARS
+    results: list[Optional[tuple[str, int]]] = [None] * len(texts)
+    cuts: dict[int, str] = {}
+    for i, (text, encoding) in enumerate(zip(texts, _encode(tokenizer, [text[:head] for text in texts]))):
+        if len(encoding) > max_tokens:
+            cuts[i] = text[:_cut_at(text, encoding.token_to_chars(max_tokens - 1)[1])].rstrip()
+        elif len(text) <= head:
+            results[i] = (text, len(encoding))
+        else:
+            results[i] = cut_to_tokens(text, tokenizer, max_tokens)
+    for (i, piece), encoding in zip(cuts.items(), _encode(tokenizer, list(cuts.values()))):
+        fits = piece and len(encoding) <= max_tokens
+        results[i] = (piece, len(encoding)) if fits else cut_to_tokens(texts[i], tokenizer, max_tokens)
+    return results
+
+
+# -- deduplication -----------------------------------------------------------------------------------------------------
 
 _WORDS = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]|[\p{L}\p{M}\p{N}]+")
 
@@ -256,30 +298,66 @@ def shingles(text: str, size: int = 5) -> set[bytes]:
     return {" ".join(words[i:i + size]).encode() for i in range(max(1, len(words) - size + 1))}
 
 
-def minhash_signature(text: str, num_perm: int = 128, size: int = 5) -> "Any":
-    """The MinHash signature (datasketch, ``num_perm`` uint32 values) of a text's word shingles."""
+_PERMUTATIONS: dict[int, Any] = {}
+
+
+def _minhash(num_perm: int, hashvalues: Any = None):
+    """A datasketch MinHash (scheme affine32) with the permutations of seed 1 made once per process (datasketch draws them again for
+    every new MinHash, which costs more than hashing a document's shingles)."""
     from datasketch import MinHash
 
-    minhash = MinHash(num_perm=num_perm, scheme="affine32")
+    if num_perm not in _PERMUTATIONS:
+        _PERMUTATIONS[num_perm] = MinHash(num_perm=num_perm, scheme="affine32").permutations
+    # CRC-32 as the base hash of a shingle: the permutations make the independent hash functions, the base hash only
+    # has to spread distinct shingles over 32 bits, and it is five times faster than datasketch's default SHA-1
+    return MinHash(num_perm=num_perm, hashvalues=hashvalues, permutations=_PERMUTATIONS[num_perm], scheme="affine32",
+                   hashfunc=zlib.crc32)
+
+
+def minhash_signature(text: str, num_perm: int = 128, size: int = 5) -> "Any":
+    """The MinHash signature (datasketch, ``num_perm`` uint32 values) of a text's word shingles."""
+    minhash = _minhash(num_perm)
     minhash.update_batch(list(shingles(text, size)))
     return minhash.hashvalues
 
 
+# LSH bands tuned for recall (false negatives weigh 0.9, false positives 0.1 in datasketch's choice of bands): at 0.8,
+# 14 bands of 9 rows find 87% of the pairs of Jaccard 0.8, 97.5% at 0.85, 99.9% at 0.9, where the even weights' 9 bands
+# of 13 find 40%, 69%, 93%. The false positives this lets in are removed by comparing the signatures themselves.
+RECALL_WEIGHTS = (0.1, 0.9)
+
+
 class Deduplicator:
-    """Keeps the first of each group of duplicates, fed documents in order: exact keys in a set, near duplicates by
-    querying a MinHash LSH index (datasketch) of the documents kept so far; a duplicate is not indexed, so each kept
-    document is indexed once."""
+    """Keeps the first of each group of duplicates, fed documents in order.
+
+    Exact keys are kept in a set. A near duplicate is a document whose estimated Jaccard similarity (the share of equal
+    MinHash values) with a kept document reaches the threshold, among the candidates that share a band of their
+    signatures with it (LSH, with datasketch's choice of bands and rows). Duplicates are not indexed.
+
+    The band index is one dict from a band's 64-bit hash to the first kept document with that band, and the kept
+    signatures are stored in blocks of a uint32 array: about 2 KB per kept document at 128 permutations, against about
+    6 KB in datasketch's ``MinHashLSH`` (a set per bucket, and each key's band values kept twice). A bucket remembers
+    only its first document, so a document is compared with the first of each bucket it falls in.
+    """
+
+    BLOCK = 1 << 16  # signatures per block of the store
 
     def __init__(self, mode: str, threshold: float = 0.8, num_perm: int = 128):
         self.mode = mode
         self.num_perm = num_perm
+        self.threshold = threshold
         self.keys: set[bytes] = set()
-        self.lsh = None
+        self.buckets: dict[int, int] = {}
+        self.blocks: list[np.ndarray] = []
+        self.kept = 0
         if mode == "near":
             from datasketch import MinHashLSH
 
-            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.kept = 0
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=RECALL_WEIGHTS)
+            self.bands = [(i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b)]
+
+    def _signature(self, index: int) -> np.ndarray:
+        return self.blocks[index // self.BLOCK][index % self.BLOCK]
 
     def check(self, key: bytes, signature: Any = None) -> Optional[str]:
         """None when the document is kept (and remembered), else the reason it is dropped."""
@@ -287,23 +365,28 @@ class Deduplicator:
             return None
         if key in self.keys:
             return "exact_duplicate"
-        if self.lsh is not None:
-            from datasketch import MinHash
-
-            minhash = MinHash(num_perm=self.num_perm, hashvalues=signature, scheme="affine32")
-            if self.lsh.query(minhash):
-                return "near_duplicate"
-            self.lsh.insert(self.kept, minhash, check_duplication=False)
+        if self.mode == "near":
+            signature = np.asarray(signature, dtype=np.uint32)
+            # Python's hash of bytes is seeded per process; the index lives in one process, and a 64-bit collision
+            # between different bands is too rare to change a result
+            bands = [hash(i.to_bytes(2, "little") + signature[start:end].tobytes())
+                     for i, (start, end) in enumerate(self.bands)]
+            candidates = {self.buckets[band] for band in bands if band in self.buckets}
+            for candidate in sorted(candidates):
+                if np.mean(self._signature(candidate) == signature) >= self.threshold:
+                    return "near_duplicate"
+            index = self.kept
+            if index % self.BLOCK == 0:
+                self.blocks.append(np.empty((self.BLOCK, self.num_perm), dtype=np.uint32))
+            self.blocks[-1][index % self.BLOCK] = signature
+            for band in bands:
+                self.buckets.setdefault(band, index)
         self.keys.add(key)
         self.kept += 1
         return None
 
 
 # -- reading -----------------------------------------------------------------------------------------------------------
-
-
-def _is_text_file(path: Path) -> bool:
-    return _builder(path) == "text"
 
 
 def _list_files(root: Path) -> tuple[str, list[Path]]:
@@ -461,14 +544,15 @@ def _normalize_row(row: dict, index: int, fields: tuple[str, Optional[str], Opti
     }
 
 
-# -- the stage -----------------------------------------------------------------------------------------------------------
+# -- the stage ---------------------------------------------------------------------------------------------------------
 
 
 def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, options: CorpusOptions,
                   fields: tuple[str, Optional[str], Optional[str]], titles_from_text: bool) -> dict[str, list]:
     """Clean, cut and hash a batch of raw rows (the per-document work, run by ``Dataset.map`` in ``num_proc``
     processes or in the streamed loop): columns ``id``, ``title``, ``text``, ``tokens``, ``skip`` (why a text file was
-    skipped, if it was), ``drop`` (None, or why the document is dropped before deduplication), ``key`` (the exact key) and, for near dedup, ``minhash``."""
+    skipped, if it was), ``drop`` (None, or why the document is dropped before deduplication), ``key`` (the exact
+    key) and, for near dedup, ``minhash``."""
     size = len(next(iter(batch.values()))) if batch else 0
     rows = [_normalize_row({name: values[i] for name, values in batch.items()}, indices[i], fields, titles_from_text)
             for i in range(size)]
@@ -496,11 +580,7 @@ def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, opti
         out["tokens"].append(0)
         out["skip"].append(row["skip"])
         out["drop"].append(drop)
-    offsets = None
-    if texts and tokenizer.is_fast:
-        offsets = tokenizer(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=True)["offset_mapping"]
-    for j, position in enumerate(pending):
-        text, count = cut_to_tokens(texts[j], tokenizer, options.max_tokens, offsets[j] if offsets else None)
+    for position, (text, count) in zip(pending, cut_batch(texts, tokenizer, options.max_tokens)):
         out["text"][position], out["tokens"][position] = text, count
         if not text:
             out["drop"][position] = "empty"
@@ -681,6 +761,7 @@ def _stream(source, prepare: dict, options: CorpusOptions, report: dict) -> "Dat
     """The streaming stage: rows read as they come, processed a batch at a time, deduplicated in order, and written
     by ``Dataset.from_generator`` (Arrow batches on disk), so memory holds one batch and the dedup state."""
     from datasets import Dataset, Features, Value
+    from datasets.exceptions import DatasetGenerationError
     from tqdm.auto import tqdm
 
     dedup = Deduplicator(options.dedup, options.near_threshold, options.num_perm)
@@ -711,14 +792,16 @@ def _stream(source, prepare: dict, options: CorpusOptions, report: dict) -> "Dat
 
     features = Features({"id": Value("string"), "title": Value("string"), "text": Value("string"),
                          "tokens": Value("int64")})
-    from datasets.exceptions import DatasetGenerationError
-
     try:
         # a fresh fingerprint: the generator must run (it fills the report), never be answered from datasets' cache
         return Dataset.from_generator(rows, features=features, fingerprint=uuid.uuid4().hex)
     except DatasetGenerationError as err:
         if isinstance(err.__cause__, UserError):  # raised in the generator: the user's problem, one line
             raise err.__cause__ from None
+        raise
+    except ValueError:
+        if report["documents_out"] == 0:  # datasets cannot build a split of no rows: the empty corpus is refused later
+            return Dataset.from_dict({name: [] for name in OUTPUT_COLUMNS}, features=features)
         raise
 
 
@@ -734,6 +817,6 @@ def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 
 __all__ = [
-    "CorpusOptions", "Deduplicator", "clean_text", "cut_to_tokens", "exact_key", "minhash_signature",
+    "CorpusOptions", "Deduplicator", "clean_text", "cut_batch", "cut_to_tokens", "exact_key", "minhash_signature",
     "prepare_batch", "read_corpus", "read_text_files", "shingles", "split_title",
 ]
