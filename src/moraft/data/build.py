@@ -12,10 +12,13 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from ..errors import UserError
 from ..train.options import _Group
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 LLM_TASK = "comprehension"  # the task name of the LLM's pairs among the mined ones
 READING_SEPARATOR = "\n\n"
@@ -57,7 +60,8 @@ def llm_tasks(pairs: list[dict]) -> list[dict]:
     return [{"task": LLM_TASK, "kind": "llm", "question": p["question"], "answer": p["answer"]} for p in pairs]
 
 
-def joined(corpus, mined=None, comprehension=None, clusters=None):
+def joined(corpus: "Dataset", mined: Optional["Dataset"] = None, comprehension: Optional["Dataset"] = None,
+           clusters: Optional["Dataset"] = None) -> "Dataset":
     """The corpus with the stages' columns beside it (``tasks``, ``llm_tasks``, ``neighbors``), side by side on the
     same Arrow tables (nothing is copied into memory)."""
     from datasets import concatenate_datasets
@@ -74,8 +78,9 @@ def joined(corpus, mined=None, comprehension=None, clusters=None):
     return concatenate_datasets(parts, axis=1)
 
 
-def domain_examples(corpus, mined=None, comprehension=None, clusters=None, *, domain: str, seed: int = 0,
-                    num_proc: int = 1):
+def domain_examples(corpus: "Dataset", mined: Optional["Dataset"] = None, comprehension: Optional["Dataset"] = None,
+                    clusters: Optional["Dataset"] = None, *, domain: str, seed: int = 0,
+                    num_proc: int = 1) -> "Dataset":
     """One text per document: the reading (extended by ``clusters``' neighbours) and the rendered tasks.
 
     Args:
@@ -110,7 +115,7 @@ def domain_examples(corpus, mined=None, comprehension=None, clusters=None, *, do
                      remove_columns=table.column_names, desc="build: rendering examples")
 
 
-def render_general(row: dict, fmt: str, tokenizer) -> str:
+def render_general(row: dict, fmt: str, tokenizer: Any) -> str:
     """One general instruction example as plain text."""
     if fmt == "text":
         return row["text"]
@@ -125,7 +130,8 @@ def render_general(row: dict, fmt: str, tokenizer) -> str:
     return prompt + completion
 
 
-def general_examples(source: str, split: str, tokenizer, target_tokens: int, seed: int = 0):
+def general_examples(source: str, split: str, tokenizer: Any, target_tokens: int,
+                     seed: int = 0) -> tuple["Dataset", dict[str, Any]]:
     """General instruction data rendered to text, drawn in a seeded order (repeating the source when it is short)
     until its tokens reach ``target_tokens``.
 
@@ -165,15 +171,16 @@ def general_examples(source: str, split: str, tokenizer, target_tokens: int, see
     return Dataset.from_list(rows), report
 
 
-def count_tokens(data, tokenizer, num_proc: int = 1) -> list[int]:
+def count_tokens(data: "Dataset", tokenizer: Any, num_proc: int = 1) -> list[int]:
     """The token count of each row's ``text``."""
     counted = data.map(lambda batch: {"n": [len(ids) for ids in tokenizer(batch["text"], verbose=False).input_ids]},
                        batched=True, num_proc=num_proc if num_proc > 1 else None, desc="Counting tokens")
     return counted["n"]
 
 
-def build(corpus, mined, comprehension, clusters, options: BuildOptions, *, tokenizer, domain: str,
-          mine_seed: int = 0, num_proc: int = 1):
+def build(corpus: "Dataset", mined: Optional["Dataset"], comprehension: Optional["Dataset"],
+          clusters: Optional["Dataset"], options: BuildOptions, *, tokenizer: Any, domain: str, mine_seed: int = 0,
+          num_proc: int = 1) -> tuple["Dataset", dict[str, Any]]:
     """The training set (a dataset with one ``text`` column, shuffled) and its report.
 
     The report counts the tasks per type and kind, the documents whose reading was extended, and the tokens of the

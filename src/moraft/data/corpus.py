@@ -228,7 +228,7 @@ def _cut_at(text: str, end: int) -> int:
     return cuts[-1] if cuts else space if space > 0 else end
 
 
-def cut_to_tokens(text: str, tokenizer, max_tokens: int) -> tuple[str, int]:
+def cut_to_tokens(text: str, tokenizer: Any, max_tokens: int) -> tuple[str, int]:
     """Cut ``text`` to at most ``max_tokens`` tokens, at the last sentence or line boundary within the budget.
 
     Without a boundary in the budget (one very long sentence), at the last space; without a space, at the last token
@@ -674,7 +674,7 @@ def _finish(report: dict, options: CorpusOptions, started: float) -> None:
                         f"{': ' + dropped if dropped else ''}{hint}{files}")
 
 
-def read_corpus(options: CorpusOptions, tokenizer, num_proc: int = 1) -> tuple["Dataset", dict]:
+def read_corpus(options: CorpusOptions, tokenizer: Any, num_proc: int = 1) -> tuple["Dataset", dict]:
     """Read, clean, cut and deduplicate a raw corpus into the corpus dataset.
 
     Args:

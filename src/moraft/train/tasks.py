@@ -30,7 +30,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -200,7 +200,7 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
 
 
 def score_tasks(
-    model: nn.Module, tokenizer, tasks: Sequence[Task], shots: int = 0, seed: int = 0, batch_size: int = 16
+    model: nn.Module, tokenizer: Any, tasks: Sequence[Task], shots: int = 0, seed: int = 0, batch_size: int = 16
 ) -> dict:
     """Rank every task's options by log-likelihood (this module's docstring has the format and the prompt).
 
