@@ -58,6 +58,9 @@ class Teacher:
             body = await request.json()
             self.requests += 1
             self.bodies.append(body)
+            if body["model"] == "missing":
+                return JSONResponse({"error": {"message": "The model 'missing' does not exist",
+                                               "type": "not_found_error"}}, status_code=404)
             if self.requests <= self.fail_first or (self.answer_only is not None and self.answered >= self.answer_only):
                 return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}},
                                     status_code=self.fail_status)
@@ -201,6 +204,15 @@ def test_no_server_at_all_is_one_clear_error(tmp_path):
                               tmp_path / "c.sqlite")
     finally:
         sock.close()
+
+
+def test_an_unknown_model_is_refused_at_once_not_retried(tmp_path):
+    with Teacher() as teacher:
+        options = ComprehendOptions(llm_url=teacher.url, llm_model="missing", retries=3)
+        with pytest.raises(UserError, match=rf"^LLM endpoint {re.escape(teacher.url)} refused the request: HTTP 404: "
+                                            r".*missing.*; 0 of 2 documents are done"):
+            comprehend_corpus(corpus(["GOOD"] * 2), options, tmp_path / "c.sqlite")
+    assert teacher.requests <= 2  # one per worker, none retried
 
 
 def test_rejected_replies_stay_cached_unless_retry_rejected(tmp_path):

@@ -315,7 +315,23 @@ def _api_key(options: ComprehendOptions) -> str:
 
 
 class _EndpointDown(Exception):
-    """The endpoint did not answer after every retry, or refused every request (bad key, unknown model)."""
+    """The endpoint did not answer after every retry, or (``refused``) answered with an error that every request
+    would get: a bad key (401, 403), an unknown model or path (404)."""
+
+    def __init__(self, reason: str, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.refused = refused
+
+
+def _down(options: ComprehendOptions, err: _EndpointDown, where: str = "") -> UserError:
+    if err.refused:
+        return UserError(f"LLM endpoint {options.llm_url} refused the request: {err}{where}")
+    return UserError(f"LLM endpoint {options.llm_url} did not answer after {options.retries + 1} tries: {err}{where}")
+
+
+def _endpoint_error(err: Exception) -> _EndpointDown:
+    status = getattr(err, "status_code", None)
+    return _EndpointDown(_describe(err), refused=status in (401, 403, 404))
 
 
 def _describe(err: Exception) -> str:
@@ -345,7 +361,7 @@ class _Endpoint:
             async with self.client() as client:
                 page = await client.models.list()
         except self.openai.APIError as err:
-            raise _EndpointDown(_describe(err)) from None
+            raise _endpoint_error(err) from None
         if not page.data:
             raise UserError(f"LLM endpoint {self.options.llm_url} lists no models; pass --comprehend.llm_model")
         return page.data[0].id
@@ -370,7 +386,7 @@ class _Endpoint:
         except (openai.BadRequestError, openai.UnprocessableEntityError) as err:
             raise ValueError(_describe(err)) from None
         except openai.APIError as err:
-            raise _EndpointDown(_describe(err)) from None
+            raise _endpoint_error(err) from None
 
 
 # -- a local model --------------------------------------------------------------------------------------------------
@@ -501,61 +517,56 @@ def comprehend_corpus(corpus, options: ComprehendOptions, cache_path: Path, num_
     chosen = sample_indices(documents, options.max_documents, options.seed)
     report["sampled"] = len(chosen)
     llm = _Local(options) if options.local_model else _Endpoint(options)
-    try:
-        if isinstance(llm, _Local):
-            model = llm.name
-        else:
-            try:
-                model = asyncio.run(llm.model_name())
-            except _EndpointDown as err:
-                raise UserError(f"LLM endpoint {options.llm_url} did not answer after {options.retries + 1} tries: "
-                                f"{err}") from None
-        report["model"] = model
-        settings = {"endpoint": options.endpoint, "temperature": options.temperature,
-                    "max_tokens": options.max_tokens, "num_pairs": options.num_pairs,
-                    "structured_output": options.structured_output}
-        chosen_set = frozenset(chosen)
-
-        def keys(batch: dict, indices: list[int]) -> dict:
-            out = []
-            for i, text, title in zip(indices, batch["text"], batch["title"]):
-                if i in chosen_set:
-                    out.append(cache_key(text, render_prompt(template, text, title, options.num_pairs), model,
-                                         settings))
-                else:
-                    out.append(None)
-            return {"_key": out}
-
-        keyed = corpus.select_columns(["id", "text", "title"]).map(
-            keys, batched=True, with_indices=True, num_proc=num_proc, remove_columns=["text", "title"],
-            desc="comprehend: prompts", load_from_cache_file=False)
-        cache = ReplyCache(cache_path)
+    if isinstance(llm, _Local):
+        model = llm.name
+    else:
         try:
-            all_keys = keyed["_key"]
-            known = cache.lookup([all_keys[i] for i in chosen])
-            pending = [i for i in chosen if all_keys[i] not in known
-                       or (options.retry_rejected and known[all_keys[i]][0] == "rejected")]
-            report["cached"] = len(chosen) - len(pending)
-            counts = _Counts()
-            if pending:
-                if isinstance(llm, _Local):
-                    _run_local(llm, corpus, pending, all_keys, template, model, cache, counts)
-                else:
-                    try:
-                        asyncio.run(_run_endpoint(llm, corpus, pending, all_keys, template, model, cache, counts))
-                    except _EndpointDown as err:
-                        done = report["cached"] + counts.generated
-                        raise UserError(
-                            f"LLM endpoint {options.llm_url} did not answer after {options.retries + 1} tries: {err}; "
-                            f"{done} of {len(chosen)} documents are done and cached in {cache_path}; rerun to "
-                            "continue") from None
-            report["generated"], report["failed"] = counts.generated, counts.failed
-            report["failed_reasons"] = dict(counts.failed_reasons)
-        finally:
-            cache.close()
+            model = asyncio.run(llm.model_name())
+        except _EndpointDown as err:
+            raise _down(options, err) from None
+    report["model"] = model
+    settings = {"endpoint": options.endpoint, "temperature": options.temperature,
+                "max_tokens": options.max_tokens, "num_pairs": options.num_pairs,
+                "structured_output": options.structured_output}
+    chosen_set = frozenset(chosen)
+
+    def keys(batch: dict, indices: list[int]) -> dict:
+        out = []
+        for i, text, title in zip(indices, batch["text"], batch["title"]):
+            if i in chosen_set:
+                out.append(cache_key(text, render_prompt(template, text, title, options.num_pairs), model,
+                                     settings))
+            else:
+                out.append(None)
+        return {"_key": out}
+
+    keyed = corpus.select_columns(["id", "text", "title"]).map(
+        keys, batched=True, with_indices=True, num_proc=num_proc, remove_columns=["text", "title"],
+        desc="comprehend: prompts", load_from_cache_file=False)
+    cache = ReplyCache(cache_path)
+    try:
+        all_keys = keyed["_key"]
+        known = cache.lookup([all_keys[i] for i in chosen])
+        pending = [i for i in chosen if all_keys[i] not in known
+                   or (options.retry_rejected and known[all_keys[i]][0] == "rejected")]
+        report["cached"] = len(chosen) - len(pending)
+        counts = _Counts()
+        if pending:
+            if isinstance(llm, _Local):
+                _run_local(llm, corpus, pending, all_keys, template, model, cache, counts)
+            else:
+                try:
+                    asyncio.run(_run_endpoint(llm, corpus, pending, all_keys, template, model, cache, counts))
+                except _EndpointDown as err:
+                    done = report["cached"] + counts.generated
+                    where = (f"; {done} of {len(chosen)} documents are done and cached in {cache_path}; rerun to "
+                             "continue")
+                    raise _down(options, err, where) from None
+        report["generated"], report["failed"] = counts.generated, counts.failed
+        report["failed_reasons"] = dict(counts.failed_reasons)
     finally:
-        if isinstance(llm, _Local):
-            del llm  # the model's memory, before the lookup forks workers
+        cache.close()
+    llm = None  # a local model's memory, before the lookup forks workers
 
     def lookup(batch: dict) -> dict:
         reader = ReplyCache(cache_path)
@@ -563,7 +574,7 @@ def comprehend_corpus(corpus, options: ComprehendOptions, cache_path: Path, num_
             found = reader.lookup([k for k in batch["_key"] if k is not None])
         finally:
             reader.close()
-        tasks, rejected, reasons = [], [], []
+        tasks, rejected = [], []
         for key in batch["_key"]:
             status, pairs = found.get(key, (None, None)) if key is not None else (None, None)
             tasks.append(pairs or [])
