@@ -255,8 +255,8 @@ def cache_key(text: str, prompt: str, model: str, settings: dict) -> str:
 
 
 class ReplyCache:
-    """The sqlite file of replies, one row per request key, committed as each reply arrives (WAL journal: a crash
-    loses at most the reply being written)."""
+    """The sqlite file of replies, one row per request key, committed as each reply arrives (WAL journal: a crash of
+    the process loses at most the reply being written)."""
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
@@ -264,6 +264,8 @@ class ReplyCache:
         try:
             self.db = sqlite3.connect(path)
             self.db.execute("PRAGMA journal_mode=WAL")
+            # a commit survives the process crashing (not the machine losing power) without an fsync per reply
+            self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, doc_id TEXT, model TEXT, endpoint TEXT, "
                 "prompt TEXT, reply TEXT, status TEXT, pairs TEXT, reason TEXT, created REAL)"
