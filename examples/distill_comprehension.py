@@ -174,8 +174,8 @@ def main() -> None:
                     raise SystemExit("moraft serve did not start")
                 time.sleep(0.5)
         student = ComprehendOptions(llm_url=f"http://127.0.0.1:{port}/v1", llm_model="student",
-                                    endpoint="completions", prompt=str(template), num_pairs=NUM_PAIRS, max_tokens=120,
-                                    concurrency=16)
+                                    endpoint="completions", prompt=str(template), num_pairs=NUM_PAIRS,
+                                    max_tokens=120, concurrency=16)
         started = time.perf_counter()
         data, summary["student"] = comprehend_corpus(corpus, student, cache)
         summary["student_s"] = round(time.perf_counter() - started, 1)

@@ -210,7 +210,7 @@ def test_an_unknown_model_is_refused_at_once_not_retried(tmp_path):
     with Teacher() as teacher:
         options = ComprehendOptions(llm_url=teacher.url, llm_model="missing", retries=3)
         with pytest.raises(UserError, match=rf"^LLM endpoint {re.escape(teacher.url)} refused the request: HTTP 404: "
-                                            r".*missing.*; 0 of 2 documents are done"):
+                                            r"The model 'missing' does not exist; 0 of 2 documents are done"):
             comprehend_corpus(corpus(["GOOD"] * 2), options, tmp_path / "c.sqlite")
     assert teacher.requests <= 2  # one per worker, none retried
 
@@ -362,3 +362,14 @@ def test_against_a_real_moraft_serve_replies_are_counted_and_the_local_model_wri
     assert local_replies == served_replies
     _, report = comprehend_corpus(docs, ComprehendOptions(local_model=str(llama_dir), **common), cache)
     assert report["cached"] == 3  # the failed long document is asked again, the others not
+
+
+def test_a_local_chat_model_stops_at_the_end_of_its_turn(llama_dir):
+    """The built-in chat template ends an assistant turn with <|end|>, not EOS: generation stops at either."""
+    from moraft.data.comprehend import _Local
+    from moraft.train.builtin import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    local = _Local(ComprehendOptions(local_model=str(llama_dir)))
+    assert local.chat and local.stop_ids == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
+    assert not _Local(ComprehendOptions(local_model=str(llama_dir), endpoint="completions")).chat

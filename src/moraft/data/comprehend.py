@@ -338,6 +338,9 @@ def _endpoint_error(err: Exception) -> _EndpointDown:
 
 def _describe(err: Exception) -> str:
     message = getattr(err, "message", None) or str(err) or type(err).__name__
+    body = getattr(err, "body", None)  # an error response's JSON: its own message, without the client's prefix
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        message = body["message"]
     status = getattr(err, "status_code", None)
     return f"HTTP {status}: {message}" if status else f"{type(err).__name__}: {message}"
 
@@ -660,8 +663,9 @@ async def _run_endpoint(llm: _Endpoint, corpus, pending: list[int], keys: list, 
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-        for task in done:
-            task.result()  # the first failure, if any
+        failures = [task.exception() for task in done if task.exception() is not None]  # every one retrieved
+        if failures:
+            raise failures[0]
     finally:
         bar.close()
         await client.close()
