@@ -8,7 +8,7 @@ schema and the defaults here are ours.
 
 The LLM is any OpenAI-compatible endpoint (vLLM, ``moraft serve``, a hosted API), called with the ``openai`` client
 (its retries with exponential backoff and its timeout) by ``concurrency`` asyncio workers, or a local transformers
-model directory, called with batched ``generate``. Every reply is checked against `REPLY_SCHEMA`
+model directory, called with batched ``generate``. Every reply is checked against `reply_schema`
 (``{"pairs": [{"question": str, "answer": str}, ...]}``; a reply wrapped in a ```json fence is accepted, nothing more
 lenient): one that does not parse or validate is *rejected*, counted and never fatal. Each reply, accepted or
 rejected, is written to an sqlite cache as it arrives, keyed by the sha256 of (text, rendered prompt, model name,
@@ -184,7 +184,19 @@ def render_prompt(template: str, text: str, title: Optional[str], num_pairs: int
 # -- replies --------------------------------------------------------------------------------------------------------
 
 
-def _reply_models():
+def _needs(module: str):
+    """``module`` imported, or a `UserError` saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise UserError(f"the comprehend stage needs {module}: pip install 'moraft[data]' ({err})") from None
+
+
+@lru_cache(maxsize=1)
+def _reply_model():
+    _needs("pydantic")
     from pydantic import BaseModel, ConfigDict, Field
 
     class QAPair(BaseModel):
@@ -199,18 +211,19 @@ def _reply_models():
     return Reply
 
 
-Reply = _reply_models()
-REPLY_SCHEMA: dict = Reply.model_json_schema()
-"""The JSON schema every reply must follow: ``{"pairs": [{"question": str, "answer": str}, ...]}``, at least one
-pair, no other keys, question and answer non-empty strings."""
+def reply_schema() -> dict:
+    """The JSON schema every reply must follow: ``{"pairs": [{"question": str, "answer": str}, ...]}``, at least one
+    pair, no other keys, question and answer non-empty strings (pydantic's rendering of the model `parse_reply`
+    validates with)."""
+    return _reply_model().model_json_schema()
 
 
 class RejectedReply(ValueError):
-    """A reply that is not JSON, or not of `REPLY_SCHEMA`; its message is the reason."""
+    """A reply that is not JSON, or not of `reply_schema`; its message is the reason."""
 
 
 def parse_reply(reply: str, num_pairs: Optional[int] = None) -> list[dict]:
-    """The question/answer pairs of one LLM reply, checked strictly against `REPLY_SCHEMA`.
+    """The question/answer pairs of one LLM reply, checked strictly against `reply_schema`.
 
     Accepts the JSON object alone, or wrapped in one Markdown fence (```json ... ```); nothing more lenient (no JSON
     picked out of surrounding prose, no repair).
@@ -225,6 +238,7 @@ def parse_reply(reply: str, num_pairs: Optional[int] = None) -> list[dict]:
     Raises:
         RejectedReply: the reply is not JSON or does not validate; the message says which and why.
     """
+    reply_model = _reply_model()
     from pydantic import ValidationError
 
     body = reply.strip()
@@ -236,7 +250,7 @@ def parse_reply(reply: str, num_pairs: Optional[int] = None) -> list[dict]:
     except json.JSONDecodeError as err:
         raise RejectedReply(f"not JSON: {err.msg} at character {err.pos}") from None
     try:
-        pairs = Reply.model_validate(data).pairs
+        pairs = reply_model.model_validate(data).pairs
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "reply"
@@ -349,9 +363,7 @@ class _Endpoint:
     """One OpenAI-compatible endpoint, through ``openai.AsyncOpenAI``."""
 
     def __init__(self, options: ComprehendOptions) -> None:
-        import openai
-
-        self.options, self.openai = options, openai
+        self.options, self.openai = options, _needs("openai")
         self.key = _api_key(options)
 
     def client(self):
@@ -378,7 +390,7 @@ class _Endpoint:
         extra: dict[str, Any] = {}
         if o.structured_output:
             extra["response_format"] = {"type": "json_schema",
-                                        "json_schema": {"name": "qa_pairs", "schema": REPLY_SCHEMA, "strict": True}}
+                                        "json_schema": {"name": "qa_pairs", "schema": reply_schema(), "strict": True}}
         try:
             if o.endpoint == "chat":
                 answer = await client.chat.completions.create(
@@ -760,7 +772,6 @@ def distillation_data(cache_path: Path, output_path: Path, format: Literal["chat
 __all__ = [
     "DEFAULT_PROMPT",
     "PLACEHOLDERS",
-    "REPLY_SCHEMA",
     "ComprehendOptions",
     "RejectedReply",
     "ReplyCache",
@@ -770,5 +781,6 @@ __all__ = [
     "load_template",
     "parse_reply",
     "render_prompt",
+    "reply_schema",
     "sample_indices",
 ]
