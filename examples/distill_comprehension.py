@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=96, help="the corpus size")
     parser.add_argument("--sample", type=int, default=48, help="documents the teacher writes pairs for")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the student")
+    parser.add_argument("--learning_rate", type=float, default=5e-3, help="the student's learning rate")
     args = parser.parse_args()
 
     import uvicorn
@@ -153,7 +154,7 @@ def main() -> None:
     started = time.perf_counter()
     subprocess.run(moraft("train", "--model", str(base), "--data", str(distill), "--adapter", "mora",
                           "--adapter.r", "16", "--data.seq_length", "1024", "--optimization.batch_size", "8",
-                          "--optimization.learning_rate", "5e-3", "--optimization.max_steps", str(args.steps),
+                          "--optimization.learning_rate", str(args.learning_rate), "--optimization.max_steps", str(args.steps),
                           "--output.save_steps", "0", "--output", str(run), "--output.overwrite", "true"), check=True)
     summary["train_s"] = round(time.perf_counter() - started, 1)
     summary["train_final"] = json.loads((run / "train_summary.json").read_text())["final"]
@@ -173,8 +174,8 @@ def main() -> None:
                     raise SystemExit("moraft serve did not start")
                 time.sleep(0.5)
         student = ComprehendOptions(llm_url=f"http://127.0.0.1:{port}/v1", llm_model="student",
-                                    endpoint="completions", prompt=str(template), num_pairs=NUM_PAIRS, max_tokens=120,
-                                    concurrency=16)
+                                    endpoint="completions", prompt=str(template), num_pairs=NUM_PAIRS,
+                                    max_tokens=120, concurrency=16)
         started = time.perf_counter()
         data, summary["student"] = comprehend_corpus(corpus, student, cache)
         summary["student_s"] = round(time.perf_counter() - started, 1)

@@ -58,6 +58,9 @@ class Teacher:
             body = await request.json()
             self.requests += 1
             self.bodies.append(body)
+            if body["model"] == "missing":
+                return JSONResponse({"error": {"message": "The model 'missing' does not exist",
+                                               "type": "not_found_error"}}, status_code=404)
             if self.requests <= self.fail_first or (self.answer_only is not None and self.answered >= self.answer_only):
                 return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}},
                                     status_code=self.fail_status)
@@ -203,6 +206,15 @@ def test_no_server_at_all_is_one_clear_error(tmp_path):
         sock.close()
 
 
+def test_an_unknown_model_is_refused_at_once_not_retried(tmp_path):
+    with Teacher() as teacher:
+        options = ComprehendOptions(llm_url=teacher.url, llm_model="missing", retries=3)
+        with pytest.raises(UserError, match=rf"^LLM endpoint {re.escape(teacher.url)} refused the request: HTTP 404: "
+                                            r"The model 'missing' does not exist; 0 of 2 documents are done"):
+            comprehend_corpus(corpus(["GOOD"] * 2), options, tmp_path / "c.sqlite")
+    assert teacher.requests <= 2  # one per worker, none retried
+
+
 def test_rejected_replies_stay_cached_unless_retry_rejected(tmp_path):
     cache, docs = tmp_path / "cache.sqlite", corpus(["GOOD", "BADJSON", "SCHEMA"])
     with Teacher() as teacher:
@@ -235,7 +247,10 @@ def test_the_cache_key_changes_with_the_prompt_the_model_and_the_sampling(tmp_pa
             comprehend_corpus(docs, options, cache)
             requests.append(teacher.requests - before)
         assert requests == [3, 0, 3, 3, 3]
-        assert teacher.bodies[6]["messages"][0]["content"].startswith("Questions about: Document 0")
+        # the fourth run's requests (in any order: they are concurrent) carry the custom prompt
+        custom = sorted(b["messages"][0]["content"] for b in teacher.bodies[6:9])
+        assert custom == [f"Questions about: Document {i} is about GOOD. It has two sentences.\nAnswer in JSON."
+                          for i in range(3)]
 
 
 def test_a_custom_prompt_with_a_bad_placeholder_is_one_clear_error(tmp_path):
@@ -350,3 +365,14 @@ def test_against_a_real_moraft_serve_replies_are_counted_and_the_local_model_wri
     assert local_replies == served_replies
     _, report = comprehend_corpus(docs, ComprehendOptions(local_model=str(llama_dir), **common), cache)
     assert report["cached"] == 3  # the failed long document is asked again, the others not
+
+
+def test_a_local_chat_model_stops_at_the_end_of_its_turn(llama_dir):
+    """The built-in chat template ends an assistant turn with <|end|>, not EOS: generation stops at either."""
+    from moraft.data.comprehend import _Local
+    from moraft.train.builtin import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    local = _Local(ComprehendOptions(local_model=str(llama_dir)))
+    assert local.chat and local.stop_ids == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
+    assert not _Local(ComprehendOptions(local_model=str(llama_dir), endpoint="completions")).chat

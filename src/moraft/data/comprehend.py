@@ -8,7 +8,7 @@ schema and the defaults here are ours.
 
 The LLM is any OpenAI-compatible endpoint (vLLM, ``moraft serve``, a hosted API), called with the ``openai`` client
 (its retries with exponential backoff and its timeout) by ``concurrency`` asyncio workers, or a local transformers
-model directory, called with batched ``generate``. Every reply is checked against `REPLY_SCHEMA`
+model directory, called with batched ``generate``. Every reply is checked against `reply_schema`
 (``{"pairs": [{"question": str, "answer": str}, ...]}``; a reply wrapped in a ```json fence is accepted, nothing more
 lenient): one that does not parse or validate is *rejected*, counted and never fatal. Each reply, accepted or
 rejected, is written to an sqlite cache as it arrives, keyed by the sha256 of (text, rendered prompt, model name,
@@ -184,7 +184,19 @@ def render_prompt(template: str, text: str, title: Optional[str], num_pairs: int
 # -- replies --------------------------------------------------------------------------------------------------------
 
 
-def _reply_models():
+def _needs(module: str):
+    """``module`` imported, or a `UserError` saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise UserError(f"the comprehend stage needs {module}: pip install 'moraft[data]' ({err})") from None
+
+
+@lru_cache(maxsize=1)
+def _reply_model():
+    _needs("pydantic")
     from pydantic import BaseModel, ConfigDict, Field
 
     class QAPair(BaseModel):
@@ -199,18 +211,19 @@ def _reply_models():
     return Reply
 
 
-Reply = _reply_models()
-REPLY_SCHEMA: dict = Reply.model_json_schema()
-"""The JSON schema every reply must follow: ``{"pairs": [{"question": str, "answer": str}, ...]}``, at least one
-pair, no other keys, question and answer non-empty strings."""
+def reply_schema() -> dict:
+    """The JSON schema every reply must follow: ``{"pairs": [{"question": str, "answer": str}, ...]}``, at least one
+    pair, no other keys, question and answer non-empty strings (pydantic's rendering of the model `parse_reply`
+    validates with)."""
+    return _reply_model().model_json_schema()
 
 
 class RejectedReply(ValueError):
-    """A reply that is not JSON, or not of `REPLY_SCHEMA`; its message is the reason."""
+    """A reply that is not JSON, or not of `reply_schema`; its message is the reason."""
 
 
 def parse_reply(reply: str, num_pairs: Optional[int] = None) -> list[dict]:
-    """The question/answer pairs of one LLM reply, checked strictly against `REPLY_SCHEMA`.
+    """The question/answer pairs of one LLM reply, checked strictly against `reply_schema`.
 
     Accepts the JSON object alone, or wrapped in one Markdown fence (```json ... ```); nothing more lenient (no JSON
     picked out of surrounding prose, no repair).
@@ -225,6 +238,7 @@ def parse_reply(reply: str, num_pairs: Optional[int] = None) -> list[dict]:
     Raises:
         RejectedReply: the reply is not JSON or does not validate; the message says which and why.
     """
+    reply_model = _reply_model()
     from pydantic import ValidationError
 
     body = reply.strip()
@@ -236,7 +250,7 @@ def parse_reply(reply: str, num_pairs: Optional[int] = None) -> list[dict]:
     except json.JSONDecodeError as err:
         raise RejectedReply(f"not JSON: {err.msg} at character {err.pos}") from None
     try:
-        pairs = Reply.model_validate(data).pairs
+        pairs = reply_model.model_validate(data).pairs
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "reply"
@@ -255,8 +269,8 @@ def cache_key(text: str, prompt: str, model: str, settings: dict) -> str:
 
 
 class ReplyCache:
-    """The sqlite file of replies, one row per request key, committed as each reply arrives (WAL journal: a crash
-    loses at most the reply being written)."""
+    """The sqlite file of replies, one row per request key, committed as each reply arrives (WAL journal: a crash of
+    the process loses at most the reply being written)."""
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
@@ -264,6 +278,8 @@ class ReplyCache:
         try:
             self.db = sqlite3.connect(path)
             self.db.execute("PRAGMA journal_mode=WAL")
+            # a commit survives the process crashing (not the machine losing power) without an fsync per reply
+            self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, doc_id TEXT, model TEXT, endpoint TEXT, "
                 "prompt TEXT, reply TEXT, status TEXT, pairs TEXT, reason TEXT, created REAL)"
@@ -315,11 +331,30 @@ def _api_key(options: ComprehendOptions) -> str:
 
 
 class _EndpointDown(Exception):
-    """The endpoint did not answer after every retry, or refused every request (bad key, unknown model)."""
+    """The endpoint did not answer after every retry, or (``refused``) answered with an error that every request
+    would get: a bad key (401, 403), an unknown model or path (404)."""
+
+    def __init__(self, reason: str, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.refused = refused
+
+
+def _down(options: ComprehendOptions, err: _EndpointDown, where: str = "") -> UserError:
+    if err.refused:
+        return UserError(f"LLM endpoint {options.llm_url} refused the request: {err}{where}")
+    return UserError(f"LLM endpoint {options.llm_url} did not answer after {options.retries + 1} tries: {err}{where}")
+
+
+def _endpoint_error(err: Exception) -> _EndpointDown:
+    status = getattr(err, "status_code", None)
+    return _EndpointDown(_describe(err), refused=status in (401, 403, 404))
 
 
 def _describe(err: Exception) -> str:
     message = getattr(err, "message", None) or str(err) or type(err).__name__
+    body = getattr(err, "body", None)  # an error response's JSON: its own message, without the client's prefix
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        message = body["message"]
     status = getattr(err, "status_code", None)
     return f"HTTP {status}: {message}" if status else f"{type(err).__name__}: {message}"
 
@@ -328,9 +363,7 @@ class _Endpoint:
     """One OpenAI-compatible endpoint, through ``openai.AsyncOpenAI``."""
 
     def __init__(self, options: ComprehendOptions) -> None:
-        import openai
-
-        self.options, self.openai = options, openai
+        self.options, self.openai = options, _needs("openai")
         self.key = _api_key(options)
 
     def client(self):
@@ -345,7 +378,7 @@ class _Endpoint:
             async with self.client() as client:
                 page = await client.models.list()
         except self.openai.APIError as err:
-            raise _EndpointDown(_describe(err)) from None
+            raise _endpoint_error(err) from None
         if not page.data:
             raise UserError(f"LLM endpoint {self.options.llm_url} lists no models; pass --comprehend.llm_model")
         return page.data[0].id
@@ -357,7 +390,7 @@ class _Endpoint:
         extra: dict[str, Any] = {}
         if o.structured_output:
             extra["response_format"] = {"type": "json_schema",
-                                        "json_schema": {"name": "qa_pairs", "schema": REPLY_SCHEMA, "strict": True}}
+                                        "json_schema": {"name": "qa_pairs", "schema": reply_schema(), "strict": True}}
         try:
             if o.endpoint == "chat":
                 answer = await client.chat.completions.create(
@@ -370,7 +403,7 @@ class _Endpoint:
         except (openai.BadRequestError, openai.UnprocessableEntityError) as err:
             raise ValueError(_describe(err)) from None
         except openai.APIError as err:
-            raise _EndpointDown(_describe(err)) from None
+            raise _endpoint_error(err) from None
 
 
 # -- a local model --------------------------------------------------------------------------------------------------
@@ -501,61 +534,56 @@ def comprehend_corpus(corpus, options: ComprehendOptions, cache_path: Path, num_
     chosen = sample_indices(documents, options.max_documents, options.seed)
     report["sampled"] = len(chosen)
     llm = _Local(options) if options.local_model else _Endpoint(options)
-    try:
-        if isinstance(llm, _Local):
-            model = llm.name
-        else:
-            try:
-                model = asyncio.run(llm.model_name())
-            except _EndpointDown as err:
-                raise UserError(f"LLM endpoint {options.llm_url} did not answer after {options.retries + 1} tries: "
-                                f"{err}") from None
-        report["model"] = model
-        settings = {"endpoint": options.endpoint, "temperature": options.temperature,
-                    "max_tokens": options.max_tokens, "num_pairs": options.num_pairs,
-                    "structured_output": options.structured_output}
-        chosen_set = frozenset(chosen)
-
-        def keys(batch: dict, indices: list[int]) -> dict:
-            out = []
-            for i, text, title in zip(indices, batch["text"], batch["title"]):
-                if i in chosen_set:
-                    out.append(cache_key(text, render_prompt(template, text, title, options.num_pairs), model,
-                                         settings))
-                else:
-                    out.append(None)
-            return {"_key": out}
-
-        keyed = corpus.select_columns(["id", "text", "title"]).map(
-            keys, batched=True, with_indices=True, num_proc=num_proc, remove_columns=["text", "title"],
-            desc="comprehend: prompts", load_from_cache_file=False)
-        cache = ReplyCache(cache_path)
+    if isinstance(llm, _Local):
+        model = llm.name
+    else:
         try:
-            all_keys = keyed["_key"]
-            known = cache.lookup([all_keys[i] for i in chosen])
-            pending = [i for i in chosen if all_keys[i] not in known
-                       or (options.retry_rejected and known[all_keys[i]][0] == "rejected")]
-            report["cached"] = len(chosen) - len(pending)
-            counts = _Counts()
-            if pending:
-                if isinstance(llm, _Local):
-                    _run_local(llm, corpus, pending, all_keys, template, model, cache, counts)
-                else:
-                    try:
-                        asyncio.run(_run_endpoint(llm, corpus, pending, all_keys, template, model, cache, counts))
-                    except _EndpointDown as err:
-                        done = report["cached"] + counts.generated
-                        raise UserError(
-                            f"LLM endpoint {options.llm_url} did not answer after {options.retries + 1} tries: {err}; "
-                            f"{done} of {len(chosen)} documents are done and cached in {cache_path}; rerun to "
-                            "continue") from None
-            report["generated"], report["failed"] = counts.generated, counts.failed
-            report["failed_reasons"] = dict(counts.failed_reasons)
-        finally:
-            cache.close()
+            model = asyncio.run(llm.model_name())
+        except _EndpointDown as err:
+            raise _down(options, err) from None
+    report["model"] = model
+    settings = {"endpoint": options.endpoint, "temperature": options.temperature,
+                "max_tokens": options.max_tokens, "num_pairs": options.num_pairs,
+                "structured_output": options.structured_output}
+    chosen_set = frozenset(chosen)
+
+    def keys(batch: dict, indices: list[int]) -> dict:
+        out = []
+        for i, text, title in zip(indices, batch["text"], batch["title"]):
+            if i in chosen_set:
+                out.append(cache_key(text, render_prompt(template, text, title, options.num_pairs), model,
+                                     settings))
+            else:
+                out.append(None)
+        return {"_key": out}
+
+    keyed = corpus.select_columns(["id", "text", "title"]).map(
+        keys, batched=True, with_indices=True, num_proc=num_proc, remove_columns=["text", "title"],
+        desc="comprehend: prompts", load_from_cache_file=False)
+    cache = ReplyCache(cache_path)
+    try:
+        all_keys = keyed["_key"]
+        known = cache.lookup([all_keys[i] for i in chosen])
+        pending = [i for i in chosen if all_keys[i] not in known
+                   or (options.retry_rejected and known[all_keys[i]][0] == "rejected")]
+        report["cached"] = len(chosen) - len(pending)
+        counts = _Counts()
+        if pending:
+            if isinstance(llm, _Local):
+                _run_local(llm, corpus, pending, all_keys, template, model, cache, counts)
+            else:
+                try:
+                    asyncio.run(_run_endpoint(llm, corpus, pending, all_keys, template, model, cache, counts))
+                except _EndpointDown as err:
+                    done = report["cached"] + counts.generated
+                    where = (f"; {done} of {len(chosen)} documents are done and cached in {cache_path}; rerun to "
+                             "continue")
+                    raise _down(options, err, where) from None
+        report["generated"], report["failed"] = counts.generated, counts.failed
+        report["failed_reasons"] = dict(counts.failed_reasons)
     finally:
-        if isinstance(llm, _Local):
-            del llm  # the model's memory, before the lookup forks workers
+        cache.close()
+    llm = None  # a local model's memory, before the lookup forks workers
 
     def lookup(batch: dict) -> dict:
         reader = ReplyCache(cache_path)
@@ -563,7 +591,7 @@ def comprehend_corpus(corpus, options: ComprehendOptions, cache_path: Path, num_
             found = reader.lookup([k for k in batch["_key"] if k is not None])
         finally:
             reader.close()
-        tasks, rejected, reasons = [], [], []
+        tasks, rejected = [], []
         for key in batch["_key"]:
             status, pairs = found.get(key, (None, None)) if key is not None else (None, None)
             tasks.append(pairs or [])
@@ -647,8 +675,9 @@ async def _run_endpoint(llm: _Endpoint, corpus, pending: list[int], keys: list, 
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-        for task in done:
-            task.result()  # the first failure, if any
+        failures = [task.exception() for task in done if task.exception() is not None]  # every one retrieved
+        if failures:
+            raise failures[0]
     finally:
         bar.close()
         await client.close()
@@ -743,7 +772,6 @@ def distillation_data(cache_path: Path, output_path: Path, format: Literal["chat
 __all__ = [
     "DEFAULT_PROMPT",
     "PLACEHOLDERS",
-    "REPLY_SCHEMA",
     "ComprehendOptions",
     "RejectedReply",
     "ReplyCache",
@@ -753,5 +781,6 @@ __all__ = [
     "load_template",
     "parse_reply",
     "render_prompt",
+    "reply_schema",
     "sample_indices",
 ]
