@@ -30,10 +30,13 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 from urllib.parse import urlparse
 
 from ..errors import MissingPathError, UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 DEFAULT_PROMPT = """\
 Read the text below and write {{ num_pairs }} question-answer pairs about it that test whether a reader understood \
@@ -495,7 +498,8 @@ def _features():
                                                                 "answer": Value("string")})})
 
 
-def comprehend_corpus(corpus, options: ComprehendOptions, cache_path: Path, num_proc: Optional[int] = None):
+def comprehend_corpus(corpus: "Dataset", options: ComprehendOptions, cache_path: Path,
+                      num_proc: Optional[int] = None) -> tuple["Dataset", dict[str, Any]]:
     """Question/answer pairs about each document of ``corpus``, written by the LLM of ``options``.
 
     Requests the cache at ``cache_path`` already answers are not sent again; each new reply is cached as it arrives.
