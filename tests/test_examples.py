@@ -277,3 +277,23 @@ def test_fsdp2_config_parses_and_wraps_each_decoder_layer(fsdp, reshard):
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
     wrapped = [name for name, module in model.named_modules() if policy(module)]
     assert wrapped == ["base_model.model.model.layers.0", "base_model.model.model.layers.1"]
+
+
+# -- examples/distill_comprehension.py -----------------------------------------------------------------------------
+
+
+def test_distill_comprehension_runs_the_recipe_small(tmp_path):
+    """ETRC's distillation, tiny: a scripted teacher on loopback, the export, `moraft train`, `moraft serve` and the
+    student's replies counted (a 2-step student writes no valid JSON: rejected, counted, never fatal)."""
+    work = tmp_path / "distill"
+    proc = run(EXAMPLES / "distill_comprehension.py", "--workdir", work, "--documents", "8", "--sample", "4",
+               "--steps", "2", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, output(proc)
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["teacher"]["sampled"] == summary["teacher"]["generated"] == 4 == summary["distillation_examples"]
+    assert summary["teacher"]["rejected"] == 0
+    student = summary["student"]
+    assert student["sampled"] == 8 and student["generated"] + student["failed"] == 8
+    parsed = summary["student_parsed_seen"] + summary["student_parsed_held_out"]
+    assert student["rejected"] + parsed == student["generated"]  # every reply either parsed or counted as rejected
+    assert (work / "adapters" / "student" / "adapter_config.json").is_file()
