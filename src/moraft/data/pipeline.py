@@ -195,7 +195,12 @@ class Stages:
             print(f"moraft data: {name}: running")
             started = time.perf_counter()
             data, report = compute()
-            data = self.save(name, fingerprint, data, {**report, "seconds": round(time.perf_counter() - started, 3)})
+            report = {**report, "seconds": round(time.perf_counter() - started, 3)}
+            if report.get("failed"):  # documents the LLM could not answer: never up to date, a rerun asks again
+                print(f"moraft data: {name}: {report['failed']} document(s) failed; a rerun asks for them again "
+                      "(the others are answered from the cache)")
+                fingerprint += ":incomplete"
+            data = self.save(name, fingerprint, data, report)
         return data
 
 
@@ -242,7 +247,9 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
                         engine=options.engine if options.engine.executor else None, work_dir=output / ENGINE_DIR)))
     if "comprehend" in needed and _has_llm(options):
         llm = {k: v for k, v in asdict(options.comprehend).items() if k not in {"concurrency", "timeout", "retries"}}
-        fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp)
+        model = options.comprehend.local_model  # a retrained local model at the same path is another model
+        fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp,
+                                                  _source_fingerprint(model) if model else None)
         found["comprehend"] = stages.run("comprehend", fingerprints["comprehend"], lambda: comprehend_corpus(
             corpus, options.comprehend, output / LLM_CACHE, num_proc=options.num_proc))
     elif "build" in needed:
