@@ -14,7 +14,7 @@ import pytest
 from datasets import Dataset, load_dataset
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from helpers import LiveServer, MoraftServe, free_socket
+from helpers import LiveServer, MoraftServe, free_socket, run_cli
 
 from moraft.data.comprehend import (
     ComprehendOptions,
@@ -336,6 +336,18 @@ def test_distillation_data_exports_accepted_replies_as_training_jsonl(tmp_path):
     assert distillation_data(cache, tmp_path / "x.jsonl", model="student") == 1
     with pytest.raises(MissingPathError):
         distillation_data(tmp_path / "nope.sqlite", tmp_path / "y.jsonl")
+
+
+def test_distill_data_command(tmp_path, capsys):
+    cache = tmp_path / "cache.sqlite"
+    with Teacher() as teacher:
+        comprehend_corpus(corpus(["GOOD", "BADJSON"]), ComprehendOptions(llm_url=teacher.url), cache)
+    out = tmp_path / "distill.jsonl"
+    status, stdout, stderr = run_cli(["distill-data", str(cache), str(out), "--format", "prompt-completion"], capsys)
+    assert status == 0, stderr
+    assert "1 examples written" in stdout and set(json.loads(out.read_text())) == {"prompt", "completion"}
+    status, _, stderr = run_cli(["distill-data", str(tmp_path / "none.sqlite"), str(out)], capsys)
+    assert status == 2 and stderr.strip().splitlines()[-1].startswith("moraft distill-data: error: comprehend cache")
 
 
 # -- a real moraft serve, and the same model locally --------------------------------------------------------------

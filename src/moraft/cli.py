@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "train": "moraft.train.runner:train",
     "eval": "moraft.train.evaluate:eval_command",
     "data": "moraft.data.pipeline:data",
+    "distill-data": "moraft.data.comprehend:distill_data_command",
     "demo": "moraft.train.demo:demo",
 }
 

@@ -788,3 +788,25 @@ __all__ = [
     "reply_schema",
     "sample_indices",
 ]
+
+
+def distill_data_command(cache: str, output: str, format: Literal["chat", "prompt-completion"] = "chat",
+                         model: Optional[str] = None) -> None:
+    """Export the LLM stage's accepted replies as training data for a smaller generator (ETRC's distillation).
+
+    Reads the comprehend stage's cache (OUTPUT/llm_cache.sqlite of `moraft data`) and writes a JSONL file that
+    `moraft train --data` reads: one example per accepted reply, chat ({"messages": [user: the prompt, assistant: the
+    pairs as JSON]}) or prompt-completion. Train the student on it, then run `moraft data` again with
+    --comprehend.llm_url pointing at the student served by `moraft serve` (or --comprehend.local_model RUN_DIR).
+
+    Args:
+        cache: the comprehend stage's sqlite cache (OUTPUT/llm_cache.sqlite).
+        output: the JSONL file to write.
+        format: chat (for a model with a chat template; the student then uses --comprehend.endpoint chat) or
+            prompt-completion (the raw prompt; --comprehend.endpoint completions).
+        model: export this model's replies only; needed when the cache holds several models' (a teacher's and a
+            student's).
+    """
+    written = distillation_data(Path(cache), Path(output), format=format, model=model)
+    print(f"moraft distill-data: {written} examples written to {output}; train a student on them with "
+          f"moraft train --data {output}")
