@@ -468,3 +468,9 @@ def test_split_sentences_keeps_the_text():
     sentences = split_sentences(text)
     assert "".join(sentence for _, sentence in sentences) == text
     assert [start for start, _ in sentences] == [0, 27, 57]
+
+
+def test_the_entry_point_is_moraft_data_mine_tasks():
+    import moraft.data
+
+    assert moraft.data.mine_tasks is mine_tasks and moraft.data.render_example is render_example
