@@ -1,6 +1,6 @@
 """Smoke tests of the benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py, benchmarks/qmora_memory.py,
-benchmarks/data_throughput.py, benchmarks/data_pipeline.py): each runs end to end with tiny arguments, so the
-scripts cannot silently rot. The benchmarks themselves are not part of the test suite."""
+benchmarks/data_throughput.py, benchmarks/data_pipeline.py, benchmarks/data_memory.py): each runs end to end with
+tiny arguments, so the scripts cannot silently rot. The benchmarks themselves are not part of the test suite."""
 
 from __future__ import annotations
 
@@ -119,3 +119,11 @@ def test_data_pipeline_runs_and_reports_each_stage(tmp_path, capsys):
     assert all(row["documents"] == 30 and row["seconds"] > 0 for row in report["rows"])
     assert report["stats"]["build"]["examples"] == report["stats"]["corpus"]["documents_out"] > 0
     assert "documents/s" in out and json.loads((tmp_path / "p.json").read_text())["rows"] == report["rows"]
+
+
+def test_data_memory_runs_the_pipeline_on_a_generated_corpus(tmp_path, capsys):
+    report = load("data_memory").main(["--gib", "0.0004", "--words", "300", "--limit_mib", "0",
+                                       "--output", str(tmp_path / "m.json")])
+    assert report["exit"] == 0 and report["documents"] > 10 and report["peak_rss_mib"] > 0
+    assert set(report["stage_seconds"]) == {"corpus", "mine", "cluster", "build"}
+    assert "peak RSS of the moraft data process" in capsys.readouterr().out

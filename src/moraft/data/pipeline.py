@@ -211,6 +211,8 @@ def _needed(chosen: list[str], options: DataPipelineOptions) -> list[str]:
         needed |= {"corpus", "mine", "cluster"} | ({"comprehend"} if _has_llm(options) else set())
     if needed & {"mine", "comprehend", "cluster"}:
         needed.add("corpus")
+    if not _has_llm(options):  # the default stages name it; without an LLM it is off
+        needed.discard("comprehend")
     return [s for s in STAGES if s in needed]
 
 
