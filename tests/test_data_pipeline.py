@@ -119,7 +119,8 @@ def test_empty_corpus_is_refused_and_writes_nothing(tmp_path, capsys):
 
 def test_context_budget_smaller_than_a_document(tmp_path, capsys):
     corpus, out = corpus_file(tmp_path, 10), tmp_path / "out"
-    status, _, stderr = run_cli(data_flags(corpus, out)[:-2] + ["--cluster.context_tokens", "50"], capsys)
+    # the issue's spelling: an option without its group, where one group has it
+    status, _, stderr = run_cli(data_flags(corpus, out)[:-2] + ["--context_tokens", "50"], capsys)
     assert status == 2
     failed(stderr, "cluster.context_tokens=50; raise --cluster.context_tokens to at least")
     # the stages before it are done and kept; nothing of the failed stage or after it is written
@@ -147,7 +148,7 @@ def test_recipe_end_to_end(tmp_path, capsys, llama_dir):
     train --method mora → moraft eval --tasks."""
     corpus, out, run = corpus_file(tmp_path, 40), tmp_path / "data", tmp_path / "run"
     with MoraftServe(llama_dir) as server:
-        flags = data_flags(corpus, out, "--comprehend.llm_url", f"{server.url}/v1", "--comprehend.max_documents",
+        flags = data_flags(corpus, out, "--llm_url", f"{server.url}/v1", "--comprehend.max_documents",
                            "4", "--comprehend.max_tokens", "24", "--build.general", str(general_file(tmp_path)),
                            "--corpus.max_tokens", "600")  # prompts within the served model's 1,024 positions
         status, stdout, stderr = run_cli(flags, capsys)
