@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
                 notes.append(f"{stage}: skipped ({module}.{attribute} is not available on this branch)")
                 continue
             try:
-                results[stage] = [measure("in-process", n, lambda: target(corpus))]
+                from moraft.data.cluster import ClusterOptions
+
+                budget = ClusterOptions(context_tokens=8 * max(corpus["tokens"]))  # room for neighbours
+                results[stage] = [measure("in-process", n, lambda: target(corpus, budget))]
             except Exception as error:
                 notes.append(f"{stage}: stopped ({type(error).__name__}: {error})")
 
