@@ -77,6 +77,14 @@ def test_stages_are_saved_and_skipped_when_up_to_date(tmp_path, capsys):
     assert status == 0 and ran(stdout) == ["mine"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
 
+    # a saved stage damaged on disk is made again, not loaded
+    for arrow in (out / "cluster").glob("data-*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    status, stdout, stderr = run_cli(data_flags(corpus, out, "--mine.seed", "1", "--cluster.max_neighbors", "1"),
+                                     capsys)
+    assert status == 0, stderr
+    assert "cluster: the saved stage" in stdout and ran(stdout) == ["cluster"]
+
 
 def test_general_data_is_mixed_at_the_token_ratio(tmp_path, capsys):
     corpus, out = corpus_file(tmp_path, 20), tmp_path / "out"

@@ -160,12 +160,19 @@ class Stages:
         info = directory / STAGE_FILE
         if (self.force and name in self.chosen) or not info.is_file():
             return None
-        saved = json.loads(info.read_text())
-        if saved.get("fingerprint") != fingerprint:
+        try:
+            saved = json.loads(info.read_text())
+            if saved.get("fingerprint") != fingerprint:
+                return None
+            data = load_from_disk(str(directory))
+            data[:1]  # reads the first Arrow file: a truncated or damaged one fails here, not in a later stage
+        except Exception as err:  # damaged on disk (a crash outside moraft, a disk full, a hand edit): make it again
+            print(f"moraft data: {name}: the saved stage in {directory} is unreadable ({type(err).__name__}); "
+                  "running it again")
             return None
         self.reports[name] = saved.get("report", {})
         print(f"moraft data: {name}: up to date ({directory})")
-        return load_from_disk(str(directory))
+        return data
 
     def save(self, name: str, fingerprint: str, data, report: dict):
         """Write a stage's dataset and report through a temporary directory renamed into place."""
