@@ -1,6 +1,7 @@
 """Smoke tests of the benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py, benchmarks/qmora_memory.py,
-benchmarks/data_throughput.py, benchmarks/data_pipeline.py, benchmarks/data_memory.py): each runs end to end with
-tiny arguments, so the scripts cannot silently rot. The benchmarks themselves are not part of the test suite."""
+benchmarks/data_throughput.py, benchmarks/data_pipeline.py, benchmarks/data_memory.py, benchmarks/dedup_memory.py):
+each runs end to end with tiny arguments, so the scripts cannot silently rot. The benchmarks themselves are not part
+of the test suite."""
 
 from __future__ import annotations
 
@@ -127,3 +128,9 @@ def test_data_memory_runs_the_pipeline_on_a_generated_corpus(tmp_path, capsys):
     assert report["exit"] == 0 and report["documents"] > 10 and report["peak_rss_mib"] > 0
     assert set(report["stage_seconds"]) == {"corpus", "mine", "cluster", "build"}
     assert "peak RSS of the moraft data process" in capsys.readouterr().out
+
+
+def test_dedup_memory_reports_bytes_per_kept_document(capsys):
+    report = load("dedup_memory").main(["--documents", "2000"])
+    assert set(report) == {"near", "exact"} and report["near"] > report["exact"] >= 0
+    assert "bytes per document" in capsys.readouterr().out
