@@ -134,3 +134,56 @@ def test_dedup_memory_reports_bytes_per_kept_document(capsys):
     report = load("dedup_memory").main(["--documents", "2000"])
     assert set(report) == {"near", "exact"} and report["near"] > report["exact"] >= 0
     assert "bytes per document" in capsys.readouterr().out
+
+
+def test_knowledge_study_runs_every_part_and_resumes(tmp_path, capsys):
+    knowledge = load("knowledge")
+    args = ["--quick", "--output", str(tmp_path), "--plots", str(tmp_path / "plots"), "--work_dir", str(tmp_path / "w")]
+    report = knowledge.main(args)
+    saved = json.loads((tmp_path / "knowledge.json").read_text())
+    cells = {(c["task"], c["method"], c["width"], c["r"], c["num_pairs"]): c for c in saved["summary"].values()}
+    # main: every task at 32x2; sweep: the memory task at 32x1; pairs: the memory task with 4 pairs
+    expected = {(t, m, 32, 2, 8) for t in knowledge.TASKS for m in ("lora", "mora-rotation")}
+    expected |= {("memory", m, 32, 1, 8) for m in ("lora", "mora-rotation")}
+    expected |= {("memory", m, 32, 2, 4) for m in ("lora", "mora-rotation")}
+    assert set(cells) == expected
+    for (task, method, width, r, pairs), cell in cells.items():
+        assert cell["seeds"] == [0, 1] and cell["lr"] == 3e-3 and 0 <= cell["min"] <= cell["mean"] <= cell["max"] <= 1
+        assert cell["r_over_d"] == r / width
+        lora = cells[(task, "lora", width, r, pairs)]["trainable_parameters"]
+        assert abs(cell["trainable_parameters"] - lora) / lora <= 0.1  # equal budgets
+    for key, run in saved["runs"].items():
+        assert run["curves"]["loss"] and run["seconds"] > 0, key
+        if run["task"].startswith("cpt"):
+            assert run["metrics"]["heldout_perplexity"] > 1 and [s for s, _ in run["curves"]["eval_perplexity"]] == [2, 4]
+    # every question's document is trained on; the held-out documents are others
+    assert saved["data"]["cpt"]["question_documents"] == 100 and saved["data"]["cpt"]["heldout_documents"] == 20
+    assert saved["data"]["cpt"]["rc_examples"] > 0
+    assert set(saved["bases"]) == {"32"} and 0 <= saved["bases"]["32"]["format_a_accuracy"] <= 1
+    gaps = {(g["task"], g["r"], g["num_pairs"]): g for g in saved["gaps"]}
+    assert set(gaps) == {(t, 2, 8) for t in knowledge.TASKS} | {("memory", 1, 8), ("memory", 2, 4)}
+    for g in gaps.values():
+        assert g["seeds"] == 2 and g["gap_min"] <= g["gap"] <= g["gap_max"]
+        assert abs(g["gap"] - (g["mora"] - g["lora"])) < 1e-9
+    for plot in ("knowledge_gap.png", "knowledge_methods.png"):
+        assert (tmp_path / "plots" / plot).stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "mora-rotation - lora" in out and "about" in out  # the gaps, and the estimate printed first
+    # a rerun skips every finished run; another setting in the same JSON is refused
+    assert knowledge.main(args)["runs"] == saved["runs"] == json.loads(json.dumps(report["runs"]))
+    assert "(0 new runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="another study"):
+        knowledge.main(args + ["--memory_steps", "5"])
+
+
+def test_knowledge_rejects_unknown_method_and_bad_point(capsys):
+    knowledge = load("knowledge")
+    with pytest.raises(SystemExit):
+        knowledge.parse_args(["--methods", "lora", "mora-r8"])
+    assert "unknown mora-r8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        knowledge.parse_args(["--points", "128x0"])
+    assert "point '128x0' is invalid" in capsys.readouterr().err
+    # ReMoRA merges four times a run, whatever its length
+    assert knowledge.adapter_fields("remora", 4, 100) == {"r": 4, "method": "mora", "compression": "sharing",
+                                                          "merge_every": 25}
