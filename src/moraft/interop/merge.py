@@ -174,7 +174,9 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
             )
 
         # the merged weight is computed when its tensor is written, so only one exists at a time
-        changes[key] = partial(merged_weight, layer, loaded.adapter_name, variant=bool(variants))
+        # a DoRA module of a mixed MoRA adapter: its ΔW depends on the weight, so the layer merges the real one
+        dora = getattr(layer, "mora_method", {}).get(loaded.adapter_name) == "dora"
+        changes[key] = partial(merged_weight, layer, loaded.adapter_name, variant=bool(variants) or dora)
     for name, tensor in loaded.replaced.items():
         key = _find(specs, name, model)
         if key is None:

@@ -10,6 +10,7 @@ in a different subspace.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from typing import Any
 
@@ -122,6 +123,8 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Mora
             output_grouping=options.output_grouping,
             init_weights=options.init_weights,
             peft_mora_compat=options.peft_mora_compat,
+            layer_methods=dict(options.layer_methods),
+            lora_alpha=options.lora_alpha,
         )
     try:
         return LoraConfig(
@@ -216,6 +219,8 @@ def merge_and_restart(model: PeftModel, *, switch_grouping: bool = True, seed: i
 def _restart_layer(module: nn.Module, switched: MoraConfig | None) -> list[nn.Parameter]:
     """Merge one tuner layer's adapter into its base weight and re-initialize it (with the operator of the
     ``switched`` config, when given); its restarted parameters."""
+    if isinstance(module, MoraLayer) and module.mora_method.get(ADAPTER, "mora") != "mora":
+        return _restart_lora_part(module)
     if isinstance(module, MoraLayer) and ADAPTER in module.mora_M:
         module.merge(adapter_names=[ADAPTER])
         module.merged_adapters.remove(ADAPTER)  # ΔW now belongs to the base weight for good
@@ -232,3 +237,22 @@ def _restart_layer(module: nn.Module, switched: MoraConfig | None) -> list[nn.Pa
         module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
         return [module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight]
     return []
+
+
+def _restart_lora_part(module: MoraLayer) -> list[nn.Parameter]:
+    """A LoRA/DoRA module of a mixed MoRA adapter: merged, then A = PEFT's Kaiming init, B = 0, and for DoRA the
+    magnitude = the row norms of the merged weight, so that the restarted module computes the merged weight exactly
+    as a fresh DoRA on it would."""
+    module.merge(adapter_names=[ADAPTER])
+    module.merged_adapters.remove(ADAPTER)
+    module._dora_merged.pop(ADAPTER, None)  # ΔW now belongs to the base weight for good
+    a, b = module.mora_lora_A[ADAPTER].weight, module.mora_lora_B[ADAPTER].weight
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.zeros_(b)
+    restarted = [a, b]
+    if module.mora_method[ADAPTER] == "dora":
+        dora = module.mora_magnitude[ADAPTER]
+        weight = module.get_base_weight().detach().float()
+        dora.weight.copy_(dora.get_weight_norm(weight, torch.zeros_like(b @ a), scaling=1).to(dora.weight.dtype))
+        restarted.append(dora.weight)
+    return restarted

@@ -218,7 +218,11 @@ class AdapterOptions(_Group):
     modules_to_save: Optional[list[str]] = None
     """Other modules to train fully and save with the adapter (e.g. [embed_tokens, lm_head])."""
     lora_alpha: Optional[float] = None
-    """lora/dora: the scaling numerator (scale = lora_alpha / r); None means 2·r."""
+    """lora/dora, and the modules mora's layer_methods give to lora/dora: the scaling numerator (scale =
+    lora_alpha / r); None means 2·r."""
+    layer_methods: dict[str, str] = field(default_factory=dict)
+    """mora: per-module method, {regex: lora | dora}, e.g. {"layers\\.[12]\\..*": "dora"}; modules matching no key
+    use MoRA (keys match like rank_pattern's; lora_alpha and r apply to those modules)."""
     compression: Literal["sharing", "rotation", "decouple", "truncation"] = "sharing"
     """mora: the fixed operators around M: sharing, rotation, decouple or truncation (see `moraft.MoraConfig`; the
     paper recommends rotation for small r, sharing for large r)."""
@@ -246,7 +250,7 @@ class AdapterOptions(_Group):
     """mora sharing with merge_every: alternate the grouping at each merge (the paper's ReMoRA)."""
 
     MORA_ONLY: ClassVar[tuple[str, ...]] = (
-        "compression", "mora_rank", "mora_rank_pattern", "input_grouping", "output_grouping"
+        "compression", "mora_rank", "mora_rank_pattern", "input_grouping", "output_grouping", "layer_methods"
     )
 
     def validate(self) -> None:
