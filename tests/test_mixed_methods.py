@@ -174,7 +174,7 @@ def test_remora_restart_keeps_function_and_restarts_lora_and_dora_modules():
     restarted = merge_and_restart(model)
     torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=1e-5)
     down = model.base_model.model.model.layers[1].mlp.down_proj
-    assert not down.merged and torch.equal(down.mora_lora_B["default"].weight, torch.zeros_like(down.mora_lora_B["default"].weight))
+    assert not down.merged and not down.mora_lora_B["default"].weight.any()
     assert any(p is down.mora_magnitude["default"].weight for p in restarted)
     # the model is again "base (now merged) + a fresh adapter": the restarted adapter changes nothing
     with model.disable_adapter():
@@ -236,8 +236,8 @@ def test_train_with_layer_methods_then_eval_and_peft_load(tmp_path, capsys):
     from moraft.train.methods import load_base
 
     out = tmp_path / "out"
-    status, _, err = run_cli(["train", *tiny_flags(out), "--adapter.layer_methods",
-                              json.dumps({r"layers\.1\..*": "dora"})], capsys)
+    status, _, err = run_cli(["train", *tiny_flags(out), "--layer_methods", json.dumps({r"layers\.1\..*": "dora"})],
+                             capsys)
     assert status == 0, err
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "MORA" and config["layer_methods"] == {r"layers\.1\..*": "dora"}
@@ -246,7 +246,8 @@ def test_train_with_layer_methods_then_eval_and_peft_load(tmp_path, capsys):
 
     trained, _, _ = load_trained(str(out))
     down = trained.base_model.model.model.layers[1].mlp.down_proj
-    assert down.mora_method["default"] == "dora" and "default" in trained.base_model.model.model.layers[0].mlp.down_proj.mora_M
+    assert down.mora_method["default"] == "dora"
+    assert "default" in trained.base_model.model.model.layers[0].mlp.down_proj.mora_M
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base, _ = load_base("builtin:tiny-llama", hidden_size=32, num_layers=2)
@@ -258,3 +259,19 @@ def test_train_with_layer_methods_then_eval_and_peft_load(tmp_path, capsys):
                               "--adapter.layer_methods", json.dumps({"q_proj": "dora"})], capsys)
     assert status == 2 and "adapter.layer_methods is a mora option" in err
     assert not (tmp_path / "lora").exists()
+
+
+def test_scale_layer_acts_on_lora_modules_as_in_peft():
+    """``scale_layer`` / ``unscale_layer`` (PEFT's LoRA layer API) scale the LoRA/DoRA modules and restore them."""
+    from moraft.mora import MoraLayer
+
+    model = randomize_adapter(get_peft_model(LLAMA(), mixed_config(layer_methods={".*": "lora"})), seed=9).eval()
+    ids = input_ids()
+    before = logits(model, ids)
+    layers = [m for m in model.modules() if isinstance(m, MoraLayer)]
+    for layer in layers:
+        layer.scale_layer(0.0)
+    torch.testing.assert_close(logits(model, ids), logits(LLAMA(), ids), atol=1e-6, rtol=0)
+    for layer in layers:
+        layer.unscale_layer()
+    assert torch.equal(logits(model, ids), before)

@@ -207,7 +207,8 @@ class MoraConfig(PeftConfig):
     def _validate_layer_methods(self) -> None:
         if not isinstance(self.layer_methods, dict):
             raise UserError(
-                f"MoraConfig: layer_methods={self.layer_methods!r} is invalid; expected a dict {{regex: 'lora' | 'dora'}}"
+                f"MoraConfig: layer_methods={self.layer_methods!r} is invalid; expected a dict "
+                "{regex: 'lora' | 'dora'}"
             )
         for key, method in self.layer_methods.items():
             if method not in LAYER_METHODS:
@@ -231,7 +232,9 @@ class MoraConfig(PeftConfig):
                 "empty: they are ignored"
             )
         if self.layer_methods and self.peft_mora_compat:
-            raise UserError("MoraConfig: layer_methods cannot be combined with peft_mora_compat (peft-mora had no LoRA)")
+            raise UserError(
+                "MoraConfig: layer_methods cannot be combined with peft_mora_compat (peft-mora had no LoRA)"
+            )
 
     def method_of(self, module_name: str) -> str:
         """The method of module ``module_name``: ``"mora"``, or the value of its ``layer_methods`` key."""

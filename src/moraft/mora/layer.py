@@ -50,6 +50,7 @@ class MoraLayer(BaseTunerLayer):
         self.mora_lora_B = nn.ModuleDict({})
         self.mora_magnitude = nn.ModuleDict({})  # PEFT's DoraLinearLayer; its ``weight`` is m
         self.mora_scaling: dict[str, float] = {}
+        self._initial_scaling: dict[str, float] = {}  # for unscale_layer()
         self._dora_merged: dict[str, torch.Tensor] = {}  # the delta a merged DoRA part added, to take it out again
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -101,6 +102,7 @@ class MoraLayer(BaseTunerLayer):
         _forget(adapter_name, self.mora_M, self.mora_operator, self.mora_magnitude)  # a re-added name changes method
         alpha = config.lora_alpha if config.lora_alpha is not None else 2 * r
         self.mora_scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self._initial_scaling[adapter_name] = self.mora_scaling[adapter_name]
         self.mora_lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.mora_lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         if config.init_weights:  # PEFT's init_lora_weights=True; False keeps nn.Linear's random init, as PEFT does
@@ -131,11 +133,21 @@ class MoraLayer(BaseTunerLayer):
         self.mora_M[adapter_name] = nn.Parameter(m)
 
     def scale_layer(self, scale: float) -> None:
-        if scale != 1:
-            warnings.warn("MoRA has no scaling factor; scale_layer is ignored.")
+        """Multiply the scaling of the active LoRA/DoRA modules by ``scale``, as PEFT's LoRA does; MoRA has none."""
+        if scale == 1:
+            return
+        active = [name for name in self.active_adapters if name in self.mora_method]
+        if any(self.mora_method[name] == "mora" for name in active):
+            warnings.warn("MoRA has no scaling factor; scale_layer is ignored for its MoRA modules.")
+        for name in active:
+            if name in self.mora_scaling:
+                self.mora_scaling[name] *= scale
 
     def unscale_layer(self, scale: Optional[float] = None) -> None:
-        pass
+        """Undo `scale_layer` (``None``: back to lora_alpha / r) for the active LoRA/DoRA modules."""
+        for name in self.active_adapters:
+            if name in self.mora_scaling:
+                self.mora_scaling[name] = self._initial_scaling[name] if scale is None else self.mora_scaling[name] / scale
 
     # -- the math, delegated -------------------------------------------------------------------------------------
 

@@ -245,8 +245,10 @@ def _mixed_lora_part(
     magnitude = parts.get(".mora_magnitude.weight")
     if magnitude is None:
         return LoraWeights(a, b, scaling)
-    if magnitude.shape != (d,) or shape.weight is None:
-        raise AdapterLoadError(f"{where}: {path!r} has a DoRA magnitude of shape {tuple(magnitude.shape)}; expected ({d},)")
+    if magnitude.shape != (d,):
+        raise AdapterLoadError(f"{where}: {path!r} has a DoRA magnitude of shape {tuple(magnitude.shape)}; expected {(d,)}")
+    if shape.weight is None:  # a store built without the base weights cannot compute DoRA's norm
+        raise AdapterLoadError(f"{where}: {path!r} is a DoRA module, which needs the base weight to be served")
     # PEFT's DoRA norm: per output row of W + scaling·BA, taken in the adapter's float32 (detached, so a constant)
     norm = torch.linalg.norm(shape.weight().to(device=device, dtype=torch.float32) + scaling * (b @ a), dim=1)
     return DoraWeights(a, b, scaling, factor=(magnitude.to(device=device, dtype=torch.float32) / norm).contiguous())
