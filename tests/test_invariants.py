@@ -5,7 +5,7 @@ model's input, the adapted weights' dtype) and it gets every check.
 
 Rows: MoRA, each compression, on a small custom network whose one adapted layer is a Linear or Conv1D of several
 shapes, in fp32 or bf16, or a bitsandbytes-quantized Linear (NF4 4-bit, LLM.int8 8-bit; both run on the CPU); the
-LoRA and DoRA modules of a mixed MoRA adapter (``layer_methods``) on that network; and tiny real LlamaForCausalLM and
+LoRA and DoRA modules of a mixed MoRA adapter (``layer_methods``) on that network, in the same dtypes; and tiny real LlamaForCausalLM and
 GPT2LMHeadModel with MoRA, mixed MoRA/LoRA and MoRA/DoRA adapters and, for comparison, PEFT's LoRA and DoRA.
 
 Columns: output unchanged at init; merged output equals unmerged (a merge adds ΔW in float32, rounded once to the
@@ -120,14 +120,17 @@ NET_ROWS = [
     for d, k, r in shapes
 ] + [
     # MoraConfig(layer_methods=...) giving the one layer PEFT's LoRA or DoRA (the other layers of a mixed adapter
-    # stay MoRA: the model rows below); quantized bases are not in these rows
+    # stay MoRA: the model rows below)
     Case(f"mixed-{method}-{d}x{k}-r{r}-{layer}-{dtype}", partial(net, d, k, layer, dtype),
          partial(MoraConfig, r=r, target_modules=["lin"], layer_methods={"lin": method}, lora_alpha=12),
          partial(net_inputs, dtype), dtype)
     for method in ("lora", "dora")
-    for layer in ("linear", "conv1d")
-    for dtype in ("fp32", "bf16")
-    for d, k, r in SHAPES[:2]
+    for layer, dtype, shapes in (
+        *(("linear", dtype, SHAPES[:2]) for dtype in ("fp32", "bf16", "int8")),
+        *(("conv1d", dtype, SHAPES[:2]) for dtype in ("fp32", "bf16")),
+        ("linear", "nf4", NF4_SHAPES[:2]),
+    )
+    for d, k, r in shapes
 ]
 
 # one decoder layer (every kind of layer; more would only take longer), widths that are not multiples of r̂
@@ -170,7 +173,8 @@ def make(case: Case, random: bool = True) -> PeftModel:
             lin = only_layer(model)
             with torch.no_grad():
                 w0, delta = dequantized(lin.get_base_layer()), lin.get_delta_weight("default")
-                lin.mora_M["default"].mul_(w0.pow(2).mean().sqrt() / delta.pow(2).mean().sqrt())
+                grown = lin.mora_M if "default" in lin.mora_M else {"default": lin.mora_lora_B["default"].weight}
+                grown["default"].mul_(w0.pow(2).mean().sqrt() / delta.pow(2).mean().sqrt())
     return model
 
 
@@ -320,6 +324,9 @@ class TestInvariants:
     def test_only_the_adapter_trains(self, case):
         """Only adapter parameters receive gradients (float32, non-zero); a few optimizer steps lower the loss and
         change them, and every other parameter stays as it was, bit for bit."""
+        if is_dora(case) and case.dtype == "int8":
+            pytest.skip("PEFT 0.21's DoRA drops an 8-bit weight's scales on the CPU after the first step (moraft train "
+                        "refuses DoRA on an 8-bit base there)")
         model = make(case).train()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         adapter = adapter_parameters(model)

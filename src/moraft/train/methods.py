@@ -159,12 +159,14 @@ def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
             "each merged update; use adapter.merge_every=0, or an unquantized base"
         )
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if quantization == "8bit" and options.method == "dora" and on_cpu:
+    dora = options.method == "dora" or "dora" in options.layer_methods.values()
+    if quantization == "8bit" and dora and on_cpu:
         # PEFT 0.21's DoRA reads the weight norm through dequantize_module_weight, which on the CPU puts back an
         # Int8Params without its scales (bitsandbytes moved them to the layer's state); the next forward fails
         raise UserError(
-            "adapter.method='dora' does not train on an 8-bit base on the CPU (PEFT's DoRA drops the 8-bit weight's "
-            "scales after the first step there); use model.quantization='4bit', or method lora or mora"
+            f"adapter.method={options.method!r}{' with DoRA layer_methods' if options.method == 'mora' else ''} does "
+            "not train on an 8-bit base on the CPU (PEFT's DoRA drops the 8-bit weight's scales after the first step "
+            "there); use model.quantization='4bit', or method lora or mora"
         )
     if options.method == "full":
         model.requires_grad_(True)
