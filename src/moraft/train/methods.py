@@ -98,12 +98,16 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Peft
     """The PEFT config of ``options.method`` for ``model`` (see `moraft.train.peft_methods`).
 
     PEFT's LoraConfig refuses ``layers_to_transform`` with a string ``target_modules``, "all-linear" included; as that
-    is a shorthand, not a regex, it is then expanded here (``all_linear_names``). The method's size knob is derived
+    is a shorthand, not a regex, it is then expanded here (``all_linear_names``), and always for ia3. The method's
+    size knob is derived
     from ``options.r`` (`moraft.train.peft_methods.derive_knob`) on a meta copy of ``model``.
     """
     row = method_row(options.method)
     target_modules = options.target_modules
-    if target_modules == "all-linear" and options.layers_to_transform is not None and model is not None:
+    # ia3 too: PEFT 0.21 saves an "all-linear" IA³ adapter with full module names and its default
+    # feedforward_modules suffixes, which its own config check then refuses when the adapter is loaded
+    expand = options.layers_to_transform is not None or options.method == "ia3"
+    if target_modules == "all-linear" and expand and model is not None:
         target_modules = sorted(all_linear_names(model, "CAUSAL_LM"))
     common = dict(
         target_modules=target_modules,

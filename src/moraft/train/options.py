@@ -287,7 +287,7 @@ class AdapterOptions(_Group):
             )
         if self.merge_every:
             restartable = [m.name for m in METHOD_TABLE.values() if m.restart]
-            expected = f"0 with method {self.method} (ReMoRA/ReLoRA merge and restart {' or '.join(restartable)} adapters)"
+            expected = f"0 with method {self.method} (ReMoRA/ReLoRA restart {' or '.join(restartable)} adapters only)"
             self._check(METHOD_TABLE[self.method].restart, "merge_every", expected)
 
     @property

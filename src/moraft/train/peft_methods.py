@@ -54,6 +54,7 @@ class Method:
         defaults: config values moraft sets, from the adapted layers' (d_in, d_out), unless method_options gives them
             (sizes PEFT's defaults do not fit, e.g. a block larger than the layer).
         uses: what moraft can do with its saved adapter besides training it (eval, merge, serve, export).
+        no_merge: why ``moraft merge`` refuses it (for the docs; empty where it merges).
         restart: whether ReMoRA/ReLoRA's merge_every can merge and restart it.
         options: its main options, for the docs (``method_options`` takes any field of its PEFT config).
         note: how r maps and why (for the docs).
@@ -71,6 +72,7 @@ class Method:
     alternative: Optional[str] = None
     fixed: dict[str, Any] = field(default_factory=dict)
     defaults: Optional[Callable[[list[tuple[int, int]]], dict[str, Any]]] = None
+    no_merge: str = ""
     uses: tuple[Use, ...] = ("eval", "merge")
     restart: bool = False
     options: str = ""
@@ -122,6 +124,7 @@ METHODS: dict[str, Method] = {
                rank_pattern="rank_pattern", fixed={"use_dora": True}, options=_LORA_OPTIONS,
                note="LoRA's rank r plus a magnitude vector of d_out per layer"),
         Method("full", None, "none", knob=None, init=None, uses=("eval",),
+               no_merge="the run saves the whole model (nothing to merge)",
                note="every weight of the model trains; no budget"),
         Method("hira", "HIRA", "same", dropout="hira_dropout", rank_pattern="rank_pattern",
                options="r (rank of the Hadamard factor A·B applied to W0)",
@@ -132,7 +135,9 @@ METHODS: dict[str, Method] = {
         Method("gralora", "GRALORA", "same", dropout="gralora_dropout", alpha="alpha",
                options="r, gralora_k (blocks per side; r must divide by it), hybrid_r, alpha",
                note="k × k blocks of rank r/k: r·(d_in + d_out) per layer; gralora_k is 2 where r is even, else 1"),
-        Method("shira", "SHIRA", "same", options="r, mask_type (random, or a custom mask function), random_seed",
+        Method("shira", "SHIRA", "same",
+               no_merge="its sparse mask's layer cannot be built on an empty (meta) copy of the base (torch.nonzero)",
+               uses=("eval",), options="r, mask_type (random, or a custom mask function), random_seed",
                note="a sparse update with r·(d_in + d_out) trainable entries per layer"),
         Method("randlora", "RANDLORA", "search", candidates=_up_to_narrowest, dropout="randlora_dropout",
                alpha="randlora_alpha", options="r (rank of the shared random bases), randlora_alpha, sparse",
@@ -160,7 +165,9 @@ METHODS: dict[str, Method] = {
                options="feedforward_modules (scaled at the input; the others at the output)",
                note="not comparable: one learned vector per layer (d_out, or d_in for feedforward_modules), no size "
                     "knob"),
-        Method("oft", "OFT", "search", knob="oft_block_size", candidates=_common_divisors, alternative="r",
+        Method("oft", "OFT", "search",
+               no_merge="its block indices are computed when it wraps a real model and never saved", uses=("eval",),
+               knob="oft_block_size", candidates=_common_divisors, alternative="r",
                options="oft_block_size (or r: the number of blocks), coft, eps, block_share, module_dropout",
                note="block-diagonal orthogonal rotation of the input: the block size (a divisor of every d_in) whose "
                     "count is closest"),
@@ -188,7 +195,9 @@ METHODS: dict[str, Method] = {
                note="not comparable: 2D rotations with a fixed count per variant (d_out·k)"),
         Method("delora", "DELORA", "same", rank_pattern="rank_pattern", options="r, delora_lambda, module_dropout",
                note="LoRA's rank r with a normalized update and a scalar per layer"),
-        Method("lily", "LILY", "search", candidates=_up_to_narrowest, init=None,
+        Method("lily", "LILY", "search",
+               no_merge="PEFT 0.21 does not implement merging for Lily", uses=("eval",),
+               candidates=_up_to_narrowest, init=None,
                options="r, stride_A, num_B, scaling",
                note="low-rank projectors shared across layers: the rank whose count is closest"),
         Method("tinylora", "TINYLORA", "none", knob=None, dropout="tinylora_dropout",
@@ -199,17 +208,23 @@ METHODS: dict[str, Method] = {
         Method("deft", "DEFT", "search", candidates=_up_to_width, dropout="deft_dropout", alpha="alpha",
                options="r, decomposition_method, alpha",
                note="the rank whose count is closest"),
-        Method("psoft", "PSOFT", "search", candidates=_up_to_narrowest, dropout="psoft_dropout", alpha="psoft_alpha",
+        Method("psoft", "PSOFT", "search",
+               no_merge="its principal-subspace cache is computed from the base weights when it wraps the model and "
+                        "never saved",
+               uses=("eval",), candidates=_up_to_narrowest, dropout="psoft_dropout", alpha="psoft_alpha",
                options="r, psoft_alpha, psoft_orth, use_cayley_neumann",
                note="an orthogonal r × r rotation in the principal subspace (SVD of W0 at start): the rank whose "
                     "count is closest"),
         Method("peanut", "PEANUT", "search", candidates=_up_to_width, options="r, depth, act_fn, scaling",
                note="the rank whose count is closest"),
         Method("beft", "BEFT", "none", knob=None, uses=("eval",),
+               no_merge="PEFT merges its bias only into a layer that has a bias (LLaMA's have none)",
                note="not comparable: a bias vector per layer; PEFT cannot merge it into a layer without a bias"),
         Method("pvera", "PVERA", "r", dropout="pvera_dropout", options="r, d_initial, sample_at_inference",
                note="not comparable: as VeRA, d_out + r per layer"),
-        Method("unilora", "UNILORA", "none", knob=None, dropout="unilora_dropout",
+        Method("unilora", "UNILORA", "none",
+               no_merge="its index buffers are computed when it wraps a real model and never saved", uses=("eval",),
+               knob=None, dropout="unilora_dropout",
                options="r, theta_d_length (the one shared trainable vector)",
                note="not comparable: one shared vector of theta_d_length for the whole model"),
     )
@@ -329,8 +344,8 @@ def mapped_options(row: Method, options: Any, common: dict[str, Any]) -> dict[st
 
 
 # set by moraft itself, never through method_options
-_GENERIC = {"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping",
-            "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"}
+_GENERIC = {"peft_type", "peft_version", "task_type", "inference_mode", "base_model_name_or_path", "revision",
+            "auto_mapping", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"}
 
 
 def build_config(cls: type, kwargs: dict[str, Any], method_name: str) -> Any:
@@ -514,4 +529,14 @@ def describe_size(method_name: str, size: dict[str, Any]) -> str:
     return head
 
 
-__all__ = ["LEFT_OUT", "METHODS", "Method", "accepted_peft_types", "closest", "method", "describe_size", "refusal", "size_report"]
+__all__ = [
+    "LEFT_OUT",
+    "METHODS",
+    "Method",
+    "accepted_peft_types",
+    "closest",
+    "describe_size",
+    "method",
+    "refusal",
+    "size_report",
+]
