@@ -15,7 +15,7 @@ import tempfile
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -27,6 +27,8 @@ from ..mora.model import adaptable_module_names, all_linear_names
 from ..quantization import bnb_config, device_map, keep_4bit_layout, quantization_of
 from .builtin import BUILTIN_MODEL, tiny_llama
 from .options import AdapterOptions, ModelOptions
+from .peft_methods import build_config, config_class, derive_knob, mapped_options
+from .peft_methods import method as method_row
 
 ADAPTER = "default"  # the adapter name PEFT gives the one adapter get_peft_model creates
 
@@ -93,28 +95,34 @@ def load_model(options: ModelOptions) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
-def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> MoraConfig | LoraConfig:
-    """The PEFT config of ``options.method`` (mora, lora or dora) for ``model``.
+def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> PeftConfig:
+    """The PEFT config of ``options.method`` for ``model`` (see `moraft.train.peft_methods`).
 
     PEFT's LoraConfig refuses ``layers_to_transform`` with a string ``target_modules``, "all-linear" included; as that
-    is a shorthand, not a regex, it is then expanded here (``all_linear_names``).
+    is a shorthand, not a regex, it is then expanded here (``all_linear_names``), and always for ia3. The method's
+    size knob is derived
+    from ``options.r`` (`moraft.train.peft_methods.derive_knob`) on a meta copy of ``model``.
     """
+    row = method_row(options.method)
     target_modules = options.target_modules
-    if target_modules == "all-linear" and options.layers_to_transform is not None and model is not None:
+    # ia3 too: PEFT 0.21 saves an "all-linear" IA³ adapter with full module names and its default
+    # feedforward_modules suffixes, which its own config check then refuses when the adapter is loaded
+    expand = options.layers_to_transform is not None or options.method == "ia3"
+    if target_modules == "all-linear" and expand and model is not None:
         target_modules = sorted(all_linear_names(model, "CAUSAL_LM"))
     common = dict(
-        r=options.r,
         target_modules=target_modules,
         exclude_modules=options.exclude_modules,
         layers_to_transform=options.layers_to_transform,
         layers_pattern=options.layers_pattern,
-        rank_pattern=dict(options.rank_pattern),
         modules_to_save=options.modules_to_save,
-        task_type="CAUSAL_LM",
     )
     if options.method == "mora":
-        return MoraConfig(
+        config = MoraConfig(
             **common,
+            r=options.r,
+            rank_pattern=dict(options.rank_pattern),
+            task_type="CAUSAL_LM",
             dropout=options.dropout,
             compression=options.compression,
             mora_rank=options.mora_rank,
@@ -126,16 +134,13 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Mora
             layer_methods=dict(options.layer_methods),
             lora_alpha=options.lora_alpha,
         )
-    try:
-        return LoraConfig(
-            **common,
-            lora_alpha=options.effective_lora_alpha,
-            lora_dropout=options.dropout,
-            use_dora=options.method == "dora",
-            init_lora_weights=options.init_weights,
-        )
-    except ValueError as err:  # PEFT's LoraConfig validates exactly the options given here
-        raise UserError(f"adapter.method={options.method!r}: {err}") from None
+        return config
+    kwargs = mapped_options(row, options, common)
+    if options.method in ("lora", "dora"):
+        kwargs.setdefault("lora_alpha", options.effective_lora_alpha)
+    if model is not None:
+        derive_knob(row, model, options.r, common, kwargs)
+    return build_config(config_class(row), {**kwargs, "task_type": "CAUSAL_LM"}, options.method)
 
 
 def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
