@@ -4,8 +4,9 @@ name, a function building the base model with the same weights on every call, on
 model's input, the adapted weights' dtype) and it gets every check.
 
 Rows: MoRA, each compression, on a small custom network whose one adapted layer is a Linear or Conv1D of several
-shapes, in fp32 or bf16, or a bitsandbytes-quantized Linear (NF4 4-bit, LLM.int8 8-bit; both run on the CPU); and
-tiny real LlamaForCausalLM and GPT2LMHeadModel with MoRA and, for comparison, PEFT's LoRA and DoRA.
+shapes, in fp32 or bf16, or a bitsandbytes-quantized Linear (NF4 4-bit, LLM.int8 8-bit; both run on the CPU); the
+LoRA and DoRA modules of a mixed MoRA adapter (``layer_methods``) on that network, in the same dtypes; and tiny real LlamaForCausalLM and
+GPT2LMHeadModel with MoRA, mixed MoRA/LoRA and MoRA/DoRA adapters and, for comparison, PEFT's LoRA and DoRA.
 
 Columns: output unchanged at init; merged output equals unmerged (a merge adds ΔW in float32, rounded once to the
 weight's dtype), and merging twice is a no-op; merge_and_unload leaves a plain model that computes the same; unmerge
@@ -117,6 +118,19 @@ NET_ROWS = [
         ("linear", "nf4", NF4_SHAPES),
     )
     for d, k, r in shapes
+] + [
+    # MoraConfig(layer_methods=...) giving the one layer PEFT's LoRA or DoRA (the other layers of a mixed adapter
+    # stay MoRA: the model rows below)
+    Case(f"mixed-{method}-{d}x{k}-r{r}-{layer}-{dtype}", partial(net, d, k, layer, dtype),
+         partial(MoraConfig, r=r, target_modules=["lin"], layer_methods={"lin": method}, lora_alpha=12),
+         partial(net_inputs, dtype), dtype)
+    for method in ("lora", "dora")
+    for layer, dtype, shapes in (
+        *(("linear", dtype, SHAPES[:2]) for dtype in ("fp32", "bf16", "int8")),
+        *(("conv1d", dtype, SHAPES[:2]) for dtype in ("fp32", "bf16")),
+        ("linear", "nf4", NF4_SHAPES[:2]),
+    )
+    for d, k, r in shapes
 ]
 
 # one decoder layer (every kind of layer; more would only take longer), widths that are not multiples of r̂
@@ -132,6 +146,10 @@ MODEL_ROWS = [
         *((f"mora-{c}", MoraConfig, dict(compression=c)) for c in COMPRESSIONS),
         ("lora", LoraConfig, dict(fan_in_fan_out=fan_in_fan_out)),
         ("dora", LoraConfig, dict(fan_in_fan_out=fan_in_fan_out, use_dora=True)),
+        # one adapter, MoRA on attention, LoRA or DoRA on the MLP (and LoRA on v_proj / c_attn)
+        ("mixed-lora", MoraConfig, dict(layer_methods={r"mlp\..*": "lora"})),
+        ("mixed-dora", MoraConfig,
+         dict(compression="rotation", layer_methods={r"mlp\..*": "dora", "v_proj|c_attn": "lora"})),
     )
 ] + [
     Case("llama-mora-sharing-fp16", partial(LLAMA, dtype=torch.float16),
@@ -155,7 +173,8 @@ def make(case: Case, random: bool = True) -> PeftModel:
             lin = only_layer(model)
             with torch.no_grad():
                 w0, delta = dequantized(lin.get_base_layer()), lin.get_delta_weight("default")
-                lin.mora_M["default"].mul_(w0.pow(2).mean().sqrt() / delta.pow(2).mean().sqrt())
+                grown = lin.mora_M if "default" in lin.mora_M else {"default": lin.mora_lora_B["default"].weight}
+                grown["default"].mul_(w0.pow(2).mean().sqrt() / delta.pow(2).mean().sqrt())
     return model
 
 
@@ -186,7 +205,9 @@ def tol(case: Case) -> dict:
 
 
 def is_dora(case: Case) -> bool:
-    return getattr(case.config(), "use_dora", False)
+    """PEFT's DoRA, or a mixed MoRA adapter with DoRA modules."""
+    config = case.config()
+    return getattr(config, "use_dora", False) or "dora" in getattr(config, "layer_methods", {}).values()
 
 
 # -- the columns --------------------------------------------------------------------------------------------------
@@ -199,6 +220,11 @@ class TestInvariants:
         x = case.inputs()
         with model.disable_adapter():
             base = output(model, x)
+        if is_dora(case) and case.dtype != "fp32":
+            # DoRA's magnitude starts as ‖W‖ rounded to the weight's dtype (PEFT's update_layer), the norm it is
+            # divided by is float32: m/‖W‖ is 1 only within that rounding
+            torch.testing.assert_close(output(model, x), base, **tol(case))
+            return
         assert torch.equal(output(model, x), base)
 
     def test_adapter_changes_output_and_merge_matches(self, case):
@@ -298,6 +324,9 @@ class TestInvariants:
     def test_only_the_adapter_trains(self, case):
         """Only adapter parameters receive gradients (float32, non-zero); a few optimizer steps lower the loss and
         change them, and every other parameter stays as it was, bit for bit."""
+        if is_dora(case) and case.dtype == "int8":
+            pytest.skip("PEFT 0.21's DoRA drops an 8-bit weight's scales on the CPU after the first step (moraft train "
+                        "refuses DoRA on an 8-bit base there)")
         model = make(case).train()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         adapter = adapter_parameters(model)

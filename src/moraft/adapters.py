@@ -145,7 +145,11 @@ def read_adapter_config(adapter_dir: Union[str, Path], use: Use, accepted: tuple
         )
     peft_type = str(raw.get("peft_type"))
     if accepted and peft_type not in accepted:
-        raise UserError(f"{path}: peft_type={peft_type!r} is not supported here; accepted: {', '.join(accepted)}")
+        instead = f". Instead, {HINTS[use]}" if HINTS[use] else ""
+        raise UserError(
+            f"{path}: peft_type={peft_type!r} is not supported here; accepted: {', '.join(accepted)} "
+            f"({USES[use]}){instead}"
+        )
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
     except (ValueError, TypeError, KeyError) as err:

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 from peft import PeftConfig, PeftModel
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -148,9 +149,63 @@ def load_adapter_on_meta(
             peft_model = PeftModel(model, config)
     except (ValueError, TypeError) as err:
         raise UserError(f"adapter {adapter_dir} does not fit the base model: {err}") from None
+    except NotImplementedError as err:  # a method whose layers cannot be built on the meta device (SHiRA's mask)
+        reason = str(err).strip().splitlines()[0][:120]
+        raise UserError(
+            f"adapter {adapter_dir}: peft_type={config.peft_type.value} cannot be built on an empty (meta) copy of the "
+            f"base ({reason}), which {use} needs"
+        ) from None
     loaded = LoadedAdapter(config=config, model=peft_model, weights_file=weights_file)
-    _load_adapter_tensors(loaded, load_tensors(weights_file))
+    if str(getattr(config.peft_type, "value", config.peft_type)) in ("MORA", "LORA"):
+        _load_adapter_tensors(loaded, load_tensors(weights_file))
+    else:
+        _load_with_peft(loaded, load_tensors(weights_file), adapter_dir)
     return loaded
+
+
+def _load_with_peft(loaded: LoadedAdapter, state: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    """Another PEFT method's tensors put in by PEFT's own loader (its key renames, shared projections, masks): the
+    adapter's own tensors are made real (empty) first, the base stays on meta. A tensor of the adapter that the file
+    does not hold (one the method makes from the base weights and never saves) fails, naming it."""
+    from peft.utils import set_peft_model_state_dict
+
+    name = loaded.adapter_name
+    if loaded.config.modules_to_save:
+        raise UserError(
+            f"{adapter_dir}: modules_to_save={loaded.config.modules_to_save!r} with peft_type="
+            f"{loaded.config.peft_type.value}: only mora and lora adapters may carry whole modules here"
+        )
+    own: dict[str, int] = {}  # each adapter tensor's name -> its storage (a shared projection has several names)
+    for module_name, module in loaded.model.named_modules(remove_duplicate=False):
+        if isinstance(module, (nn.ModuleDict, nn.ParameterDict, BufferDict)) and name in module.keys():
+            if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
+                module.to_empty(device="cpu")
+            tensors = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+            own.update({f"{module_name}.{n}": t.data_ptr() for n, t in tensors})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        result = set_peft_model_state_dict(loaded.model, state, name)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise UserError(f"{loaded.weights_file}: the adapter does not fit the base model: {err}") from None
+    saved = set(loaded.model.state_dict())  # a non-persistent buffer (OFT's block indices) is made at wrapping time
+    built = sorted(key for key in own if key not in saved)
+    if built:
+        raise UserError(
+            f"{adapter_dir}: {built[0]} is computed when {loaded.config.peft_type.value} wraps a real model and never "
+            "saved, so the adapter cannot be applied on an empty copy of the base; load it with PEFT "
+            "(PeftModel.from_pretrained) and use merge_and_unload() there"
+        )
+    missing = set(result.missing_keys)
+    filled = {ptr for key, ptr in own.items() if key not in missing}
+    unfilled = sorted(key for key, ptr in own.items() if key in missing and ptr not in filled)
+    if unfilled:
+        raise UserError(
+            f"{adapter_dir}: {unfilled[0]} is not in {loaded.weights_file.name} ({loaded.config.peft_type.value} "
+            "makes it from the base weights and does not save it), so the adapter cannot be applied from its file alone"
+        )
+    for module_name, module in loaded.model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            loaded.layers[_strip_peft_prefix(module_name)] = module
 
 
 def _load_adapter_tensors(loaded: LoadedAdapter, state: dict[str, torch.Tensor]) -> None:

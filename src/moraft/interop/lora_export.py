@@ -71,6 +71,9 @@ def export_lora(
 ) -> LoraExport:
     """Export a MoRA adapter as a plain LoRA adapter of rank r̂ (256 for r=8 on a 4096-wide model; vLLM takes <=512).
 
+    The LoRA modules of a mixed adapter (``layer_methods``) export as they are (their scaling folded into B); DoRA
+    modules are refused, their update depending on the base weight.
+
     The result is adapter_config.json + adapter_model.safetensors that vanilla PEFT (without moraft) and multi-LoRA
     servers such as vLLM load: one LoRA rank for every module (smaller modules zero-padded), lora_alpha equal to that
     rank (scaling 1), no bias and no modules_to_save.
@@ -109,10 +112,31 @@ def export_lora(
             "which a LoRA adapter for vLLM cannot carry; merge it into the base model instead (moraft merge)"
         )
     name = loaded.adapter_name
+    layers = {
+        module: layer
+        for module, layer in loaded.layers.items()
+        if isinstance(layer, MoraLayer) and name in layer.mora_method
+    }
+    dora = [module for module, layer in layers.items() if layer.mora_method[name] == "dora"]
+    if dora:
+        raise UserError(
+            f"{adapter_dir}: {len(dora)} modules are DoRA (layer_methods, e.g. {dora[0]}): DoRA rescales each output "
+            "row of W + ΔW by its magnitude, an update that depends on the base weight and that no LoRA adapter "
+            "carries; merge the adapter into the base model instead (moraft merge)"
+        )
     modules = {
         module: (layer.mora_operator[name], layer.mora_M[name].detach().float(), layer.fan_in_fan_out)
-        for module, layer in loaded.layers.items()
-        if isinstance(layer, MoraLayer) and name in layer.mora_M
+        for module, layer in layers.items()
+        if layer.mora_method[name] == "mora"
+    }
+    # the LoRA modules of a mixed adapter (layer_methods): A (r, k) and B·scaling (d, r), the written scaling being 1
+    lora_parts = {
+        module: (
+            layer.mora_lora_A[name].weight.detach().float(),
+            layer.mora_lora_B[name].weight.detach().float() * layer.mora_scaling[name],
+        )
+        for module, layer in layers.items()
+        if layer.mora_method[name] == "lora"
     }
     full_rank = {module: op for module, (op, _, _) in modules.items() if not op.is_low_rank}
     if rank is None and full_rank:
@@ -124,16 +148,24 @@ def export_lora(
             "truncated SVD of each ΔW at rank N (the error of each module is printed), or merge the adapter into "
             "the base model instead (moraft merge)"
         )
-    common_rank = rank if rank is not None else max(op.rank for op, _, _ in modules.values())
+    ranks = [op.rank for op, _, _ in modules.values()] + [a.shape[0] for a, _ in lora_parts.values()]
+    common_rank = rank if rank is not None else max(ranks)
 
     tensors, errors = {}, {}
-    bar = tqdm(modules.items(), desc="export-lora", unit="module", disable=None)
-    for module, (op, m, _) in bar:
-        if op.is_low_rank and op.rank <= common_rank:
-            a, b = lora_factors(op, m)
+    bar = tqdm([*modules, *lora_parts], desc="export-lora", unit="module", disable=None)
+    for module in bar:
+        if module in lora_parts:
+            a, b = lora_parts[module]
             errors[module] = 0.0
+            if a.shape[0] > common_rank:
+                a, b, errors[module] = truncated_svd(b @ a, common_rank)
         else:
-            a, b, errors[module] = truncated_svd(op.delta_weight(m), common_rank)
+            op, m, _ = modules[module]
+            if op.is_low_rank and op.rank <= common_rank:
+                a, b = lora_factors(op, m)
+                errors[module] = 0.0
+            else:
+                a, b, errors[module] = truncated_svd(op.delta_weight(m), common_rank)
         if rank is not None:
             bar.write(f"{module}: rank {common_rank}, relative Frobenius error {errors[module]:.3e}")
         a, b = _pad_rank(a, b, common_rank)
@@ -143,8 +175,8 @@ def export_lora(
     config = LoraConfig(
         r=common_rank,
         lora_alpha=common_rank,  # scaling = alpha / r = 1: MoRA has no scaling
-        target_modules=_target_modules(loaded.model.base_model.model, set(modules)),
-        fan_in_fan_out=all(fan for _, _, fan in modules.values()),  # Conv1D models (GPT-2); PEFT fixes mixed ones
+        target_modules=_target_modules(loaded.model.base_model.model, set(layers)),
+        fan_in_fan_out=all(layer.fan_in_fan_out for layer in layers.values()),  # Conv1D models (GPT-2); PEFT fixes mixed ones
         bias="none",
         lora_dropout=0.0,
         task_type=loaded.config.task_type,

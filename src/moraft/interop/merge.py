@@ -161,7 +161,7 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
             f"e.g. {sample}); if it is a tied weight, untie it first"
         )
 
-    variants = lora_variants(loaded.config)
+    variants = _own_merge(loaded)
     for module, layer in loaded.layers.items():
         key = _find(specs, f"{module}.weight", model)
         if key is None:
@@ -174,7 +174,9 @@ def _plan_changes(loaded: LoadedAdapter, specs: dict[str, TensorSpec], base_dir:
             )
 
         # the merged weight is computed when its tensor is written, so only one exists at a time
-        changes[key] = partial(merged_weight, layer, loaded.adapter_name, variant=bool(variants))
+        # a DoRA module of a mixed MoRA adapter: its ΔW depends on the weight, so the layer merges the real one
+        dora = getattr(layer, "mora_method", {}).get(loaded.adapter_name) == "dora"
+        changes[key] = partial(merged_weight, layer, loaded.adapter_name, variant=bool(variants) or dora)
     for name, tensor in loaded.replaced.items():
         key = _find(specs, name, model)
         if key is None:
@@ -217,7 +219,7 @@ def _check_mergeable(loaded: LoadedAdapter, specs: dict[str, TensorSpec]) -> Non
     The smallest adapted weight is merged on a copy of its layer (a variant's merge may change the layer's state once,
     as KaSA's truncation of the base weight does), and PEFT's refusal becomes an error naming the variant's option.
     """
-    variants = lora_variants(loaded.config)
+    variants = _own_merge(loaded)
     if not variants:
         return
     module, layer = min(loaded.layers.items(), key=lambda item: item[1].get_base_layer().weight.numel())
@@ -228,10 +230,20 @@ def _check_mergeable(loaded: LoadedAdapter, specs: dict[str, TensorSpec]) -> Non
         merged_weight(copy.deepcopy(layer), loaded.adapter_name, weight, variant=True)
     except (NotImplementedError, RuntimeError, TypeError, ValueError) as err:
         options = ", ".join(f"{name}={value!r}" for name, value in variants.items())
+        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
         raise UserError(
-            f"{loaded.weights_file.parent}: PEFT cannot merge this LoRA variant ({options}): {err} Nothing was written; "
-            "load the adapter with PEFT (PeftModel.from_pretrained) and run it unmerged"
+            f"{loaded.weights_file.parent}: PEFT cannot merge this adapter ({options}): {reason}. Nothing was "
+            "written; load the adapter with PEFT (PeftModel.from_pretrained) and run it unmerged"
         ) from None
+
+
+def _own_merge(loaded: LoadedAdapter) -> dict:
+    """What makes the layers' own ``merge`` necessary, ``{option: value}``: a LoRA variant's options, or another
+    method's peft_type (its ΔW is not a sum moraft computes); empty for MoRA and plain LoRA (W + get_delta_weight)."""
+    peft_type = str(getattr(loaded.config.peft_type, "value", loaded.config.peft_type))
+    if peft_type not in ("MORA", "LORA"):
+        return {"peft_type": peft_type}
+    return lora_variants(loaded.config)
 
 
 def _shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
@@ -314,7 +326,7 @@ def merge_adapter(
         method = config["quantization_config"].get("quant_method", "?")
         raise UserError(f"{base_dir / 'config.json'}: the base is quantized ({method}); merge needs plain weights")
     specs = _inventory(base_dir)
-    loaded = load_adapter_on_meta(adapter, base_dir, "merge")
+    loaded = load_adapter_on_meta(adapter, base_dir, "merge", accepted=())
     changes = _plan_changes(loaded, specs, base_dir)
     _check_mergeable(loaded, specs)
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 from .._peft_hook import MORA
 from ..errors import UserError
 from .operators import COMPRESSIONS, GROUPINGS
+
+LAYER_METHODS = ("lora", "dora")
 
 
 @dataclass
@@ -98,6 +102,25 @@ class MoraConfig(PeftConfig):
             "random; only useful for tests."
         },
     )
+    layer_methods: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module method: {regex or suffix: 'lora' | 'dora'}, keys matched like rank_pattern's (a module "
+            "matching no key uses MoRA). The LoRA/DoRA modules have rank r (rank_pattern applies) and PEFT's LoRA "
+            "math, init and DoRA magnitude; they are saved in the same adapter directory, with the 'mora_' prefix."
+        },
+    )
+    lora_alpha: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "LoRA/DoRA modules of layer_methods only: the scaling is lora_alpha / r (lora_alpha / sqrt(r) "
+            "with use_rslora). None means 2·r, moraft train's convention (a scaling of 2)."
+        },
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "LoRA/DoRA modules of layer_methods only: scale by lora_alpha / sqrt(r) (rsLoRA)."},
+    )
     peft_mora_compat: bool = field(
         default=False,
         metadata={
@@ -179,3 +202,41 @@ class MoraConfig(PeftConfig):
             raise UserError(f"MoraConfig: modules_to_save={self.modules_to_save!r} is invalid; expected a list of names")
         if not isinstance(self.init_weights, bool):
             raise UserError(f"MoraConfig: init_weights={self.init_weights!r} is invalid; expected True or False")
+        self._validate_layer_methods()
+
+    def _validate_layer_methods(self) -> None:
+        if not isinstance(self.layer_methods, dict):
+            raise UserError(
+                f"MoraConfig: layer_methods={self.layer_methods!r} is invalid; expected a dict "
+                "{regex: 'lora' | 'dora'}"
+            )
+        for key, method in self.layer_methods.items():
+            if method not in LAYER_METHODS:
+                raise UserError(
+                    f"MoraConfig: layer_methods[{key!r}]={method!r} is not one of {', '.join(LAYER_METHODS)} "
+                    "(modules matching no key use MoRA)"
+                )
+            try:
+                re.compile(key)
+            except (re.error, TypeError) as err:
+                raise UserError(f"MoraConfig: layer_methods key {key!r} is not a valid regex: {err}") from None
+        alpha = self.lora_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+            raise UserError(f"MoraConfig: lora_alpha={alpha!r} is invalid; expected None (2·r) or a number > 0")
+        if not isinstance(self.use_rslora, bool):
+            raise UserError(f"MoraConfig: use_rslora={self.use_rslora!r} is invalid; expected True or False")
+        if not self.layer_methods and (alpha is not None or self.use_rslora):
+            # as PEFT warns about options that its config will not use
+            warnings.warn(
+                "MoraConfig: lora_alpha and use_rslora only apply to the LoRA/DoRA modules of layer_methods, which is "
+                "empty: they are ignored"
+            )
+        if self.layer_methods and self.peft_mora_compat:
+            raise UserError(
+                "MoraConfig: layer_methods cannot be combined with peft_mora_compat (peft-mora had no LoRA)"
+            )
+
+    def method_of(self, module_name: str) -> str:
+        """The method of module ``module_name``: ``"mora"``, or the value of its ``layer_methods`` key."""
+        key = get_pattern_key(self.layer_methods.keys(), module_name)
+        return self.layer_methods.get(key, "mora")

@@ -77,6 +77,26 @@ class MoraModel(BaseTuner):
                 f"matched no module of {type(model).__name__}. Modules that can be adapted: "
                 f"{', '.join(adaptable_module_names(model))}. ({err})"
             ) from None
+        self._check_layer_methods(model, adapter_name)
+
+    def _check_layer_methods(self, model: nn.Module, adapter_name: str) -> None:
+        """Refuse a ``layer_methods`` key that matches none of the adapted modules: it is a typo, or a regex that
+        does not reach the end of the name (keys match like ``rank_pattern``'s, against the whole module name)."""
+        config = self.peft_config[adapter_name]
+        if not config.layer_methods:
+            return
+        adapted = [
+            name for name, module in model.named_modules()
+            if isinstance(module, MoraLayer) and adapter_name in module.mora_method
+        ]
+        for key in config.layer_methods:
+            if not any(get_pattern_key([key], name) == key for name in adapted):
+                example = adapted[0] if adapted else "(none)"
+                raise UserError(
+                    f"MoraConfig: layer_methods key {key!r} matches none of the adapted modules (e.g. {example!r}); "
+                    "keys are regexes matched like rank_pattern's, against the end of the module name: "
+                    r"'layers\.[12]\..*' for every module of layers 1 and 2, 'q_proj' for every q_proj"
+                )
 
     def _create_and_replace(
         self,
@@ -137,7 +157,7 @@ class MoraModel(BaseTuner):
         known = set()
         for module in self.modules():
             if isinstance(module, MoraLayer):
-                known |= set(module.mora_M.keys())
+                known |= set(module.mora_method)
         unknown = sorted({n for n in adapter_names if n != "__base__"} - known)
         if unknown:
             raise ValueError(
@@ -165,5 +185,5 @@ class MoraModel(BaseTuner):
         return {
             name: (module.get_delta_weight(adapter_name).T if module.fan_in_fan_out else module.get_delta_weight(adapter_name))
             for name, module in self.model.named_modules()
-            if isinstance(module, MoraLayer) and adapter_name in module.mora_M
+            if isinstance(module, MoraLayer) and adapter_name in module.mora_method
         }

@@ -5,6 +5,11 @@ A loaded adapter is a dict ``module path -> per-module weights`` that the served
 
     MoRA   ``MoraWeights(op, M)``           delta(x) = op.apply(x, M)              M: (r̂, r̂) float32
     LoRA   ``LoraWeights(A, B, scaling)``   delta(x) = B(A(x)) · scaling           A: (r, k), B: (d, r) float32
+    DoRA   ``DoraWeights(A, B, scaling, f)`` delta(x) = (f − 1)·W x + f·B(A(x))·scaling, f = m / ‖W + scaling·BA‖
+                                            per output row (d,), computed once at load time from the base weight
+
+A MoRA adapter with ``layer_methods`` (one adapter, MoRA on some modules, LoRA or DoRA on others) loads as MoRA,
+LoRA and DoRA module weights side by side.
 
 Adapters in use by running requests are pinned and never evicted; when the bound cannot be met because every
 resident adapter is pinned, ``acquire`` waits for requests to finish. An adapter whose files change on disk is
@@ -20,7 +25,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 from peft.utils.constants import CONFIG_NAME
@@ -87,7 +92,23 @@ class LoraWeights:
         return self.a.nbytes + self.b.nbytes
 
 
-ModuleWeights = Union[MoraWeights, LoraWeights]
+@dataclass(frozen=True)
+class DoraWeights(LoraWeights):
+    """A DoRA module of a mixed MoRA adapter: LoRA's A, B and scaling, and ``factor`` = m / ‖W + scaling·BA‖ (d,),
+    the magnitude over the row norms of the adapted weight (constant while serving: the base weight is frozen)."""
+
+    factor: torch.Tensor = None  # type: ignore[assignment]
+
+    @property
+    def group_key(self) -> str:
+        return "dora"
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.factor.nbytes
+
+
+ModuleWeights = Union[MoraWeights, LoraWeights, DoraWeights]
 
 
 @dataclass(eq=False)
@@ -111,6 +132,8 @@ class ModuleShape:
 
     in_features: int
     out_features: int
+    weight: Optional[Callable[[], torch.Tensor]] = field(default=None, compare=False, repr=False)
+    """The base weight (d, k) in float32, read when a DoRA module is loaded; None where it is not known."""
 
 
 def _files_stamp(directory: Path) -> tuple:
@@ -144,7 +167,7 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
     except Exception as err:  # truncated or corrupt weights
         raise AdapterLoadError(f"{where}: cannot read its weights: {type(err).__name__}: {err}") from None
 
-    suffixes = (".mora_M",) if peft_type == "MORA" else (".lora_A.weight", ".lora_B.weight")
+    suffixes = MORA_SUFFIXES if peft_type == "MORA" else (".lora_A.weight", ".lora_B.weight")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         suffix = next((s for s in suffixes if key.endswith(s)), None)
@@ -167,7 +190,9 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
     for path, parts in tensors.items():
         shape = modules[path]
         k, d = shape.in_features, shape.out_features
-        if peft_type == "MORA":
+        if peft_type == "MORA" and ".mora_M" not in parts:
+            weights[path] = _mixed_lora_part(where, config, path, parts, shape, device)
+        elif peft_type == "MORA":
             m = parts[".mora_M"]
             if m.dim() != 2 or m.shape[0] != m.shape[1]:
                 raise AdapterLoadError(f"{where}: M of {path!r} has shape {tuple(m.shape)}; expected square (r̂, r̂)")
@@ -194,6 +219,39 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
                 float(scaling),
             )
     return LoadedAdapter(name, peft_type.lower(), weights, stamp)
+
+
+MORA_SUFFIXES = (".mora_M", ".mora_lora_A.weight", ".mora_lora_B.weight", ".mora_magnitude.weight")
+
+
+def _mixed_lora_part(
+    where: str, config, path: str, parts: dict[str, torch.Tensor], shape: ModuleShape, device: torch.device
+) -> LoraWeights:
+    """A LoRA or DoRA module of a MoRA adapter with ``layer_methods``, as the served LoRA/DoRA groups take it."""
+    k, d = shape.in_features, shape.out_features
+    if ".mora_lora_A.weight" not in parts or ".mora_lora_B.weight" not in parts:
+        raise AdapterLoadError(f"{where}: {path!r} has {sorted(parts)} but needs both mora_lora_A and mora_lora_B")
+    a, b = parts[".mora_lora_A.weight"], parts[".mora_lora_B.weight"]
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
+    if a.shape != (r, k) or b.shape != (d, r):
+        raise AdapterLoadError(
+            f"{where}: {path!r} has mora_lora_A {tuple(a.shape)} and mora_lora_B {tuple(b.shape)}; the base layer "
+            f"({d}x{k}) and r={r} need ({r}, {k}) and ({d}, {r})"
+        )
+    alpha = config.lora_alpha if config.lora_alpha is not None else 2 * r
+    scaling = float(alpha / r**0.5 if config.use_rslora else alpha / r)
+    a = a.to(device=device, dtype=torch.float32).contiguous()
+    b = b.to(device=device, dtype=torch.float32).contiguous()
+    magnitude = parts.get(".mora_magnitude.weight")
+    if magnitude is None:
+        return LoraWeights(a, b, scaling)
+    if magnitude.shape != (d,):
+        raise AdapterLoadError(f"{where}: {path!r} has a DoRA magnitude of shape {tuple(magnitude.shape)}; expected {(d,)}")
+    if shape.weight is None:  # a store built without the base weights cannot compute DoRA's norm
+        raise AdapterLoadError(f"{where}: {path!r} is a DoRA module, which needs the base weight to be served")
+    # PEFT's DoRA norm: per output row of W + scaling·BA, taken in the adapter's float32 (detached, so a constant)
+    norm = torch.linalg.norm(shape.weight().to(device=device, dtype=torch.float32) + scaling * (b @ a), dim=1)
+    return DoraWeights(a, b, scaling, factor=(magnitude.to(device=device, dtype=torch.float32) / norm).contiguous())
 
 
 class AdapterStore:

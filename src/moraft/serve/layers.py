@@ -16,6 +16,9 @@ by adapter, so that 64 adapters trained with one config cost a few batched kerne
     LoRA, rows G:  delta = ((x @ A_rowᵀ) @ B_rowᵀ) · scaling_row, with A, B zero-padded to the largest rank in the
     batch (exact: the padded rank components are zero); one adapter, or few: PEFT's B(A(x))·scaling per adapter.
 
+    DoRA (modules of mixed MoRA adapters), rows G: LoRA's delta, then (f_row − 1)·W x + f_row·delta with
+    f = m / ‖W + s·BA‖ per output row, computed when the adapter is loaded.
+
 Deltas are computed in float32 (as the core and PEFT do for fp32 adapters) and added in the base output's dtype.
 The plans (stacked weights, row indices) are built once per batch composition and reused by every decode step that
 has the same rows.
@@ -23,6 +26,7 @@ has the same rows.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
@@ -30,7 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..mora.operators import MoraOperator
-from .adapters import LoadedAdapter, LoraWeights, ModuleShape, MoraWeights
+from .adapters import DoraWeights, LoadedAdapter, LoraWeights, ModuleShape, MoraWeights
 
 
 class _Group:
@@ -126,6 +130,23 @@ class _LoraGroup(_Group):
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
+class _DoraGroup(_LoraGroup):
+    """Rows with DoRA modules (of mixed MoRA adapters) on this module: LoRA's delta, then each row's output rescaled
+    by its adapter's m / ‖W + s·BA‖ (precomputed at load): (f − 1)·W x + f·s·B A x, as PEFT's DoraLinearLayer."""
+
+    needs_base = True
+
+    def __init__(self, rows: Optional[torch.Tensor], weights: list[DoraWeights], slots: list[int]) -> None:
+        super().__init__(rows, weights, slots)
+        self.factor_rows = torch.stack([w.factor for w in weights]).index_select(0, self.slot_index)  # (G, d)
+
+    def delta(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``base``: the rows' W x, without the base layer's bias."""
+        lora = super().delta(x)
+        factor = self.factor_rows.view(len(self.factor_rows), *([1] * (x.dim() - 2)), -1)
+        return (factor - 1) * base.float() + factor * lora
+
+
 class RowAdapters:
     """The current batch's row -> adapter assignment, shared by every ``ServedLinear`` of one model."""
 
@@ -172,7 +193,7 @@ class RowAdapters:
             mora = isinstance(key, MoraOperator)
             device = (distinct[0].m if mora else distinct[0].a).device
             index = None if len(rows) == len(self._rows) else torch.tensor(rows, device=device)
-            cls = _MoraGroup if mora else _LoraGroup
+            cls = _MoraGroup if mora else _DoraGroup if key == "dora" else _LoraGroup
             groups.append(cls(index, distinct, slots))
         return groups
 
@@ -193,12 +214,25 @@ class ServedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         groups = self._row_adapters.groups(self.path)
+        base = None
+        if any(isinstance(group, _DoraGroup) for group in groups):  # W x, before any row's delta is added
+            bias = getattr(self.base_layer, "bias", None)
+            base = out - bias if bias is not None else out.clone()
         for group in groups:  # ``out`` is the base layer's fresh output: adding in place is safe
+            dora = isinstance(group, _DoraGroup)
             if group.rows is None:
-                out.add_(group.delta(x).to(out.dtype))
+                out.add_((group.delta(x, base) if dora else group.delta(x)).to(out.dtype))
             else:
-                out.index_add_(0, group.rows, group.delta(x.index_select(0, group.rows)).to(out.dtype))
+                rows_x = x.index_select(0, group.rows)
+                delta = group.delta(rows_x, base.index_select(0, group.rows)) if dora else group.delta(rows_x)
+                out.index_add_(0, group.rows, delta.to(out.dtype))
         return out
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The (d, k) weight of a Linear or Conv1D (stored (k, d))."""
+    weight = module.weight.detach()
+    return weight.T if isinstance(module, Conv1D) else weight
 
 
 def wrap_model(model: nn.Module) -> tuple[RowAdapters, dict[str, ModuleShape]]:
@@ -215,5 +249,5 @@ def wrap_model(model: nn.Module) -> tuple[RowAdapters, dict[str, ModuleShape]]:
         parent = model.get_submodule(parent_name) if parent_name else model
         served = ServedLinear(module, name, row_adapters)
         setattr(parent, child, served)
-        shapes[name] = ModuleShape(served.in_features, served.out_features)
+        shapes[name] = ModuleShape(served.in_features, served.out_features, partial(_weight, module))
     return row_adapters, shapes

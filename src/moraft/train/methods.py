@@ -10,11 +10,12 @@ in a different subspace.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -26,6 +27,8 @@ from ..mora.model import adaptable_module_names, all_linear_names
 from ..quantization import bnb_config, device_map, keep_4bit_layout, quantization_of
 from .builtin import BUILTIN_MODEL, tiny_llama
 from .options import AdapterOptions, ModelOptions
+from .peft_methods import build_config, config_class, derive_knob, mapped_options
+from .peft_methods import method as method_row
 
 ADAPTER = "default"  # the adapter name PEFT gives the one adapter get_peft_model creates
 
@@ -92,28 +95,34 @@ def load_model(options: ModelOptions) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
-def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> MoraConfig | LoraConfig:
-    """The PEFT config of ``options.method`` (mora, lora or dora) for ``model``.
+def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> PeftConfig:
+    """The PEFT config of ``options.method`` for ``model`` (see `moraft.train.peft_methods`).
 
     PEFT's LoraConfig refuses ``layers_to_transform`` with a string ``target_modules``, "all-linear" included; as that
-    is a shorthand, not a regex, it is then expanded here (``all_linear_names``).
+    is a shorthand, not a regex, it is then expanded here (``all_linear_names``), and always for ia3. The method's
+    size knob is derived
+    from ``options.r`` (`moraft.train.peft_methods.derive_knob`) on a meta copy of ``model``.
     """
+    row = method_row(options.method)
     target_modules = options.target_modules
-    if target_modules == "all-linear" and options.layers_to_transform is not None and model is not None:
+    # ia3 too: PEFT 0.21 saves an "all-linear" IA³ adapter with full module names and its default
+    # feedforward_modules suffixes, which its own config check then refuses when the adapter is loaded
+    expand = options.layers_to_transform is not None or options.method == "ia3"
+    if target_modules == "all-linear" and expand and model is not None:
         target_modules = sorted(all_linear_names(model, "CAUSAL_LM"))
     common = dict(
-        r=options.r,
         target_modules=target_modules,
         exclude_modules=options.exclude_modules,
         layers_to_transform=options.layers_to_transform,
         layers_pattern=options.layers_pattern,
-        rank_pattern=dict(options.rank_pattern),
         modules_to_save=options.modules_to_save,
-        task_type="CAUSAL_LM",
     )
     if options.method == "mora":
-        return MoraConfig(
+        config = MoraConfig(
             **common,
+            r=options.r,
+            rank_pattern=dict(options.rank_pattern),
+            task_type="CAUSAL_LM",
             dropout=options.dropout,
             compression=options.compression,
             mora_rank=options.mora_rank,
@@ -122,17 +131,16 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Mora
             output_grouping=options.output_grouping,
             init_weights=options.init_weights,
             peft_mora_compat=options.peft_mora_compat,
+            layer_methods=dict(options.layer_methods),
+            lora_alpha=options.lora_alpha,
         )
-    try:
-        return LoraConfig(
-            **common,
-            lora_alpha=options.effective_lora_alpha,
-            lora_dropout=options.dropout,
-            use_dora=options.method == "dora",
-            init_lora_weights=options.init_weights,
-        )
-    except ValueError as err:  # PEFT's LoraConfig validates exactly the options given here
-        raise UserError(f"adapter.method={options.method!r}: {err}") from None
+        return config
+    kwargs = mapped_options(row, options, common)
+    if options.method in ("lora", "dora"):
+        kwargs.setdefault("lora_alpha", options.effective_lora_alpha)
+    if model is not None:
+        derive_knob(row, model, options.r, common, kwargs)
+    return build_config(config_class(row), {**kwargs, "task_type": "CAUSAL_LM"}, options.method)
 
 
 def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
@@ -156,12 +164,14 @@ def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
             "each merged update; use adapter.merge_every=0, or an unquantized base"
         )
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if quantization == "8bit" and options.method == "dora" and on_cpu:
+    dora = options.method == "dora" or "dora" in options.layer_methods.values()
+    if quantization == "8bit" and dora and on_cpu:
         # PEFT 0.21's DoRA reads the weight norm through dequantize_module_weight, which on the CPU puts back an
         # Int8Params without its scales (bitsandbytes moved them to the layer's state); the next forward fails
         raise UserError(
-            "adapter.method='dora' does not train on an 8-bit base on the CPU (PEFT's DoRA drops the 8-bit weight's "
-            "scales after the first step there); use model.quantization='4bit', or method lora or mora"
+            f"adapter.method={options.method!r}{' with DoRA layer_methods' if options.method == 'mora' else ''} does "
+            "not train on an 8-bit base on the CPU (PEFT's DoRA drops the 8-bit weight's scales after the first step "
+            "there); use model.quantization='4bit', or method lora or mora"
         )
     if options.method == "full":
         model.requires_grad_(True)
@@ -216,6 +226,8 @@ def merge_and_restart(model: PeftModel, *, switch_grouping: bool = True, seed: i
 def _restart_layer(module: nn.Module, switched: MoraConfig | None) -> list[nn.Parameter]:
     """Merge one tuner layer's adapter into its base weight and re-initialize it (with the operator of the
     ``switched`` config, when given); its restarted parameters."""
+    if isinstance(module, MoraLayer) and module.mora_method.get(ADAPTER, "mora") != "mora":
+        return _restart_lora_part(module)
     if isinstance(module, MoraLayer) and ADAPTER in module.mora_M:
         module.merge(adapter_names=[ADAPTER])
         module.merged_adapters.remove(ADAPTER)  # ΔW now belongs to the base weight for good
@@ -232,3 +244,22 @@ def _restart_layer(module: nn.Module, switched: MoraConfig | None) -> list[nn.Pa
         module.reset_lora_parameters(ADAPTER, init_lora_weights=True)
         return [module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight]
     return []
+
+
+def _restart_lora_part(module: MoraLayer) -> list[nn.Parameter]:
+    """A LoRA/DoRA module of a mixed MoRA adapter: merged, then A = PEFT's Kaiming init, B = 0, and for DoRA the
+    magnitude = the row norms of the merged weight, so that the restarted module computes the merged weight exactly
+    as a fresh DoRA on it would."""
+    module.merge(adapter_names=[ADAPTER])
+    module.merged_adapters.remove(ADAPTER)
+    module._dora_merged.pop(ADAPTER, None)  # ΔW now belongs to the base weight for good
+    a, b = module.mora_lora_A[ADAPTER].weight, module.mora_lora_B[ADAPTER].weight
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.zeros_(b)
+    restarted = [a, b]
+    if module.mora_method[ADAPTER] == "dora":
+        dora = module.mora_magnitude[ADAPTER]
+        weight = module.get_base_weight().detach().float()
+        dora.weight.copy_(dora.get_weight_norm(weight, torch.zeros_like(b @ a), scaling=1).to(dora.weight.dtype))
+        restarted.append(dora.weight)
+    return restarted

@@ -23,8 +23,9 @@ from ..mora.operators import COMPRESSIONS, GROUPINGS
 from ..quantization import QUANT_TYPES, QUANTIZATIONS
 from .builtin import BUILTIN_MODEL
 from .data import FORMATS, UUID_MEMORY
+from .peft_methods import METHODS as METHOD_TABLE
 
-METHODS = ("mora", "lora", "dora", "full")
+METHODS: tuple[str, ...] = tuple(METHOD_TABLE)  # mora, lora, dora, full, then every other PEFT method
 PACKINGS = ("auto", "none", "bfd", "bfd_split", "wrapped")
 OBJECTIVES = ("sft", "dpo")
 REPORTERS = ("none", "all", "tensorboard", "wandb", "mlflow")
@@ -197,11 +198,18 @@ class AdapterOptions(_Group):
     GROUP: ClassVar[str] = "adapter"
     SHORTCUT: ClassVar[Optional[str]] = "method"
 
-    method: Literal["mora", "lora", "dora", "full"] = "mora"
-    """mora, lora (PEFT's LoRA), dora (PEFT's LoRA with use_dora) or full (every weight trained)."""
+    method: Literal[METHODS] = "mora"  # type: ignore[valid-type]
+    """mora, lora (PEFT's LoRA), dora (PEFT's LoRA with use_dora), full (every weight trained), or another PEFT
+    method that adapts linear layers (hira, miss, gralora, shira, randlora, vera, loha, lokr, boft, ia3, ...; see
+    the Methods page)."""
     r: int = 8
-    """The rank. LoRA/DoRA: the rank. MoRA: the LoRA rank whose parameter budget M matches
-    (r̂ = round(sqrt((d+k)·r)) per layer), so mora and lora at the same r train the same number of parameters."""
+    """The budget: the trainable parameters of LoRA at rank r on the same target modules, r·Σ(d_in + d_out). LoRA,
+    DoRA, HiRA, SHiRA, GraLoRA: the rank. MoRA: M's size r̂ = round(sqrt((d+k)·r)) per layer. Other methods: their
+    size option set so their trainable count is closest to that budget (vera, ia3 and a few others cannot match it;
+    see the Methods page)."""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """Options passed to the method's PEFT config as they are, e.g. {"boft_block_size": 4} or {"mask_type":
+    "random"}; a size option given here wins over the one derived from r."""
     target_modules: Union[list[str], str] = "all-linear"
     """Modules to adapt: a list of names (or name suffixes), a regex on the full module name, or "all-linear"
     (every linear layer but the output head)."""
@@ -218,7 +226,11 @@ class AdapterOptions(_Group):
     modules_to_save: Optional[list[str]] = None
     """Other modules to train fully and save with the adapter (e.g. [embed_tokens, lm_head])."""
     lora_alpha: Optional[float] = None
-    """lora/dora: the scaling numerator (scale = lora_alpha / r); None means 2·r."""
+    """lora/dora, and the modules mora's layer_methods give to lora/dora: the scaling numerator (scale =
+    lora_alpha / r); None means 2·r."""
+    layer_methods: dict[str, str] = field(default_factory=dict)
+    """mora: per-module method, {regex: lora | dora}, e.g. {"layers\\.[12]\\..*": "dora"}; modules matching no key
+    use MoRA (keys match like rank_pattern's; lora_alpha and r apply to those modules)."""
     compression: Literal["sharing", "rotation", "decouple", "truncation"] = "sharing"
     """mora: the fixed operators around M: sharing, rotation, decouple or truncation (see `moraft.MoraConfig`; the
     paper recommends rotation for small r, sharing for large r)."""
@@ -246,7 +258,7 @@ class AdapterOptions(_Group):
     """mora sharing with merge_every: alternate the grouping at each merge (the paper's ReMoRA)."""
 
     MORA_ONLY: ClassVar[tuple[str, ...]] = (
-        "compression", "mora_rank", "mora_rank_pattern", "input_grouping", "output_grouping"
+        "compression", "mora_rank", "mora_rank_pattern", "input_grouping", "output_grouping", "layer_methods"
     )
 
     def validate(self) -> None:
@@ -270,9 +282,17 @@ class AdapterOptions(_Group):
             for name in self.MORA_ONLY:
                 if getattr(self, name) != getattr(default, name):
                     raise UserError(f"adapter.{name} is a mora option; it does nothing with method={self.method!r}")
+        self._check(isinstance(self.method_options, dict) and all(isinstance(k, str) for k in self.method_options),
+                    "method_options", "a mapping {option of the method's PEFT config: value}")
+        if self.method in ("mora", "full") and self.method_options:
+            raise UserError(
+                f"adapter.method_options={self.method_options!r}: method {self.method!r} has none (mora's options are "
+                "adapter.compression, adapter.mora_rank, ...)"
+            )
         if self.merge_every:
-            expected = "0 with method dora or full (ReMoRA/ReLoRA merge mora or lora adapters)"
-            self._check(self.method in ("mora", "lora"), "merge_every", expected)
+            restartable = [m.name for m in METHOD_TABLE.values() if m.restart]
+            expected = f"0 with method {self.method} (ReMoRA/ReLoRA restart {' or '.join(restartable)} adapters only)"
+            self._check(METHOD_TABLE[self.method].restart, "merge_every", expected)
 
     @property
     def effective_lora_alpha(self) -> float:

@@ -39,6 +39,7 @@ from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
 from .data import UUID_MEMORY, describe_mix, detect_format, load_data, uuid_pairs
 from .evaluate import CONFIG_FILE, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_model, merge_and_restart
+from .peft_methods import describe_size, size_report
 from .options import AdapterOptions, DataOptions, TrainOptions
 from .plot import plot_run
 
@@ -60,6 +61,8 @@ class TrainResult:
         final: the last evaluation and the mean training loss.
         trainable_parameters: parameters the method trained.
         total_parameters: all parameters of the trained model (base + adapter).
+        size: how the trainable count compares with LoRA's budget at the same r (``lora_budget``, ``budget_ratio``,
+            ``knob``: see `moraft.train.peft_methods.size_report`).
         runtime_s: wall time of the training loop.
         world_size: how many processes trained.
         sharding: how the parameters were sharded across them ("FSDP", "DeepSpeed ZeRO-3"), or None.
@@ -74,6 +77,7 @@ class TrainResult:
     final: dict = field(default_factory=dict)
     trainable_parameters: int = 0
     total_parameters: int = 0
+    size: dict = field(default_factory=dict)
     runtime_s: float = 0.0
     world_size: int = 1
     sharding: Optional[str] = None
@@ -333,6 +337,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     set_seed(options.optimization.seed)  # the adapter's initialization
     model = apply_method(model, adapter)
     trainable, total = count_parameters(model)
+    size = size_report(model, adapter.method, adapter.r)
+    print(f"moraft train: {describe_size(adapter.method, size)}", flush=True)
     pairs = uuid_pairs(data.num_pairs, data.seed) if data.sources == [UUID_MEMORY] else None
 
     def evaluate(model) -> dict:
@@ -400,6 +406,7 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         final=final,
         trainable_parameters=trainable,
         total_parameters=total,
+        size=size,
         runtime_s=runtime,
         world_size=args.world_size,
         sharding=sharding,
@@ -542,7 +549,7 @@ def _save_model(trainer: Trainer, directory: Path, is_main: bool) -> None:
         shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
     expected = sum(1 for p in trainer.model.parameters() if p.requires_grad)
     empty = [key for key, shape in shapes.items() if 0 in shape or not shape]
-    if len(shapes) != expected or empty:
+    if len(shapes) < expected or empty:  # some methods save frozen tensors too (VeRA's projections, SHiRA's mask)
         raise RuntimeError(
             f"Trainer.save_model wrote {len(shapes)} tensors ({len(empty)} empty) to {adapter}, for {expected} "
             "trainable parameters"
@@ -570,6 +577,9 @@ def _save_outputs(
         "steps": trainer.state.global_step,
         "trainable_parameters": result.trainable_parameters,
         "total_parameters": result.total_parameters,
+        "lora_budget": result.size.get("lora_budget"),
+        "budget_ratio": result.size.get("budget_ratio"),
+        "size_knob": result.size.get("knob"),
         "runtime_s": round(result.runtime_s, 2),
         "world_size": result.world_size,
         "sharding": result.sharding,
