@@ -55,8 +55,11 @@ so the study can run in pieces. Prints the grids, tables per task, the MoRA - Lo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import random
 import shutil
 import statistics
@@ -83,6 +86,12 @@ METHODS: dict[str, dict] = {
     "mora-sharing": {"method": "mora", "compression": "sharing"},
     "mora-rotation": {"method": "mora", "compression": "rotation"},
     "remora": {"method": "mora", "compression": "sharing", "merge_every": 0.25},
+    "hira": {"method": "hira"},
+    "miss": {"method": "miss"},
+    "gralora": {"method": "gralora"},
+    # the issue's MoRA outside, DoRA inside needs inner layers; a 2-layer model has none, so: MoRA on the MLPs (where
+    # a transformer's key-value memories are, arXiv 2012.14913), DoRA on attention
+    "mixed": {"method": "mora", "compression": "rotation", "layer_methods": {r"self_attn\..*": "dora"}},
 }
 TASKS = ("memory", "cpt-raw", "cpt-rc", "control")
 PARTS = ("main", "sweep", "pairs")
@@ -119,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--main_point", default="64x2", help="WIDTHxR of the main part and the pairs part")
     add("--points", nargs="+", default=["64x4", "64x2", "64x1", "128x1"],
         help="WIDTHxR points of the sweep (r/d = r / width)")
-    add("--sweep_methods", nargs="+", default=[LORA, MORA, "dora"], help="methods of the sweep")
+    add("--sweep_methods", nargs="+", default=[LORA, MORA], help="methods of the sweep")
     add("--sweep_tasks", nargs="+", choices=TASKS, default=["memory", "cpt-raw", "control"], help="tasks of the sweep")
     add("--pairs_methods", nargs="+", default=[LORA, MORA], help="methods of the pairs part")
     add("--pairs_counts", type=int, nargs="+", default=[16, 64, 256], help="numbers of UUID pairs of the pairs part")
@@ -293,12 +302,34 @@ def prepare_data(args: argparse.Namespace, work: Path, report: dict) -> dict:
 # -- bases and runs --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``path`` (created): processes of the study that share --work_dir or --output take
+    turns to make a base, the data or to write the JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def make_base(width: int, args: argparse.Namespace, work: Path, data: dict, report: dict) -> str:
-    """The pretrained base of this width (made once under work/bases, then reused): its directory."""
+    """The pretrained base of this width (made once under work/bases, then reused, also by another process of the
+    study): its directory. What it knows before fine-tuning goes to report["bases"]."""
     directory = work / "bases" / f"w{width}-L{args.num_layers}-s{args.base_steps}"
-    entry = report["bases"].get(str(width))
-    if (directory / "config.json").is_file() and entry:
-        return str(directory)
+    stats = directory / "base_stats.json"
+    with locked(work / "bases" / f"w{width}.lock"):
+        if not stats.is_file():
+            report["bases"][str(width)] = pretrain_base(width, args, directory, data)
+            stats.write_text(json.dumps(report["bases"][str(width)], indent=1))
+    report["bases"][str(width)] = json.loads(stats.read_text())
+    return str(directory)
+
+
+def pretrain_base(width: int, args: argparse.Namespace, directory: Path, data: dict) -> dict:
+    """Pretrain the built-in tiny LLaMA of this width fully on the general mix into ``directory``; what it knows."""
     options = TrainOptions.from_dict({
         "model": {"builtin_hidden_size": width, "builtin_num_layers": args.num_layers},
         "data": {"dataset": str(data["pretrain"]), "format": "text", "seq_length": args.seq_length},
@@ -312,7 +343,7 @@ def make_base(width: int, args: argparse.Namespace, work: Path, data: dict, repo
     result = train(options)
     model, tokenizer = result.model, result.tokenizer
     format_a = addition_tasks(data["problems"]["test"], lambda a, b: f"{a}+{b}=")
-    report["bases"][str(width)] = {
+    return {
         "steps": args.base_steps, "final_loss": result.curve("loss")[-1][1] if result.curve("loss") else None,
         "seconds": round(time.perf_counter() - started, 1),
         # what the base knows before any fine-tuning
@@ -322,7 +353,6 @@ def make_base(width: int, args: argparse.Namespace, work: Path, data: dict, repo
         "memory_char_accuracy": uuid_accuracy(model, tokenizer, uuid_pairs(args.num_pairs, 0))["char_accuracy"],
         "heldout_perplexity": perplexity(model, tokenizer, data["cpt_heldout"], args.seq_length)["perplexity"],
     }
-    return str(directory)
 
 
 def adapter_fields(method: str, r: int, steps: int) -> dict:
@@ -574,15 +604,26 @@ def main(argv: list[str] | None = None) -> dict:
                              "pass --name NEW or delete it")
         report.update(saved)
         report["errors"] = {}
-    started, before = time.perf_counter(), report["seconds"]
+    started = time.perf_counter()
+
+    def refresh() -> None:
+        """Take in the runs and bases another process of the study wrote to the JSON meanwhile."""
+        if json_path.is_file():
+            saved = json.loads(json_path.read_text())
+            if saved.get("setting") == setting:
+                report["runs"] = {**saved["runs"], **report["runs"]}
+                report["bases"] = {**saved["bases"], **report["bases"]}
 
     def save() -> None:
-        report["seconds"] = round(before + time.perf_counter() - started, 1)
-        report["summary"] = summarize(report)
-        report["gaps"] = gaps(report["summary"], report)
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(json_path)
+        with locked(json_path.with_suffix(".lock")):
+            refresh()
+            # the compute of every run and base, whichever process ran it
+            report["seconds"] = round(sum(r["seconds"] for r in [*report["runs"].values(), *report["bases"].values()]), 1)
+            report["summary"] = summarize(report)
+            report["gaps"] = gaps(report["summary"], report)
+            tmp = json_path.with_suffix(f".json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+            tmp.replace(json_path)
 
     plan = cells(args)
     steps = {"memory": args.memory_steps, "control": args.control_steps, "cpt-raw": args.cpt_steps,
@@ -598,7 +639,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"knowledge: {len(plan)} cells; about {missing / 60:.0f} minutes of runs to go on this machine's 2 shared "
           f"cores, plus the bases not yet made (widths {sorted({c[2] for c in plan})})", flush=True)
 
-    data = prepare_data(args, work, report)
+    with locked(work / "data.lock"):
+        data = prepare_data(args, work, report)
     bases = {}
     done = 0
     try:
@@ -614,6 +656,8 @@ def main(argv: list[str] | None = None) -> dict:
             def ensure(lr: float, seed: int) -> None:
                 nonlocal done
                 key = run_key(task, method, width, r, pairs, lr, seed)
+                with locked(json_path.with_suffix(".lock")):
+                    refresh()
                 if key in report["runs"]:
                     return
                 directory = work / "runs" / key.replace("/", "-")
@@ -654,7 +698,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_tables(report, args))
     for key, error in report["errors"].items():
         print(f"failed: {key}: {error}")
-    print(f"\nwrote {json_path} and {', '.join(map(str, written))} ({done} new runs; {report['seconds']:.0f} s in all)")
+    print(f"\nwrote {json_path} and {', '.join(map(str, written))} ({done} new runs in {time.perf_counter() - started:.0f} s; "
+          f"{report['seconds']:.0f} s of runs and bases in all)")
     return report
 
 
