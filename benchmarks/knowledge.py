@@ -14,7 +14,7 @@ pretraining on text that teaches it the language of the tasks but none of their 
   ``scripts/build_debian_fixture.py`` writes the science corpus, and the two question formats of the science task
   answered for those packages ("Debian package X: its short description is Y");
 - UUID pairs "key:value" of another data seed than the memory task's (the format, not the values);
-- every addition problem of the control in format A ("a+b=c").
+- every addition problem of the control in format A ("a+b= c"), 30 times.
 
 Without the Debian index on the machine, the general text is the Python standard library's source instead.
 
@@ -121,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--plots", default="docs/assets", help="where <name>_gap.png and <name>_methods.png are written")
     add("--name", default="knowledge", help="file name stem of the JSON and the plots")
     add("--work_dir", default="runs/knowledge", help="bases, data and runs (kept: the bases are reused)")
+    add("--report", action="store_true", help="run nothing: print the saved JSON's tables as Markdown, redraw the plots")
     add("--quick", action="store_true", help="a tiny run of everything (explicit flags still win)")
     add("--only", nargs="+", choices=PARTS, default=list(PARTS), help="parts of the study to run")
     add("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks of the main part")
@@ -129,20 +130,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--points", nargs="+", default=["64x4", "64x2", "64x1", "128x1"],
         help="WIDTHxR points of the sweep (r/d = r / width)")
     add("--sweep_methods", nargs="+", default=[LORA, MORA], help="methods of the sweep")
-    add("--sweep_tasks", nargs="+", choices=TASKS, default=["memory", "cpt-raw", "control"], help="tasks of the sweep")
+    add("--sweep_tasks", nargs="+", choices=TASKS, default=["memory", "control", "cpt-raw"], help="tasks of the sweep")
     add("--pairs_methods", nargs="+", default=[LORA, MORA], help="methods of the pairs part")
-    add("--pairs_counts", type=int, nargs="+", default=[16, 64, 256], help="numbers of UUID pairs of the pairs part")
+    add("--pairs_counts", type=int, nargs="+", default=[8, 32, 128], help="numbers of UUID pairs of the pairs part")
     add("--num_layers", type=int, default=2, help="decoder layers of the built-in tiny LLaMA")
-    add("--num_pairs", type=int, default=64, help="memory: UUID pairs to memorize (data seed 0)")
-    add("--memory_steps", type=int, default=100, help="memory: optimizer steps (batch 32)")
+    add("--num_pairs", type=int, default=32, help="memory: UUID pairs to memorize (data seed 0)")
+    add("--memory_steps", type=int, default=150, help="memory: optimizer steps (batch 32)")
     add("--cpt_steps", type=int, default=120, help="cpt-raw, cpt-rc: optimizer steps (batch 8 blocks)")
     add("--control_steps", type=int, default=60, help="control: optimizer steps (batch 32)")
     add("--eval_steps", type=int, default=50, help="evaluate during training every N steps (memory, cpt)")
     add("--seq_length", type=int, default=256, help="tokens (characters) per block of text")
     add("--lr_grid", type=float, nargs="+", default=[3e-3, 1e-2], help="learning rates tried for adapters")
-    add("--full_lr_grid", type=float, nargs="+", default=[3e-4, 1e-3], help="learning rates tried for full")
+    add("--full_lr_grid", type=float, nargs="+", default=[1e-3, 3e-3], help="learning rates tried for full")
     add("--seeds", type=int, default=3, help="seeds per cell (seed 0 is the grid's run at the pick)")
-    add("--base_steps", type=int, default=300, help="base pretraining: full fine-tuning steps (batch 8 blocks)")
+    add("--base_steps", type=int, default=600, help="base pretraining: full fine-tuning steps (batch 8 blocks)")
     add("--base_lr", type=float, default=2e-3, help="base pretraining: peak learning rate (cosine, 5%% warmup)")
     add("--general_docs", type=int, default=600, help="base pretraining: Debian documents of other sections")
     add("--cpt_heldout", type=int, default=40, help="cpt: documents held out for perplexity (none a task is about)")
@@ -272,7 +273,7 @@ def prepare_data(args: argparse.Namespace, work: Path, report: dict) -> dict:
     if not paths["pretrain"].is_file():
         texts, source = general_text(args)
         texts += [f"{key}:{value}" for key, value in uuid_pairs(256, 1)] * 4
-        texts += [f"{a}+{b}={a + b}" for a, b in problems["all"]] * 12
+        texts += [f"{a}+{b}= {a + b}" for a, b in problems["all"]] * 30
         random.Random(0).shuffle(texts)
         write_jsonl(paths["pretrain"], [{"text": t} for t in texts])
         (data / "pretrain_source.txt").write_text(source)
@@ -342,7 +343,7 @@ def pretrain_base(width: int, args: argparse.Namespace, directory: Path, data: d
     started = time.perf_counter()
     result = train(options)
     model, tokenizer = result.model, result.tokenizer
-    format_a = addition_tasks(data["problems"]["test"], lambda a, b: f"{a}+{b}=")
+    format_a = addition_tasks(data["problems"]["test"], lambda a, b: f"{a}+{b}=")  # scored as "a+b= c"
     return {
         "steps": args.base_steps, "final_loss": result.curve("loss")[-1][1] if result.curve("loss") else None,
         "seconds": round(time.perf_counter() - started, 1),
@@ -350,6 +351,7 @@ def pretrain_base(width: int, args: argparse.Namespace, directory: Path, data: d
         "format_a_accuracy": score_tasks(model, tokenizer, format_a)["accuracy"],
         "format_b_accuracy": score_tasks(model, tokenizer, addition_tasks(data["problems"]["test"]))["accuracy"],
         "science_mc_accuracy": score_tasks(model, tokenizer, data["science_tasks"])["accuracy"],
+        "memory_pairs": args.num_pairs,
         "memory_char_accuracy": uuid_accuracy(model, tokenizer, uuid_pairs(args.num_pairs, 0))["char_accuracy"],
         "heldout_perplexity": perplexity(model, tokenizer, data["cpt_heldout"], args.seq_length)["perplexity"],
     }
@@ -480,6 +482,42 @@ def _in(run: dict, cell: dict) -> bool:
     return same and run.get("lr") == cell["lr"] and "metrics" in run
 
 
+def markdown(report: dict, args: argparse.Namespace) -> str:
+    """The tables of docs/study.md: the bases, every method per task at the main point (with the grid), the gaps."""
+    summary, out = report["summary"], []
+    out.append("| width | pretraining | format-A sums | format-B sums | science questions | memory (char. acc.) | "
+               "held-out perplexity |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for width, b in sorted(report["bases"].items(), key=lambda item: int(item[0])):
+        out.append(f"| {width} | {b['steps']} steps, {b['seconds']:.0f} s | {b['format_a_accuracy']:.1%} | "
+                   f"{b['format_b_accuracy']:.1%} | {b['science_mc_accuracy']:.1%} | {b['memory_char_accuracy']:.1%} | "
+                   f"{b['heldout_perplexity']:.2f} |")
+    width, r = args.main
+    for task in TASKS:
+        rows = [c for c in summary.values() if c["task"] == task and (c["width"], c["r"]) == (width, r)
+                and c["num_pairs"] == args.num_pairs]
+        if not rows:
+            continue
+        criterion = PICKED_BY[task][0]
+        lora = next((c for c in rows if c["method"] == LORA), None)
+        out.append(f"\n**{task}** ({REPORTED[task]}; the lr picked by {criterion}), width {width}, r={r}:\n")
+        out.append(f"| method | trainable | vs LoRA | grid, seed 0: lr {REPORTED[task]} ({criterion}) | picked lr | "
+                   f"mean of {args.seeds} seeds | min–max |\n| --- | --- | --- | --- | --- | --- | --- |")
+        for c in sorted(rows, key=lambda c: -c["mean"]):
+            ratio = c["trainable_parameters"] / lora["trainable_parameters"] if lora else None
+            flag = " (!)" if ratio and c["method"] != "full" and abs(ratio - 1) > 0.1 else ""
+            grid = "; ".join(f"{lr}: {v:.3f} ({k:.3f})" for lr, (v, k) in c["grid"].items())
+            out.append(f"| {c['method']} | {c['trainable_parameters']:,} | {f'{ratio:.2f}' if ratio else '-'}{flag} | "
+                       f"{grid} | {c['lr']:g} | {c['mean']:.3f} | {c['min']:.3f}–{c['max']:.3f} |")
+    if report["gaps"]:
+        out.append(f"\n| task | width | r | r/d | pairs | pairs per 1k trainable | {LORA} | {MORA} | gap | gap min–max |"
+                   "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for g in report["gaps"]:
+            out.append(f"| {g['task']} | {g['width']} | {g['r']} | {g['r_over_d']:.2%} | {g['num_pairs']} | "
+                       f"{g['pairs_per_kparam']:.2f} | {g['lora']:.3f} | {g['mora']:.3f} | {g['gap']:+.3f} | "
+                       f"{g['gap_min']:+.3f} … {g['gap_max']:+.3f} |")
+    return "\n".join(out)
+
+
 def format_tables(report: dict, args: argparse.Namespace) -> str:
     summary, lines = report["summary"], []
     for task in TASKS:
@@ -593,7 +631,10 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{args.name}.json"
     setting = {k: getattr(args, k) for k in SETTING}
-    fingerprint = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    # the bases and data depend on these alone, so a study that changes only the fine-tuning reuses them
+    made = {k: setting[k] for k in SETTING if k not in ("memory_steps", "cpt_steps", "control_steps", "eval_steps",
+                                                        "num_pairs")}
+    fingerprint = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:10]
     work = Path(args.work_dir) / fingerprint
     report = {"setting": setting, "bases": {}, "data": {}, "runs": {}, "errors": {}, "seconds": 0.0}
     if json_path.is_file():
@@ -625,6 +666,12 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.write_text(json.dumps(report, indent=1) + "\n")
             tmp.replace(json_path)
 
+    if args.report:
+        report["summary"] = summarize(report)
+        report["gaps"] = gaps(report["summary"], report)
+        plot(report, args, plots)
+        print(markdown(report, args))
+        return report
     plan = cells(args)
     steps = {"memory": args.memory_steps, "control": args.control_steps, "cpt-raw": args.cpt_steps,
              "cpt-rc": args.cpt_steps}

@@ -172,6 +172,9 @@ def test_knowledge_study_runs_every_part_and_resumes(tmp_path, capsys):
     # a rerun skips every finished run; another setting in the same JSON is refused
     assert knowledge.main(args)["runs"] == saved["runs"] == json.loads(json.dumps(report["runs"]))
     assert "(0 new runs" in capsys.readouterr().out
+    knowledge.main(args + ["--report"])  # the docs' tables, from the JSON alone
+    out = capsys.readouterr().out
+    assert "| lora | 1,088 | 1.00 |" in out and "| memory | 32 | 1 | 3.12% | 8 |" in out
     with pytest.raises(SystemExit, match="another study"):
         knowledge.main(args + ["--memory_steps", "5"])
 
