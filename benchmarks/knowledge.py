@@ -43,13 +43,16 @@ Parts (``--only``):
 Protocol in every cell (task, method, width, r, pairs): each learning rate of the grid (--lr_grid, --full_lr_grid
 for full fine-tuning) on seed 0, the pick by the task's criterion, then seeds 1..--seeds-1 at the pick. Every run
 is written to the JSON as it finishes (--output/--name.json); a rerun with the same setting skips the runs it has,
-so the study can run in pieces. Prints the grids, tables per task, the MoRA - LoRA gaps, and writes the plots to
---plots: ``<name>_gap.png`` (the headline: MoRA - LoRA against r/d, per task, seed spread) and
-``<name>_methods.png`` (every method at the main point, per task).
+so the study can run in pieces, and several processes can run parts of one study at once (they share the bases,
+the data and the JSON, under file locks). Prints the grids, tables per task, the MoRA - LoRA gaps, and writes the
+plots to --plots: ``<name>_gap.png`` (the headline: MoRA - LoRA against r/d, per task, seed spread) and
+``<name>_methods.png`` (every method at the main point, per task). --report prints the tables as Markdown from the
+JSON alone.
 
-    python benchmarks/knowledge.py                    # what docs/study.md reports (see there for the time it took)
+    python benchmarks/knowledge.py --only main & python benchmarks/knowledge.py --only sweep pairs   # docs/study.md
+    python benchmarks/knowledge.py --report            # its tables and plots, from the JSON
     python benchmarks/knowledge.py --only main --methods lora mora-sharing --tasks memory
-    python benchmarks/knowledge.py --quick            # a tiny run of everything (the smoke test's)
+    python benchmarks/knowledge.py --quick             # a tiny run of everything (the smoke test's)
 """
 
 from __future__ import annotations
@@ -492,22 +495,25 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
                    f"{b['format_b_accuracy']:.1%} | {b['science_mc_accuracy']:.1%} | {b['memory_char_accuracy']:.1%} | "
                    f"{b['heldout_perplexity']:.2f} |")
     width, r = args.main
-    for task in TASKS:
+    pair_counts = sorted({c["num_pairs"] for c in summary.values() if (c["width"], c["r"]) == (width, r)},
+                         key=lambda n: n != args.num_pairs)
+    for task, pairs in [(t, n) for t in TASKS for n in (pair_counts if t == "memory" else [args.num_pairs])]:
         rows = [c for c in summary.values() if c["task"] == task and (c["width"], c["r"]) == (width, r)
-                and c["num_pairs"] == args.num_pairs]
+                and c["num_pairs"] == pairs]
         if not rows:
             continue
         criterion = PICKED_BY[task][0]
         lora = next((c for c in rows if c["method"] == LORA), None)
-        out.append(f"\n**{task}** ({REPORTED[task]}; the lr picked by {criterion}), width {width}, r={r}:\n")
+        what = f"{pairs} pairs, " if task == "memory" else ""
+        out.append(f"\n**{task}** ({what}{REPORTED[task]}; the lr picked by {criterion}), width {width}, r={r}:\n")
         out.append(f"| method | trainable | vs LoRA | grid, seed 0: lr {REPORTED[task]} ({criterion}) | picked lr | "
-                   f"mean of {args.seeds} seeds | min–max |\n| --- | --- | --- | --- | --- | --- | --- |")
+                   f"seeds | mean | min–max |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
         for c in sorted(rows, key=lambda c: -c["mean"]):
             ratio = c["trainable_parameters"] / lora["trainable_parameters"] if lora else None
             flag = " (!)" if ratio and c["method"] != "full" and abs(ratio - 1) > 0.1 else ""
             grid = "; ".join(f"{lr}: {v:.3f} ({k:.3f})" for lr, (v, k) in c["grid"].items())
             out.append(f"| {c['method']} | {c['trainable_parameters']:,} | {f'{ratio:.2f}' if ratio else '-'}{flag} | "
-                       f"{grid} | {c['lr']:g} | {c['mean']:.3f} | {c['min']:.3f}–{c['max']:.3f} |")
+                       f"{grid} | {c['lr']:g} | {len(c['seeds'])} | {c['mean']:.3f} | {c['min']:.3f}–{c['max']:.3f} |")
     if report["gaps"]:
         out.append(f"\n| task | width | r | r/d | pairs | pairs per 1k trainable | {LORA} | {MORA} | gap | gap min–max |"
                    "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -571,6 +577,10 @@ def plot(report: dict, args: argparse.Namespace, plots: Path) -> list[Path]:
     left.axhline(0, color="grey", lw=0.8)
     left.set(xscale="log", xlabel="r / d (LoRA rank over model width)", ylabel=f"{MORA} - {LORA}",
              title="MoRA - LoRA at equal trainable parameters")
+    ticks = sorted({g["r_over_d"] for g in report["gaps"]})
+    left.set_xticks(ticks, [f"{t:.2%}\n{g['width']}x{g['r']}" for t in ticks
+                            for g in [next(g for g in report["gaps"] if g["r_over_d"] == t)]], fontsize=7)
+    left.minorticks_off()
     left.grid(alpha=0.3, which="both")
     left.legend(fontsize=7)
     rows = sorted((g for g in report["gaps"] if g["task"] == "memory" and (g["width"], g["r"]) == args.main),
@@ -584,6 +594,9 @@ def plot(report: dict, args: argparse.Namespace, plots: Path) -> list[Path]:
     right.axhline(0, color="grey", lw=0.8)
     right.set(xscale="log", xlabel="UUID pairs per 1,000 trainable parameters",
               title=f"memory task at width {args.main[0]}, r={args.main[1]}")
+    if rows:
+        right.set_xticks([g["pairs_per_kparam"] for g in rows], [f"{g['pairs_per_kparam']:.2g}" for g in rows])
+        right.minorticks_off()
     right.grid(alpha=0.3, which="both")
     fig.suptitle("bars: min-max of the paired per-seed differences", fontsize=8)
     fig.tight_layout()
@@ -592,19 +605,28 @@ def plot(report: dict, args: argparse.Namespace, plots: Path) -> list[Path]:
     plt.close(fig)
 
     width, r = args.main
-    tasks = [t for t in TASKS if any(c["task"] == t and (c["width"], c["r"], c["num_pairs"]) == (width, r, args.num_pairs)
-                                     for c in report["summary"].values())]
-    if tasks:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
-            rows = [c for c in report["summary"].values()
-                    if c["task"] == task and (c["width"], c["r"], c["num_pairs"]) == (width, r, args.num_pairs)]
+    at_main = [c for c in report["summary"].values() if (c["width"], c["r"]) == (width, r)]
+    # each task with the main number of pairs, then the memory task with any other number that 3+ methods ran
+    counts = {n: sum(c["task"] == "memory" and c["num_pairs"] == n for c in at_main) for n in {c["num_pairs"] for c in at_main}}
+    panels = [(t, args.num_pairs) for t in TASKS if any(c["task"] == t and c["num_pairs"] == args.num_pairs for c in at_main)]
+    panels += [("memory", n) for n in sorted(counts) if n != args.num_pairs and counts[n] >= 3]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+        for ax, (task, pairs) in zip(axes[0], panels):
+            rows = [c for c in at_main if c["task"] == task and c["num_pairs"] == pairs]
             rows.sort(key=lambda c: list(METHODS).index(c["method"]))
             means = [c["mean"] for c in rows]
             ax.bar(range(len(rows)), means, color=[f"C{list(METHODS).index(c['method']) % 10}" for c in rows],
                    yerr=[[c["mean"] - c["min"] for c in rows], [c["max"] - c["mean"] for c in rows]], capsize=3)
             ax.set_xticks(range(len(rows)), [c["method"] for c in rows], rotation=60, ha="right", fontsize=7)
-            ax.set_title(f"{task}: {REPORTED[task]}", fontsize=9)
+            base = report["bases"].get(str(width), {})
+            before = {"memory": "memory_char_accuracy", "control": "format_b_accuracy"}.get(task, "science_mc_accuracy")
+            if before in base and base.get("memory_pairs", pairs) == pairs:
+                ax.axhline(base[before], color="black", ls=":", lw=1, label="the base, before fine-tuning")
+            if task == "control" and "format_a_accuracy" in base:
+                ax.axhline(base["format_a_accuracy"], color="black", ls="--", lw=1, label="the base, in format A")
+            ax.legend(fontsize=6, loc="lower right")
+            ax.set_title(f"{task}{f' ({pairs} pairs)' if task == 'memory' else ''}: {REPORTED[task]}", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
         fig.suptitle(f"width {width}, r={r} (r/d {r / width:.2%}): mean of seeds at the picked lr, min-max", fontsize=9)
         fig.tight_layout()
