@@ -507,13 +507,15 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         what = f"{pairs} pairs, " if task == "memory" else ""
         out.append(f"\n**{task}** ({what}{REPORTED[task]}; the lr picked by {criterion}), width {width}, r={r}:\n")
         out.append(f"| method | trainable | vs LoRA | grid, seed 0: lr {REPORTED[task]} ({criterion}) | picked lr | "
-                   f"seeds | mean | min–max |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+                   f"seeds | mean | min–max |" + (f" {criterion}, mean |" if criterion != REPORTED[task] else "")
+                   + "\n" + "| --- " * (8 + (criterion != REPORTED[task])) + "|")
         for c in sorted(rows, key=lambda c: -c["mean"]):
             ratio = c["trainable_parameters"] / lora["trainable_parameters"] if lora else None
             flag = " (!)" if ratio and c["method"] != "full" and abs(ratio - 1) > 0.1 else ""
             grid = "; ".join(f"{lr}: {v:.3f} ({k:.3f})" for lr, (v, k) in c["grid"].items())
             out.append(f"| {c['method']} | {c['trainable_parameters']:,} | {f'{ratio:.2f}' if ratio else '-'}{flag} | "
-                       f"{grid} | {c['lr']:g} | {len(c['seeds'])} | {c['mean']:.3f} | {c['min']:.3f}–{c['max']:.3f} |")
+                       f"{grid} | {c['lr']:g} | {len(c['seeds'])} | {c['mean']:.3f} | {c['min']:.3f}–{c['max']:.3f} |"
+                       + (f" {c['secondary'][criterion]:.3f} |" if criterion != REPORTED[task] else ""))
     if report["gaps"]:
         out.append(f"\n| task | width | r | r/d | pairs | pairs per 1k trainable | {LORA} | {MORA} | gap | gap min–max |"
                    "\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -625,7 +627,8 @@ def plot(report: dict, args: argparse.Namespace, plots: Path) -> list[Path]:
                 ax.axhline(base[before], color="black", ls=":", lw=1, label="the base, before fine-tuning")
             if task == "control" and "format_a_accuracy" in base:
                 ax.axhline(base["format_a_accuracy"], color="black", ls="--", lw=1, label="the base, in format A")
-            ax.legend(fontsize=6, loc="lower right")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6, loc="lower right")
             ax.set_title(f"{task}{f' ({pairs} pairs)' if task == 'memory' else ''}: {REPORTED[task]}", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
         fig.suptitle(f"width {width}, r={r} (r/d {r / width:.2%}): mean of seeds at the picked lr, min-max", fontsize=9)
