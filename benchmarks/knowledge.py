@@ -672,6 +672,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["errors"] = {}
     started = time.perf_counter()
 
+    json_lock = Path(args.work_dir) / f"{args.name}.json.lock"  # not beside the JSON: runs/ is out of git
+
     def refresh() -> None:
         """Take in the runs and bases another process of the study wrote to the JSON meanwhile."""
         if json_path.is_file():
@@ -681,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict:
                 report["bases"] = {**saved["bases"], **report["bases"]}
 
     def save() -> None:
-        with locked(json_path.with_suffix(".lock")):
+        with locked(json_lock):
             refresh()
             # the compute of every run and base, whichever process ran it
             report["seconds"] = round(sum(r["seconds"] for r in [*report["runs"].values(), *report["bases"].values()]), 1)
@@ -728,7 +730,7 @@ def main(argv: list[str] | None = None) -> dict:
             def ensure(lr: float, seed: int) -> None:
                 nonlocal done
                 key = run_key(task, method, width, r, pairs, lr, seed)
-                with locked(json_path.with_suffix(".lock")):
+                with locked(json_lock):
                     refresh()
                 if key in report["runs"]:
                     return
