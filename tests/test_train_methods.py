@@ -21,7 +21,7 @@ from moraft.interop.merge import merge_adapter
 from moraft.testing import input_ids, logits
 from moraft.train import train
 from moraft.train.options import AdapterOptions, TrainOptions
-from moraft.train.peft_methods import METHODS, closest
+from moraft.train.peft_methods import METHODS, closest, config_class, fields_of
 from moraft.train.runner import SUMMARY_FILE
 
 # how close the trainable count comes to LoRA's budget at the same r on the tests' base (hidden 64, 2 layers):
@@ -150,6 +150,14 @@ def test_cli_method_options_knob_wins(tmp_path, capsys):
     assert summary["size_knob"] == {"boft_block_size": 4}
     assert "method boft (boft_block_size=4):" in stdout and "× the LoRA budget at the same r" in stdout
     assert json.loads((out / "adapter_config.json").read_text())["boft_block_size"] == 4
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.peft_type])
+def test_table_names_fields_its_peft_config_has(name):
+    row = METHODS[name]
+    fields = fields_of(config_class(row))
+    for mapped in (row.dropout, row.init, row.alpha, row.rank_pattern, row.knob, row.alternative, *row.fixed):
+        assert mapped is None or mapped in fields, (name, mapped)
 
 
 def test_closest_bisects_rising_and_falling_counts():

@@ -47,7 +47,8 @@ class Method:
         knob: the config field ``adapter.r`` sets (None when ``budget`` is none).
         candidates: for ``search``: the valid knob values, from the adapted layers' (d_in, d_out).
         dropout, init, alpha, rank_pattern: the config field each moraft option maps onto (None: the method lacks it
-            and the option is refused).
+            and the option is refused). ``dropout`` maps only onto a dropout of the adapter's input (LoHa's, LoKr's
+            and OFT's module_dropout and rank_dropout drop other things; they are method_options).
         alternative: a second size field of the method that, given in method_options, replaces the knob (BOFT's
             boft_block_num for boft_block_size); else it is set to 0, as PEFT wants exactly one of the two.
         fixed: config values moraft always sets (e.g. ``use_dora``).
@@ -181,6 +182,7 @@ METHODS: dict[str, Method] = {
                options="n_frequency, scaling, wavelet_family",
                note="n_frequency learned wavelet coefficients per layer"),
         Method("vblora", "VBLORA", "search", knob="num_vectors", candidates=_up_to_width, dropout="vblora_dropout",
+               init=None,
                defaults=lambda shapes: {"vector_length": _largest_divisor(shapes, 256)},
                options="r, num_vectors, vector_length (here: the largest divisor of every d_in and d_out up to 256), "
                        "topk",
@@ -197,7 +199,7 @@ METHODS: dict[str, Method] = {
                note="LoRA's rank r with a normalized update and a scalar per layer"),
         Method("lily", "LILY", "search",
                no_merge="PEFT 0.21 does not implement merging for Lily", uses=("eval",),
-               candidates=_up_to_narrowest, init=None,
+               candidates=_up_to_narrowest,
                options="r, stride_A, num_B, scaling",
                note="low-rank projectors shared across layers: the rank whose count is closest"),
         Method("tinylora", "TINYLORA", "none", knob=None, dropout="tinylora_dropout",
@@ -345,7 +347,8 @@ def mapped_options(row: Method, options: Any, common: dict[str, Any]) -> dict[st
 
 # set by moraft itself, never through method_options
 _GENERIC = {"peft_type", "peft_version", "task_type", "inference_mode", "base_model_name_or_path", "revision",
-            "auto_mapping", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"}
+            "auto_mapping", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+            "modules_to_save"}
 
 
 def build_config(cls: type, kwargs: dict[str, Any], method_name: str) -> Any:
