@@ -177,6 +177,7 @@ def test_closest_bisects_rising_and_falling_counts():
     (["--method", "mora", "--adapter.method_options", '{"r": 4}'], "method 'mora' has none"),
     (["--method", "shira", "--adapter.layers_to_transform", "[0]"], "method 'shira' (ShiraConfig) has no layers"),
     (["--method", "gralora", "--adapter.method_options", '{"gralora_k": 3}'], "adapter.method='gralora': "),
+    (["--method", "c3a", "--adapter.method_options", '{"block_size": 5}'], "adapter.method='c3a': "),
 ])
 def test_bad_method_input_is_refused(flags, expected, tmp_path, capsys):
     out = tmp_path / "run"

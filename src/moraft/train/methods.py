@@ -171,8 +171,8 @@ def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
     if options.method == "full":
         model.requires_grad_(True)
         return model
-    config = peft_config(options, model)
     try:
+        config = peft_config(options, model)  # its LoRA budget is measured on the same targets, so it fails alike
         with quiet_peft_deprecation():
             return get_peft_model(model, config)
     except ValueError as err:
@@ -181,7 +181,11 @@ def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
                 f"adapter.target_modules={options.target_modules!r} matched no module of {type(model).__name__}. Modules "
                 f"that can be adapted: {', '.join(adaptable_module_names(model))}"
             ) from None
-        raise
+        if options.method in ("mora", "lora", "dora"):
+            raise
+        # another method's check of a layer (a block size that does not divide it, ...): PEFT's message, one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"adapter.method={options.method!r}: {first}") from None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
