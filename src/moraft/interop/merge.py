@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import DTYPES, PathLike, lora_variants, parse_dtype, read_json, resolve_model_dir
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..quantization import (
     QUANT_TYPES,
     KeptUpdate,
@@ -228,7 +228,7 @@ def _check_mergeable(loaded: LoadedAdapter, specs: dict[str, TensorSpec]) -> Non
         merged_weight(copy.deepcopy(layer), loaded.adapter_name, weight, variant=True)
     except (NotImplementedError, RuntimeError, TypeError, ValueError) as err:
         options = ", ".join(f"{name}={value!r}" for name, value in variants.items())
-        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        reason = first_line(err).rstrip(".")
         what = "adapter" if "peft_type" in variants else "LoRA variant"
         raise UserError(
             f"{loaded.weights_file.parent}: PEFT cannot merge this {what} ({options}): {reason}. Nothing was "

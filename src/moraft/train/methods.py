@@ -20,7 +20,7 @@ from torch import nn
 
 from .._peft_hook import quiet_peft_deprecation
 from ..adapters import load_causal_lm
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..mora import MoraConfig, MoraLayer, MoraOperator
 from ..mora.model import adaptable_module_names, all_linear_names
 from ..quantization import bnb_config, device_map, keep_4bit_layout, quantization_of
@@ -99,8 +99,7 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Peft
 
     PEFT's LoraConfig refuses ``layers_to_transform`` with a string ``target_modules``, "all-linear" included; as that
     is a shorthand, not a regex, it is then expanded here (``all_linear_names``), and always for ia3. The method's
-    size knob is derived
-    from ``options.r`` (`moraft.train.peft_methods.derive_knob`) on a meta copy of ``model``.
+    size knob is derived from ``options.r`` (`moraft.train.peft_methods.derive_knob`) on a meta copy of ``model``.
     """
     row = method_row(options.method)
     target_modules = options.target_modules
@@ -117,7 +116,7 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Peft
         modules_to_save=options.modules_to_save,
     )
     if options.method == "mora":
-        config = MoraConfig(
+        return MoraConfig(
             **common,
             r=options.r,
             rank_pattern=dict(options.rank_pattern),
@@ -131,7 +130,6 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Peft
             init_weights=options.init_weights,
             peft_mora_compat=options.peft_mora_compat,
         )
-        return config
     kwargs = mapped_options(row, options, common)
     if options.method in ("lora", "dora"):
         kwargs.setdefault("lora_alpha", options.effective_lora_alpha)
@@ -184,8 +182,7 @@ def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
         if options.method in ("mora", "lora", "dora"):
             raise
         # another method's check of a layer (a block size that does not divide it, ...): PEFT's message, one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"adapter.method={options.method!r}: {first}") from None
+        raise UserError(f"adapter.method={options.method!r}: {first_line(err)}") from None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

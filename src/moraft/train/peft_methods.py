@@ -30,10 +30,10 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..adapters import Use
+from ..errors import UserError, first_line
 
 Budget = Literal["same", "search", "r", "none"]
-Use = Literal["eval", "merge", "serve", "export"]
 
 
 @dataclass(frozen=True)
@@ -276,29 +276,6 @@ def config_class(row: Method) -> type:
     return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(row.peft_type)]
 
 
-def accepted_peft_types(use: Use) -> tuple[str, ...]:
-    """The peft_type values whose adapters ``use`` takes."""
-    return tuple(sorted({m.peft_type for m in METHODS.values() if m.peft_type and use in m.uses}))
-
-
-def users_of(peft_type: str) -> list[str]:
-    """The method names saved as ``peft_type``."""
-    return [m.name for m in METHODS.values() if m.peft_type == peft_type]
-
-
-def refusal(peft_type: str, use: Use) -> str:
-    """Why ``use`` refuses adapters of ``peft_type`` and what works instead (for error messages)."""
-    names = ", ".join(users_of(peft_type)) or peft_type.lower()
-    takes = ", ".join(m.name for m in METHODS.values() if use in m.uses and m.peft_type)
-    others = {
-        "merge": "load it with PEFT (PeftModel.from_pretrained) and run it unmerged, or moraft eval it",
-        "serve": "merge it (moraft merge) where its method can, and serve the merged model",
-        "export": "merge it instead (moraft merge)",
-        "eval": "",
-    }[use]
-    return f"{names} adapters (peft_type={peft_type!r}) cannot be used by {use}, which takes {takes}; {others}"
-
-
 # -- from moraft options to a PEFT config ---------------------------------------------------------------------------
 
 
@@ -357,8 +334,7 @@ def build_config(cls: type, kwargs: dict[str, Any], method_name: str) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"adapter.method={method_name!r}: {first}") from None
+        raise UserError(f"adapter.method={method_name!r}: {first_line(err)}") from None
 
 
 # -- the budget -----------------------------------------------------------------------------------------------------
@@ -537,10 +513,8 @@ __all__ = [
     "LEFT_OUT",
     "METHODS",
     "Method",
-    "accepted_peft_types",
     "closest",
     "describe_size",
     "method",
-    "refusal",
     "size_report",
 ]
