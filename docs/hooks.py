@@ -200,7 +200,37 @@ def commands() -> str:
     return "\n".join(rows)
 
 
+def methods() -> str:
+    """The method table of ``moraft train --method`` (`moraft.train.peft_methods.METHODS`), then the PEFT methods left
+    out and why (`moraft.train.peft_methods.LEFT_OUT`)."""
+    from moraft.train.peft_methods import LEFT_OUT, METHODS, config_class
+
+    def mark(ok: bool) -> str:
+        return "yes" if ok else "no"
+
+    how = {"same": "r itself", "search": "searched", "r": "r, not comparable", "none": "not comparable"}
+    rows = [
+        "| method | PEFT config | `--adapter.r` sets | how its size compares with LoRA's at r | main options "
+        "(`adapter.method_options`) | moraft options it takes | eval | merge | serve | export-lora |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m in METHODS.values():
+        config = config_class(m).__name__ if m.peft_type else "none"
+        knob = f"`{m.knob}` ({how[m.budget]})" if m.knob else how[m.budget]
+        fields = {"dropout": m.dropout, "init_weights": m.init, "lora_alpha": m.alpha, "rank_pattern": m.rank_pattern}
+        mapped = ", ".join(f"`{name}` → `{field}`" for name, field in fields.items() if field)
+        merge = mark("merge" in m.uses) + (f": {m.no_merge}" if m.no_merge else "")
+        rows.append(f"| `{m.name}` | `{config}` | {knob} | {_text(m.note)} | {_text(m.options) or '—'} | "
+                    f"{mapped or '—'} | {mark('eval' in m.uses)} | {_text(merge)} | {mark('serve' in m.uses)} | "
+                    f"{mark('export' in m.uses)} |")
+    rows += ["", "| PEFT 0.21 method left out | why |", "| --- | --- |"]
+    rows += [f"| {', '.join(f'`{n.strip()}`' for n in names.split(','))} | {_text(why)} |"
+             for names, why in LEFT_OUT.items()]
+    return "\n".join(rows)
+
+
 GENERATORS = {
+    "methods": methods,
     "mora-config": mora_config,
     "train-options": train_options,
     "train-yaml": train_yaml,

@@ -27,7 +27,8 @@ def test_train_help_documents_every_option(capsys):
         # a group's name alone sets its main option, where it has one
         assert (f"Short for --{name}.{group.SHORTCUT}." in " ".join(out.split())) == bool(group.SHORTCUT), name
     words = " ".join(out.split())  # argparse wraps to the terminal's width
-    assert "--adapter.r R The rank. LoRA/DoRA: the rank." in words and "(type: int, default: 8)" in words
+    assert "--adapter.r R The budget: the trainable parameters of LoRA at rank r" in words
+    assert "(type: int, default: 8)" in words
     assert "TRL's SFTTrainer" in words and "--config CONFIG" in out
 
 

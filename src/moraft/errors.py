@@ -18,4 +18,10 @@ class MissingPathError(UserError, FileNotFoundError):
     """A path the user gave does not exist (also a ``FileNotFoundError``, for code that catches that)."""
 
 
-__all__ = ["MissingPathError", "UserError"]
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name when it has none): a library's error as one line of ours."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+__all__ = ["MissingPathError", "UserError", "first_line"]

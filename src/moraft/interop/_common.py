@@ -32,7 +32,7 @@ from ..adapters import (
     read_adapter_config,
     resolve_model_dir,
 )
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 # ----------------------------------------------------------------------------------------------------------------
 # output directories: written whole or not at all
@@ -150,7 +150,7 @@ def load_adapter_on_meta(
     except (ValueError, TypeError) as err:
         raise UserError(f"adapter {adapter_dir} does not fit the base model: {err}") from None
     except NotImplementedError as err:  # a method whose layers cannot be built on the meta device (SHiRA's mask)
-        reason = str(err).strip().splitlines()[0][:120]
+        reason = first_line(err)[:120]
         raise UserError(
             f"adapter {adapter_dir}: peft_type={config.peft_type.value} cannot be built on an empty (meta) copy of the "
             f"base ({reason}), which {use} needs"

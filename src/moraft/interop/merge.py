@@ -1,4 +1,4 @@
-"""Merge a MoRA or LoRA adapter into its base model and write a standard transformers checkpoint.
+"""Merge a MoRA, LoRA or other PEFT adapter into its base model and write a standard transformers checkpoint.
 
 The merge never holds the model: it reads one tensor at a time from the base's safetensors files, merges the adapter
 into the adapted weights (in float32, by the adapter's own layer code: moraft's for MoRA, PEFT's for LoRA and its
@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import DTYPES, PathLike, lora_variants, parse_dtype, read_json, resolve_model_dir
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..quantization import (
     QUANT_TYPES,
     KeptUpdate,
@@ -230,9 +230,10 @@ def _check_mergeable(loaded: LoadedAdapter, specs: dict[str, TensorSpec]) -> Non
         merged_weight(copy.deepcopy(layer), loaded.adapter_name, weight, variant=True)
     except (NotImplementedError, RuntimeError, TypeError, ValueError) as err:
         options = ", ".join(f"{name}={value!r}" for name, value in variants.items())
-        reason = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+        reason = first_line(err).rstrip(".")
+        what = "adapter" if "peft_type" in variants else "LoRA variant"
         raise UserError(
-            f"{loaded.weights_file.parent}: PEFT cannot merge this adapter ({options}): {reason}. Nothing was "
+            f"{loaded.weights_file.parent}: PEFT cannot merge this {what} ({options}): {reason}. Nothing was "
             "written; load the adapter with PEFT (PeftModel.from_pretrained) and run it unmerged"
         ) from None
 
@@ -282,8 +283,9 @@ def merge_adapter(
     quant_type: Literal["nf4", "fp4"] = "nf4",
     double_quant: bool = False,
 ) -> Path:
-    """Merge a MoRA or PEFT LoRA adapter (DoRA and other LoRA variants included) into its base model: a standard
-    transformers checkpoint.
+    """Merge a MoRA or PEFT LoRA adapter (DoRA and other LoRA variants included), or another PEFT method's adapter
+    whose layers PEFT can merge (HiRA, MiSS, GraLoRA, BOFT, VeRA, ...: the Methods page lists them), into its base
+    model: a standard transformers checkpoint.
 
     The output (safetensors, sharded above ``max_shard_size``, with model.safetensors.index.json; config, generation
     config and tokenizer files copied from the base) loads with ``AutoModelForCausalLM.from_pretrained(OUT)`` and
@@ -301,8 +303,10 @@ def merge_adapter(
     Args:
         base: the base model directory (config.json + model.safetensors or a sharded index), or a model id already
             in the local Hugging Face cache; its weights unquantized, also for an adapter trained on a quantized base.
-        adapter: the adapter directory: a moraft MoRA adapter, or a PEFT LoRA adapter (DoRA, KaSA and the other
-            LoRA variants that PEFT can merge).
+        adapter: the adapter directory: a moraft MoRA adapter, a PEFT LoRA adapter (DoRA, KaSA and the other
+            LoRA variants that PEFT can merge), or another PEFT method's, merged by its layers' own ``merge``; one
+            whose layers need tensors its file lacks, or that PEFT cannot merge, is refused before anything is
+            written.
         out_dir: where to write the merged model (written whole or not at all).
         dtype: dtype of the floating-point tensors written: ``auto`` keeps each tensor's stored dtype (a bfloat16
             model stays bfloat16), or float32, bfloat16, float16. With quantization: of the tensors left unquantized,

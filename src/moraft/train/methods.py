@@ -21,7 +21,7 @@ from torch import nn
 
 from .._peft_hook import quiet_peft_deprecation
 from ..adapters import load_causal_lm
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..mora import MoraConfig, MoraLayer, MoraOperator
 from ..mora.model import adaptable_module_names, all_linear_names
 from ..quantization import bnb_config, device_map, keep_4bit_layout, quantization_of
@@ -100,8 +100,7 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Peft
 
     PEFT's LoraConfig refuses ``layers_to_transform`` with a string ``target_modules``, "all-linear" included; as that
     is a shorthand, not a regex, it is then expanded here (``all_linear_names``), and always for ia3. The method's
-    size knob is derived
-    from ``options.r`` (`moraft.train.peft_methods.derive_knob`) on a meta copy of ``model``.
+    size knob is derived from ``options.r`` (`moraft.train.peft_methods.derive_knob`) on a meta copy of ``model``.
     """
     row = method_row(options.method)
     target_modules = options.target_modules
@@ -118,7 +117,7 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Peft
         modules_to_save=options.modules_to_save,
     )
     if options.method == "mora":
-        config = MoraConfig(
+        return MoraConfig(
             **common,
             r=options.r,
             rank_pattern=dict(options.rank_pattern),
@@ -134,7 +133,6 @@ def peft_config(options: AdapterOptions, model: nn.Module | None = None) -> Peft
             layer_methods=dict(options.layer_methods),
             lora_alpha=options.lora_alpha,
         )
-        return config
     kwargs = mapped_options(row, options, common)
     if options.method in ("lora", "dora"):
         kwargs.setdefault("lora_alpha", options.effective_lora_alpha)
@@ -176,8 +174,8 @@ def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
     if options.method == "full":
         model.requires_grad_(True)
         return model
-    config = peft_config(options, model)
     try:
+        config = peft_config(options, model)  # its LoRA budget is measured on the same targets, so it fails alike
         with quiet_peft_deprecation():
             return get_peft_model(model, config)
     except ValueError as err:
@@ -186,7 +184,10 @@ def apply_method(model: nn.Module, options: AdapterOptions) -> nn.Module:
                 f"adapter.target_modules={options.target_modules!r} matched no module of {type(model).__name__}. Modules "
                 f"that can be adapted: {', '.join(adaptable_module_names(model))}"
             ) from None
-        raise
+        if options.method in ("mora", "lora", "dora"):
+            raise
+        # another method's check of a layer (a block size that does not divide it, ...): PEFT's message, one line
+        raise UserError(f"adapter.method={options.method!r}: {first_line(err)}") from None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -30,10 +30,10 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..adapters import Use
+from ..errors import UserError, first_line
 
 Budget = Literal["same", "search", "r", "none"]
-Use = Literal["eval", "merge", "serve", "export"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class Method:
         knob: the config field ``adapter.r`` sets (None when ``budget`` is none).
         candidates: for ``search``: the valid knob values, from the adapted layers' (d_in, d_out).
         dropout, init, alpha, rank_pattern: the config field each moraft option maps onto (None: the method lacks it
-            and the option is refused).
+            and the option is refused). ``dropout`` maps only onto a dropout of the adapter's input (LoHa's, LoKr's
+            and OFT's module_dropout and rank_dropout drop other things; they are method_options).
         alternative: a second size field of the method that, given in method_options, replaces the knob (BOFT's
             boft_block_num for boft_block_size); else it is set to 0, as PEFT wants exactly one of the two.
         fixed: config values moraft always sets (e.g. ``use_dora``).
@@ -131,7 +132,7 @@ METHODS: dict[str, Method] = {
                note="A and B of rank r, multiplied elementwise with W0: r·(d_in + d_out) per layer"),
         Method("miss", "MISS", "search", candidates=_up_to_width, dropout="miss_dropout",
                options="r, mini_r, init_weights (True, 'bat' or 'mini')",
-               note="a shared block of r × d_out per layer: r ≈ B / Σ d_out"),
+               note="one r × d_out block per layer: r ≈ B / Σ d_out"),
         Method("gralora", "GRALORA", "same", dropout="gralora_dropout", alpha="alpha",
                options="r, gralora_k (blocks per side; r must divide by it), hybrid_r, alpha",
                note="k × k blocks of rank r/k: r·(d_in + d_out) per layer; gralora_k is 2 where r is even, else 1"),
@@ -181,6 +182,7 @@ METHODS: dict[str, Method] = {
                options="n_frequency, scaling, wavelet_family",
                note="n_frequency learned wavelet coefficients per layer"),
         Method("vblora", "VBLORA", "search", knob="num_vectors", candidates=_up_to_width, dropout="vblora_dropout",
+               init=None,
                defaults=lambda shapes: {"vector_length": _largest_divisor(shapes, 256)},
                options="r, num_vectors, vector_length (here: the largest divisor of every d_in and d_out up to 256), "
                        "topk",
@@ -192,14 +194,15 @@ METHODS: dict[str, Method] = {
                     "grows"),
         Method("road", "ROAD", "none", knob=None, defaults=lambda shapes: {"group_size": _largest_divisor(shapes, 64)},
                options="variant (road_1, road_2, road_4), group_size (here at most 64, a divisor of every d_out)",
-               note="not comparable: 2D rotations with a fixed count per variant (d_out·k)"),
+               note="not comparable: 2D rotations of the outputs, a fixed count per variant (road_1: d_out per layer; "
+                    "road_2 and road_4 more)"),
         Method("delora", "DELORA", "same", rank_pattern="rank_pattern", options="r, delora_lambda, module_dropout",
                note="LoRA's rank r with a normalized update and a scalar per layer"),
         Method("lily", "LILY", "search",
                no_merge="PEFT 0.21 does not implement merging for Lily", uses=("eval",),
-               candidates=_up_to_narrowest, init=None,
+               candidates=_up_to_narrowest,
                options="r, stride_A, num_B, scaling",
-               note="low-rank projectors shared across layers: the rank whose count is closest"),
+               note="Lily's r (its count is not r·(d_in + d_out)): the value whose count is closest"),
         Method("tinylora", "TINYLORA", "none", knob=None, dropout="tinylora_dropout",
                options="r (SVD rank), u (trainable vector size), weight_tying",
                note="not comparable: a small vector u per (tied) layer, set by u, not by a rank"),
@@ -213,15 +216,15 @@ METHODS: dict[str, Method] = {
                         "never saved",
                uses=("eval",), candidates=_up_to_narrowest, dropout="psoft_dropout", alpha="psoft_alpha",
                options="r, psoft_alpha, psoft_orth, use_cayley_neumann",
-               note="an orthogonal r × r rotation in the principal subspace (SVD of W0 at start): the rank whose "
-                    "count is closest"),
+               note="an r × r orthogonal (Cayley) rotation in W0's principal subspace, r(r − 1)/2 free entries, and "
+                    "two magnitude vectors of r per layer: the rank whose count is closest"),
         Method("peanut", "PEANUT", "search", candidates=_up_to_width, options="r, depth, act_fn, scaling",
                note="the rank whose count is closest"),
         Method("beft", "BEFT", "none", knob=None, uses=("eval",),
                no_merge="PEFT merges its bias only into a layer that has a bias (LLaMA's have none)",
                note="not comparable: a bias vector per layer; PEFT cannot merge it into a layer without a bias"),
         Method("pvera", "PVERA", "r", dropout="pvera_dropout", options="r, d_initial, sample_at_inference",
-               note="not comparable: as VeRA, d_out + r per layer"),
+               note="not comparable: as VeRA, two vectors per layer (d_out plus a small multiple of r)"),
         Method("unilora", "UNILORA", "none",
                no_merge="its index buffers are computed when it wraps a real model and never saved", uses=("eval",),
                knob=None, dropout="unilora_dropout",
@@ -273,29 +276,6 @@ def config_class(row: Method) -> type:
     return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(row.peft_type)]
 
 
-def accepted_peft_types(use: Use) -> tuple[str, ...]:
-    """The peft_type values whose adapters ``use`` takes."""
-    return tuple(sorted({m.peft_type for m in METHODS.values() if m.peft_type and use in m.uses}))
-
-
-def users_of(peft_type: str) -> list[str]:
-    """The method names saved as ``peft_type``."""
-    return [m.name for m in METHODS.values() if m.peft_type == peft_type]
-
-
-def refusal(peft_type: str, use: Use) -> str:
-    """Why ``use`` refuses adapters of ``peft_type`` and what works instead (for error messages)."""
-    names = ", ".join(users_of(peft_type)) or peft_type.lower()
-    takes = ", ".join(m.name for m in METHODS.values() if use in m.uses and m.peft_type)
-    others = {
-        "merge": "load it with PEFT (PeftModel.from_pretrained) and run it unmerged, or moraft eval it",
-        "serve": "merge it (moraft merge) where its method can, and serve the merged model",
-        "export": "merge it instead (moraft merge)",
-        "eval": "",
-    }[use]
-    return f"{names} adapters (peft_type={peft_type!r}) cannot be used by {use}, which takes {takes}; {others}"
-
-
 # -- from moraft options to a PEFT config ---------------------------------------------------------------------------
 
 
@@ -345,7 +325,8 @@ def mapped_options(row: Method, options: Any, common: dict[str, Any]) -> dict[st
 
 # set by moraft itself, never through method_options
 _GENERIC = {"peft_type", "peft_version", "task_type", "inference_mode", "base_model_name_or_path", "revision",
-            "auto_mapping", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save"}
+            "auto_mapping", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+            "modules_to_save"}
 
 
 def build_config(cls: type, kwargs: dict[str, Any], method_name: str) -> Any:
@@ -353,8 +334,7 @@ def build_config(cls: type, kwargs: dict[str, Any], method_name: str) -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"adapter.method={method_name!r}: {first}") from None
+        raise UserError(f"adapter.method={method_name!r}: {first_line(err)}") from None
 
 
 # -- the budget -----------------------------------------------------------------------------------------------------
@@ -533,10 +513,8 @@ __all__ = [
     "LEFT_OUT",
     "METHODS",
     "Method",
-    "accepted_peft_types",
     "closest",
     "describe_size",
     "method",
-    "refusal",
     "size_report",
 ]
