@@ -106,8 +106,13 @@ class MoraLayer(BaseTunerLayer):
         self.mora_lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.mora_lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         if config.init_weights:  # PEFT's init_lora_weights=True; False keeps nn.Linear's random init, as PEFT does
-            nn.init.kaiming_uniform_(self.mora_lora_A[adapter_name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.mora_lora_B[adapter_name].weight)
+            self.reset_lora_part(adapter_name)
+
+    def reset_lora_part(self, adapter_name: str) -> None:
+        """A LoRA/DoRA module's A and B back to PEFT's init (A Kaiming-uniform, B = 0), as PEFT's
+        ``reset_lora_parameters(init_lora_weights=True)`` does; the update is then 0."""
+        nn.init.kaiming_uniform_(self.mora_lora_A[adapter_name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.mora_lora_B[adapter_name].weight)
 
     def _update_mora(
         self, adapter_name: str, config: MoraConfig, r: int, rank: Optional[int], module_name: str

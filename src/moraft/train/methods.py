@@ -10,7 +10,6 @@ in a different subspace.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from typing import Any
 
@@ -254,9 +253,8 @@ def _restart_lora_part(module: MoraLayer) -> list[nn.Parameter]:
     module.merge(adapter_names=[ADAPTER])
     module.merged_adapters.remove(ADAPTER)
     module._dora_merged.pop(ADAPTER, None)  # ΔW now belongs to the base weight for good
+    module.reset_lora_part(ADAPTER)
     a, b = module.mora_lora_A[ADAPTER].weight, module.mora_lora_B[ADAPTER].weight
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-    nn.init.zeros_(b)
     restarted = [a, b]
     if module.mora_method[ADAPTER] == "dora":
         dora = module.mora_magnitude[ADAPTER]
