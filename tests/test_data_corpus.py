@@ -201,21 +201,23 @@ def test_links_out_of_the_corpus_are_skipped_unless_followed(tmp_path, tokenizer
     (corpus / "notes").mkdir(parents=True)
     (corpus / "a.txt").write_text(prose(1))
     (corpus / "notes" / "b.data").write_text(prose(2))      # not a corpus file's name: read through the link below
+    (corpus / "notes" / "c.md").write_text(prose(3))
     (corpus / "inner.txt").symlink_to(corpus / "notes" / "b.data")              # inside the corpus: followed
     (corpus / "loop").symlink_to(corpus, target_is_directory=True)              # inside, back to the root: read once
+    (corpus / "also").symlink_to(corpus / "notes", target_is_directory=True)    # inside: notes/ is read once
     (corpus / "passwd.txt").symlink_to(outside / "secret.txt")                  # outside: skipped
     (corpus / "elsewhere").symlink_to(outside, target_is_directory=True)        # outside: skipped
     (corpus / "dangling.txt").symlink_to(tmp_path / "nowhere.txt")              # to nothing: skipped
 
     data, report = read_corpus(CorpusOptions(path=str(corpus)), tokenizer)
 
-    assert data["id"] == ["a.txt", "inner.txt"] and data["text"] == [prose(1), prose(2)]
+    assert data["id"] == ["a.txt", "inner.txt", "notes/c.md"] and data["text"] == [prose(1), prose(2), prose(3)]
     assert report["files_skipped"] == [{"file": str(corpus / name), "reason": reason} for name, reason in (
         ("dangling.txt", "broken_symlink"), ("elsewhere", "symlink_outside"), ("passwd.txt", "symlink_outside"))]
     assert "passwd.txt (symlink_outside)" in capsys.readouterr().err
 
     followed, report = read_corpus(CorpusOptions(path=str(corpus), follow_symlinks=True), tokenizer)
-    assert followed["id"] == ["a.txt", "elsewhere/more.txt", "elsewhere/secret.txt", "inner.txt"]
+    assert followed["id"] == ["a.txt", "elsewhere/more.txt", "elsewhere/secret.txt", "inner.txt", "notes/c.md"]
     assert report["files_skipped"] == [{"file": str(corpus / "dangling.txt"), "reason": "broken_symlink"}]
 
 

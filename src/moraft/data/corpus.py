@@ -412,7 +412,7 @@ def corpus_files(root: Path, follow_symlinks: bool = False) -> tuple[list[Path],
     A link (to a file or a directory) is followed when it resolves inside ``root``; one that points outside it is
     skipped (``symlink_outside``) unless ``follow_symlinks``, so that a link to ``/etc/passwd`` never becomes a
     document unasked. A link to nothing is skipped (``broken_symlink``). A directory reached twice (a link back to a
-    parent) is read once.
+    parent, a link to a sibling) is read once, by its own path where the walk reaches that first.
 
     Returns:
         ``(files, skipped)``: skipped is a list of ``{"file", "reason"}``.
@@ -437,7 +437,8 @@ def corpus_files(root: Path, follow_symlinks: bool = False) -> tuple[list[Path],
             continue
         visited.add(real)
         followed = []
-        for name in sorted(subdirectories):
+        # real directories first: a directory reached both directly and through a link is read by its own path
+        for name in sorted(subdirectories, key=lambda name: ((here / name).is_symlink(), name)):
             path = here / name
             if path.is_symlink() and not follow_symlinks and outside(path):
                 skipped.append({"file": str(path), "reason": "symlink_outside"})
