@@ -177,6 +177,16 @@ def test_a_jsonl_file_without_a_good_line_is_a_skipped_file(tmp_path, tokenizer,
     assert report["lines_skipped"]["count"] == 0  # the file is named, not its lines
 
 
+def test_a_directory_mixing_json_arrays_and_json_lines_is_refused(tmp_path, tokenizer):
+    (tmp_path / "a.json").write_text(json.dumps([{"text": prose(1)}]))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": prose(2)}))
+    with pytest.raises(UserError, match=r"mixes JSON arrays \(1 files, e.g. .*a.json\) and JSON Lines \(1 files\)"):
+        read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)
+    (tmp_path / "b.jsonl").unlink()
+    data, _ = read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)  # an array alone is read by datasets
+    assert data["text"] == [prose(1)]
+
+
 def test_texts_that_are_not_strings_and_duplicate_ids_are_counted(tmp_path, tokenizer, capsys):
     rows_in = [{"id": "a", "text": prose(1)}, {"id": "n", "text": 12345}, {"id": "l", "text": ["a", "list"]},
                {"id": "z", "text": None}, {"id": "m"}, {"id": "e", "text": "  "}, {"id": "a", "text": prose(2)},

@@ -139,8 +139,9 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def _source_fingerprint(path: str, follow_symlinks: bool = False) -> Any:
-    """What identifies the corpus's input: each file's path, size and modification time (a directory's files as the
-    corpus stage lists them, `corpus_files`)."""
+    """What identifies an input: each file's path, size and modification time (a directory's files as the corpus
+    stage lists them, `corpus_files`; a model directory follows every link: the Hugging Face cache links its files
+    to blobs outside it)."""
     root = Path(path).expanduser()
     if not root.exists():
         return path  # a cached dataset name; the corpus stage reports a missing path
@@ -326,7 +327,7 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
         llm = {k: v for k, v in asdict(options.comprehend).items() if k not in {"concurrency", "timeout", "retries"}}
         model = options.comprehend.local_model  # a retrained local model at the same path is another model
         fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp,
-                                                  _source_fingerprint(model) if model else None)
+                                                  _source_fingerprint(model, True) if model else None)
         found["comprehend"] = stages.run("comprehend", fingerprints["comprehend"], lambda: comprehend_corpus(
             corpus, options.comprehend, output / LLM_CACHE, num_proc=options.num_proc), reads=_files(corpus))
     elif "build" in needed:
