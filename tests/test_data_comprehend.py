@@ -199,6 +199,21 @@ def test_responses_that_are_no_completion_are_counted_never_fatal_and_not_cached
     assert (again["cached"], again["malformed"]) == (1, 8)
 
 
+def test_a_stage_with_malformed_responses_is_never_up_to_date(tmp_path, capsys):
+    docs, out = tmp_path / "docs.jsonl", tmp_path / "out"
+    corpus([f"{key} {'words ' * 30}" for key in ("GOOD", "HTMLPAGE")]).to_json(str(docs))
+    flags = ["data", "--corpus", str(docs), "--output", str(out), "--stages", "comprehend", "--comprehend.llm_model",
+             "teacher"]
+    with Teacher() as teacher:
+        for run in range(2):
+            status, stdout, stderr = run_cli(flags + ["--comprehend.llm_url", teacher.url], capsys)
+            assert status == 0, stderr
+            assert "comprehend: running" in stdout and "1 document(s) got no usable reply" in stdout
+            assert teacher.requests == 2 + run  # the rerun asks for the malformed one only
+    stats = json.loads((out / "stats.json").read_text())["stages"]["comprehend"]
+    assert (stats["cached"], stats["malformed"], stats["malformed_reasons"]) == (1, 1, {"not a JSON response": 1})
+
+
 @pytest.mark.parametrize("body, endpoint, reason", [
     (b'{"choices": [{"text": 5}]}', "completions", "content not a string"),
     (b'{"choices": [{"text": "ok"}]}', "completions", None),
