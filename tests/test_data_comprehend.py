@@ -13,16 +13,19 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, load_dataset
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from helpers import LiveServer, MoraftServe, free_socket, run_cli
 
 from moraft.data.comprehend import (
     ComprehendOptions,
+    MalformedResponse,
     RejectedReply,
+    ReplyCache,
     cache_key,
     comprehend_corpus,
     distillation_data,
     parse_reply,
+    reply_text,
 )
 from moraft.errors import MissingPathError, UserError
 
@@ -36,6 +39,20 @@ REPLIES = {
     "SCHEMA": json.dumps({"pairs": [{"question": "Q"}]}),
     "PROSE": f"Here are the pairs: {GOOD}",
 }
+# responses that are no completion at all, and the reason each is counted under (max_reply_bytes=20_000)
+MALFORMED = {
+    "HTMLPAGE": (HTMLResponse("<html><body><h1>502 Bad Gateway</h1></body></html>"), "not a JSON response"),
+    "NOCHOICES": (JSONResponse({"id": "c", "object": "chat.completion"}), "no choices"),
+    "EMPTYCHOICES": (JSONResponse({"id": "c", "choices": []}), "empty choices"),
+    "NOMESSAGE": (JSONResponse({"choices": [{"index": 0, "finish_reason": "stop"}]}), "no message"),
+    "NUMBERCONTENT": (JSONResponse({"choices": [{"message": {"role": "assistant", "content": 12345}}]}),
+                      "content not a string"),
+    "PARTSCONTENT": (JSONResponse({"choices": [{"message": {"content": [{"type": "text", "text": GOOD}]}}]}),
+                     "content not a string"),
+    "NOTUTF8": (Response(b'{"choices": [{"message": {"content": "caf\xe9"}}]}', media_type="application/json"),
+                "not a JSON response"),
+    "HUGEREPLY": (JSONResponse({"choices": [{"message": {"content": GOOD + " " * 50_000}}]}), "too large"),
+}
 
 
 class Teacher:
@@ -43,14 +60,16 @@ class Teacher:
     first ``fail_first`` requests, and every request after the first ``answer_only`` ones, with ``fail_status``."""
 
     def __init__(self, fail_first: int = 0, answer_only: int | None = None, fail_status: int = 500,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, models_page: Response | None = None) -> None:
         self.fail_first, self.answer_only, self.fail_status, self.delay = fail_first, answer_only, fail_status, delay
         self.requests, self.answered, self.in_flight, self.max_in_flight = 0, 0, 0, 0
         self.bodies: list[dict] = []
         app = FastAPI()
 
         @app.get("/v1/models")
-        async def models() -> dict:
+        async def models():
+            if models_page is not None:
+                return models_page
             return {"object": "list", "data": [{"id": "teacher", "object": "model", "created": 0, "owned_by": "t"}]}
 
         @app.post("/v1/chat/completions")
@@ -72,6 +91,9 @@ class Teacher:
                 self.in_flight -= 1
             self.answered += 1
             prompt = body["messages"][0]["content"]
+            raw = next((response for key, (response, _) in MALFORMED.items() if key in prompt), None)
+            if raw is not None:
+                return raw
             reply = next((r for key, r in REPLIES.items() if key in prompt), GOOD)
             message = {"role": "assistant", "content": reply}
             return {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -157,6 +179,77 @@ def test_valid_replies_become_tasks_and_malformed_ones_are_counted(tmp_path):
     rows = replies(tmp_path / "cache.sqlite")
     assert [r[2] for r in rows] == ["ok", "ok", "rejected", "rejected", "rejected", "ok"]
     assert rows[2][3] == REPLIES["BADJSON"] and rows[2][4].startswith("not JSON")
+
+
+def test_responses_that_are_no_completion_are_counted_never_fatal_and_not_cached(tmp_path):
+    cache, docs = tmp_path / "cache.sqlite", corpus(["GOOD", *MALFORMED])
+    options = dict(llm_model="teacher", max_reply_bytes=20_000, concurrency=3)
+    with Teacher() as teacher:
+        data, report = comprehend_corpus(docs, ComprehendOptions(llm_url=teacher.url, **options), cache)
+        assert data["llm_tasks"][0] == [PAIR, {"question": "And then?", "answer": "Another."}]
+        assert data["llm_tasks"][1:] == [[]] * len(MALFORMED)
+        assert (report["generated"], report["malformed"], report["rejected"], report["failed"]) == (1, 8, 0, 0)
+        reasons: dict[str, int] = {}
+        for _, reason in MALFORMED.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        assert report["malformed_reasons"] == reasons
+        assert [row[0] for row in replies(cache)] == ["doc0"]  # none of them is cached (the huge one least of all)
+        _, again = comprehend_corpus(docs, ComprehendOptions(llm_url=teacher.url, **options), cache)
+    assert teacher.requests == 2 * len(MALFORMED) + 1  # a rerun asks for them again, not for the good one
+    assert (again["cached"], again["malformed"]) == (1, 8)
+
+
+def test_a_stage_with_malformed_responses_is_never_up_to_date(tmp_path, capsys):
+    docs, out = tmp_path / "docs.jsonl", tmp_path / "out"
+    corpus([f"{key} {'words ' * 30}" for key in ("GOOD", "HTMLPAGE")]).to_json(str(docs))
+    flags = ["data", "--corpus", str(docs), "--output", str(out), "--stages", "comprehend", "--comprehend.llm_model",
+             "teacher"]
+    with Teacher() as teacher:
+        for run in range(2):
+            status, stdout, stderr = run_cli(flags + ["--comprehend.llm_url", teacher.url], capsys)
+            assert status == 0, stderr
+            assert "comprehend: running" in stdout and "1 document(s) got no usable reply" in stdout
+            assert teacher.requests == 2 + run  # the rerun asks for the malformed one only
+    stats = json.loads((out / "stats.json").read_text())["stages"]["comprehend"]
+    assert (stats["cached"], stats["malformed"], stats["malformed_reasons"]) == (1, 1, {"not a JSON response": 1})
+
+
+@pytest.mark.parametrize("body, endpoint, reason", [
+    (b'{"choices": [{"text": 5}]}', "completions", "content not a string"),
+    (b'{"choices": [{"text": "ok"}]}', "completions", None),
+    (b'{"choices": [{"message": {"content": null}}]}', "chat", None),   # no text: an empty reply, rejected later
+    (b'[1, 2]', "chat", "no choices"),
+    (b"", "chat", "not a JSON response"),
+])
+def test_reply_text_of_each_response_shape(body, endpoint, reason):
+    if reason is None:
+        assert reply_text(body, endpoint) in ("ok", "")
+    else:
+        with pytest.raises(MalformedResponse, match=f"^{reason}"):
+            reply_text(body, endpoint)
+
+
+def test_a_models_page_that_is_no_list_is_one_clear_error(tmp_path):
+    with Teacher(models_page=HTMLResponse("<html>login</html>")) as teacher:
+        with pytest.raises(UserError, match=rf"^LLM endpoint {re.escape(teacher.url)}: its /models reply is not a list "
+                                            "of models .*pass --comprehend.llm_model"):
+            comprehend_corpus(corpus(["GOOD"]), ComprehendOptions(llm_url=teacher.url), tmp_path / "c.sqlite")
+
+
+def test_a_full_disk_under_the_reply_cache_is_one_line(tmp_path, capsys, monkeypatch):
+    def full(self, *args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")  # what sqlite raises when a write meets ENOSPC
+
+    monkeypatch.setattr(ReplyCache, "put", full)
+    docs, out = tmp_path / "docs.jsonl", tmp_path / "out"
+    corpus([f"GOOD {'words ' * 30}"] * 3).to_json(str(docs))
+    with Teacher() as teacher:
+        status, _, stderr = run_cli(["data", "--corpus", str(docs), "--output", str(out), "--stages", "comprehend",
+                                     "--comprehend.llm_url", teacher.url, "--comprehend.llm_model", "teacher"], capsys)
+    assert status == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith(
+        f"moraft data: error: no space left on the device of {out} for the comprehend stage: it needs about ")
+    assert (out / "corpus").is_dir() and not (out / "comprehend").exists()
 
 
 def test_concurrency_bounds_the_requests_in_flight(tmp_path):

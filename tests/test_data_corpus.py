@@ -136,6 +136,101 @@ def test_non_utf8_data_file_skipped_and_named(tmp_path, tokenizer):
     assert report["files_skipped"] == [{"file": str(tmp_path / "bad.jsonl"), "reason": "not_utf8"}]
 
 
+# -- bad input: lines, texts, ids, links -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_lines_of_a_jsonl_file_are_skipped_counted_and_named(tmp_path, tokenizer, capsys, streaming):
+    source = tmp_path / "docs.jsonl"
+    good = [json.dumps({"id": f"d{i}", "text": prose(i)}).encode() for i in range(4)]
+    source.write_bytes(b"\n".join([
+        good[0], b"{not json", good[1],
+        b'{"id": "x", "text": "caf\xe9 au lait"}',       # 4: latin-1, not UTF-8
+        b"   ", b"[1, 2]",                                # a blank line (passed over); 6: JSON, not an object
+        b'{"id": "s", "text": "lone \\ud800 surrogate"}',  # 7: a JSON escape that is no UTF-8 text
+        good[2], good[3][:25],                            # 9: the last line cut mid-JSON
+    ]))
+
+    data, report = read_corpus(CorpusOptions(path=str(source), streaming=streaming), tokenizer)
+
+    assert data["id"] == ["d0", "d1", "d2"]
+    assert report["lines_skipped"] == {"count": 5, "listed": [
+        {"file": str(source), "line": line, "reason": reason}
+        for line, reason in ((2, "not_json"), (4, "not_utf8"), (6, "not_json"), (7, "not_utf8"), (9, "not_json"))]}
+    assert (report["dropped"]["not_json"], report["dropped"]["not_utf8"]) == (3, 2)
+    assert (report["documents_in"], report["documents_out"], report["files_skipped"]) == (8, 3, [])
+    assert f"skipped 5 bad line(s) of {source}: {source}:2 (not_json), {source}:4 (not_utf8)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty"),
+    (bytes(random.Random(0).randrange(256) for _ in range(3000)), "not_utf8"),   # a binary file
+    (b'{"text": "cut sho', "not_json"),                                          # one line, cut mid-JSON
+])
+def test_a_jsonl_file_without_a_good_line_is_a_skipped_file(tmp_path, tokenizer, capsys, content, reason):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(UserError, match=rf"no documents left of 0 read; 1 file\(s\) skipped: .*bad.jsonl \({reason}\)"):
+        read_corpus(CorpusOptions(path=str(tmp_path / "bad.jsonl")), tokenizer)
+    (tmp_path / "good.jsonl").write_text(json.dumps({"text": prose(1)}))
+    data, report = read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)
+    assert len(data) == 1 and report["files_skipped"] == [{"file": str(tmp_path / "bad.jsonl"), "reason": reason}]
+    assert report["lines_skipped"]["count"] == 0  # the file is named, not its lines
+
+
+def test_a_directory_mixing_json_arrays_and_json_lines_is_refused(tmp_path, tokenizer):
+    (tmp_path / "a.json").write_text(json.dumps([{"text": prose(1)}]))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": prose(2)}))
+    with pytest.raises(UserError, match=r"mixes JSON arrays \(1 files, e.g. .*a.json\) and JSON Lines \(1 files\)"):
+        read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)
+    (tmp_path / "b.jsonl").unlink()
+    data, _ = read_corpus(CorpusOptions(path=str(tmp_path)), tokenizer)  # an array alone is read by datasets
+    assert data["text"] == [prose(1)]
+
+
+def test_texts_that_are_not_strings_and_duplicate_ids_are_counted(tmp_path, tokenizer, capsys):
+    rows_in = [{"id": "a", "text": prose(1)}, {"id": "n", "text": 12345}, {"id": "l", "text": ["a", "list"]},
+               {"id": "z", "text": None}, {"id": "m"}, {"id": "e", "text": "  "}, {"id": "a", "text": prose(2)},
+               {"id": "b", "text": prose(3)}, {"id": "a", "text": prose(4)}, {"id": "b", "text": prose(5)},
+               {"id": 7, "text": prose(6)}, {"id": "7", "text": prose(7)}]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(row) for row in rows_in))
+
+    data, report = read_corpus(CorpusOptions(path=str(tmp_path / "docs.jsonl")), tokenizer)
+
+    assert data["id"] == ["a", "a", "b", "a", "b", "7", "7"]  # kept: the stages join by row, not by id
+    assert (report["dropped"]["not_string"], report["dropped"]["empty"]) == (4, 1)
+    assert report["duplicate_ids"] == {"count": 4, "examples": ["a", "b", "7"]}
+    assert "4 document(s) of" in capsys.readouterr().err
+
+
+def test_links_out_of_the_corpus_are_skipped_unless_followed(tmp_path, tokenizer, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text(prose(50))
+    (outside / "more.txt").write_text(prose(51))
+    corpus = tmp_path / "corpus"
+    (corpus / "notes").mkdir(parents=True)
+    (corpus / "a.txt").write_text(prose(1))
+    (corpus / "notes" / "b.data").write_text(prose(2))      # not a corpus file's name: read through the link below
+    (corpus / "notes" / "c.md").write_text(prose(3))
+    (corpus / "inner.txt").symlink_to(corpus / "notes" / "b.data")              # inside the corpus: followed
+    (corpus / "loop").symlink_to(corpus, target_is_directory=True)              # inside, back to the root: read once
+    (corpus / "also").symlink_to(corpus / "notes", target_is_directory=True)    # inside: notes/ is read once
+    (corpus / "passwd.txt").symlink_to(outside / "secret.txt")                  # outside: skipped
+    (corpus / "elsewhere").symlink_to(outside, target_is_directory=True)        # outside: skipped
+    (corpus / "dangling.txt").symlink_to(tmp_path / "nowhere.txt")              # to nothing: skipped
+
+    data, report = read_corpus(CorpusOptions(path=str(corpus)), tokenizer)
+
+    assert data["id"] == ["a.txt", "inner.txt", "notes/c.md"] and data["text"] == [prose(1), prose(2), prose(3)]
+    assert report["files_skipped"] == [{"file": str(corpus / name), "reason": reason} for name, reason in (
+        ("dangling.txt", "broken_symlink"), ("elsewhere", "symlink_outside"), ("passwd.txt", "symlink_outside"))]
+    assert "passwd.txt (symlink_outside)" in capsys.readouterr().err
+
+    followed, report = read_corpus(CorpusOptions(path=str(corpus), follow_symlinks=True), tokenizer)
+    assert followed["id"] == ["a.txt", "elsewhere/more.txt", "elsewhere/secret.txt", "inner.txt", "notes/c.md"]
+    assert report["files_skipped"] == [{"file": str(corpus / "dangling.txt"), "reason": "broken_symlink"}]
+
+
 # -- errors ------------------------------------------------------------------------------------------------------------
 
 
@@ -309,5 +404,5 @@ def test_two_processes_give_the_same_rows(tmp_path, tokenizer, capsys):
     assert "num_proc=2" in capsys.readouterr().err  # datasets' progress bar of the map in two processes
     assert rows(parallel) == rows(data) and len(data) == 9  # 12 + 3 files; 3 exact and 1 near duplicate, 1 short,
     assert parallel_report["dropped"] == report["dropped"]  # 1 not UTF-8
-    assert report["dropped"] == {"empty": 0, "not_utf8": 1, "unreadable": 0, "too_short": 1, "exact_duplicate": 3,
-                                 "near_duplicate": 1}
+    assert report["dropped"] == {"empty": 0, "not_string": 0, "not_utf8": 1, "not_json": 0, "unreadable": 0,
+                                 "too_short": 1, "exact_duplicate": 3, "near_duplicate": 1}

@@ -4,11 +4,16 @@ moraft eval --tasks)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
-from datasets import load_from_disk
+from datasets import config, load_from_disk
+from datasets.arrow_writer import ArrowWriter
+
+from moraft.data import pipeline
 
 from helpers import MoraftServe, TINY, assert_refused, free_socket, run_cli
 
@@ -86,6 +91,25 @@ def test_stages_are_saved_and_skipped_when_up_to_date(tmp_path, capsys):
     assert "cluster: the saved stage" in stdout and ran(stdout) == ["cluster"]
 
 
+def test_a_saved_stage_changed_on_disk_is_made_again(tmp_path, capsys):
+    corpus, out = corpus_file(tmp_path, 10), tmp_path / "out"
+    assert run_cli(data_flags(corpus, out, "--stages", "mine"), capsys)[0] == 0
+    saved = load_from_disk(str(out / "mine")).to_list()
+    arrow = next((out / "mine").glob("data-*.arrow"))
+    damaged = bytearray(arrow.read_bytes())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 40] = b"x" * 40  # 40 bytes overwritten: same size, loads fine
+    arrow.write_bytes(bytes(damaged))
+
+    status, stdout, stderr = run_cli(data_flags(corpus, out, "--stages", "mine"), capsys)
+
+    assert status == 0, stderr
+    assert ran(stdout) == ["mine"]  # the corpus stage, untouched, is loaded
+    assert (f"mine: the saved stage in {out / 'mine'} does not match its checksums ({arrow.name} changed); running "
+            "it again") in stdout
+    assert load_from_disk(str(out / "mine")).to_list() == saved
+    assert "checksums" in json.loads((out / "mine" / "moraft_stage.json").read_text())
+
+
 def test_general_data_is_mixed_at_the_token_ratio(tmp_path, capsys):
     corpus, out = corpus_file(tmp_path, 20), tmp_path / "out"
     general = general_file(tmp_path)
@@ -123,6 +147,94 @@ def test_empty_corpus_is_refused_and_writes_nothing(tmp_path, capsys):
     failed(stderr, "no documents left of 2 read: 1 empty, 1 not_utf8")
     assert "a.txt (empty)" in stderr and "b.txt (not_utf8)" in stderr  # the skipped files, named
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty"), (bytes(range(256)) * 12, "not_utf8"), (b'{"id": "a", "text": "cut mid-J', "not_json")])
+def test_a_corpus_file_without_a_good_line_is_one_line(tmp_path, capsys, content, reason):
+    corpus, out = tmp_path / "bad.jsonl", tmp_path / "out"
+    corpus.write_bytes(content)
+    status, _, stderr = run_cli(data_flags(corpus, out), capsys)
+    assert status == 2
+    failed(stderr, f"no documents left of 0 read; 1 file(s) skipped: {corpus} ({reason})")
+    assert not out.exists()
+
+
+def fill_the_disk(monkeypatch, stage: str, when: str) -> list[Path]:
+    """Every Arrow write raises ENOSPC while ``stage`` computes (``when="compute"``) or is saved (``"save"``), the
+    footer written on closing included (so datasets' own clean-up fails too, as on a full disk). Returns the
+    temporary files opened meanwhile (datasets' passes write through them)."""
+    full, opened = [False], []
+
+    def failing(method):
+        def write(self, *args, **kwargs):
+            if full[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return method(self, *args, **kwargs)
+        return write
+
+    def filling(function):
+        def run(*args, **kwargs):
+            full[0] = True
+            try:
+                return function(*args, **kwargs)
+            finally:
+                full[0] = False
+        return run
+
+    named = tempfile.NamedTemporaryFile
+
+    def recorded(*args, **kwargs):
+        handle = named(*args, **kwargs)
+        opened.append(Path(handle.name))
+        return handle
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", recorded)
+    for method in ("_write_table", "finalize"):
+        monkeypatch.setattr(ArrowWriter, method, failing(getattr(ArrowWriter, method)))
+    if when == "save":
+        save = pipeline.Stages.save
+        monkeypatch.setattr(pipeline.Stages, "save", lambda self, name, *args: (
+            filling(save) if name == stage else save)(self, name, *args))
+    else:
+        function = {"corpus": "read_corpus", "mine": "mine_corpus", "build": "build"}[stage]
+        monkeypatch.setattr(pipeline, function, filling(getattr(pipeline, function)))
+    return opened
+
+
+@pytest.mark.parametrize("stage, when", [("corpus", "compute"), ("mine", "compute"), ("build", "compute"),
+                                         ("corpus", "save"), ("cluster", "save")])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch, stage, when):
+    corpus, out = corpus_file(tmp_path, 12), tmp_path / "out"
+    opened = fill_the_disk(monkeypatch, stage, when)
+    status, stdout, stderr = run_cli(data_flags(corpus, out), capsys)
+    assert status == 2
+    # the corpus stage writes its passes in datasets' cache, the others beside the stages they read
+    where = config.HF_DATASETS_CACHE if (stage, when) == ("corpus", "compute") else f"{out} "
+    failed(stderr, f"no space left on the device of {where}")
+    assert f"for the {stage} stage: it needs about " in stderr
+    assert "are free; free some space (or write elsewhere) and rerun" in stderr
+    if stage == "mine":  # datasets' pass wrote through a temporary file beside the corpus stage's files
+        assert out / "corpus" in [path.parent for path in opened]
+    assert not [path for path in opened if path.exists()]  # every temporary removed
+    assert not [path.name for path in out.rglob("*") if path.name.startswith((".", "tmp"))] if out.exists() else True
+    assert not (out / ("train" if stage == "build" else stage)).exists()  # the failed stage is not written
+
+
+def test_a_rerun_removes_what_a_killed_run_left(tmp_path, capsys):
+    corpus, out = corpus_file(tmp_path, 8), tmp_path / "out"
+    assert run_cli(data_flags(corpus, out, "--stages", "mine"), capsys)[0] == 0
+    left = [out / "corpus" / "tmpk9x_2ab7", out / "mine" / "tmp0a1b2c3d", out / ".cluster-3xq0v1ma" / "data" / "x",
+            out / ".mine-old" / "data-00000-of-00001.arrow", out / "stats.tmp"]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    keep = out / "corpus" / "tmp-notes.txt"  # not a temporary's name: not ours to remove
+    keep.write_text("mine")
+    status, stdout, _ = run_cli(data_flags(corpus, out, "--stages", "mine"), capsys)
+    assert status == 0 and ran(stdout) == []
+    assert [path for path in left if path.exists()] == [] and keep.exists()
+    assert not (out / ".cluster-3xq0v1ma").exists() and not (out / ".mine-old").exists()
 
 
 def test_context_budget_smaller_than_a_document(tmp_path, capsys):

@@ -10,11 +10,12 @@ The LLM is any OpenAI-compatible endpoint (vLLM, ``moraft serve``, a hosted API)
 (its retries with exponential backoff and its timeout) by ``concurrency`` asyncio workers, or a local transformers
 model directory, called with batched ``generate``. Every reply is checked against `reply_schema`
 (``{"pairs": [{"question": str, "answer": str}, ...]}``; a reply wrapped in a ```json fence is accepted, nothing more
-lenient): one that does not parse or validate is *rejected*, counted and never fatal. Each reply, accepted or
-rejected, is written to an sqlite cache as it arrives, keyed by the sha256 of (text, rendered prompt, model name,
-sampling settings), so a rerun, or a run after a crash or an endpoint that went down, never pays for a reply twice.
-Rejected replies stay rejected on a rerun unless ``retry_rejected`` is set; requests that failed (an endpoint error)
-are not cached and are retried.
+lenient): one that does not parse or validate is *rejected*, counted and never fatal. A response that is no
+completion at all (HTML, JSON without choices, content that is not a string, a body larger than ``max_reply_bytes``) is
+*malformed*: counted, never fatal, not cached. Each reply, accepted or rejected, is written to an sqlite cache as it
+arrives, keyed by the sha256 of (text, rendered prompt, model name, sampling settings), so a rerun, or a run after a
+crash or an endpoint that went down, never pays for a reply twice. Rejected replies stay rejected on a rerun unless
+``retry_rejected`` is set; requests that failed (an endpoint error) are not cached and are retried.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 from urllib.parse import urlparse
 
-from ..errors import MissingPathError, UserError
+from ..errors import MissingPathError, UserError, first_line
+from .disk import guarded
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -97,6 +99,9 @@ class ComprehendOptions:
     """Sampling temperature (0: greedy)."""
     max_tokens: int = 512
     """The longest reply, in tokens."""
+    max_reply_bytes: int = 1_000_000
+    """The largest response body read from the endpoint, in bytes (a reply of max_tokens tokens is a few kB); a larger
+    one is counted as malformed, not read further and not cached."""
     max_documents: Optional[int] = None
     """Process only a seeded random sample of this many documents (ETRC's API-on-a-sample step); None: all."""
     seed: int = 0
@@ -124,7 +129,7 @@ class ComprehendOptions:
             fail("llm_url", "an http:// or https:// base URL, such as http://127.0.0.1:8000/v1")
         if self.endpoint not in ("chat", "completions"):
             fail("endpoint", "chat or completions")
-        for name in ("num_pairs", "concurrency", "batch_size", "max_tokens"):
+        for name in ("num_pairs", "concurrency", "batch_size", "max_tokens", "max_reply_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "an integer >= 1")
@@ -380,33 +385,95 @@ class _Endpoint:
         try:
             async with self.client() as client:
                 page = await client.models.list()
+            names = [model.id for model in page.data]
         except self.openai.APIError as err:
             raise _endpoint_error(err) from None
-        if not page.data:
+        except (AttributeError, TypeError, ValueError) as err:  # a page that is not a list of models (HTML, say)
+            raise UserError(f"LLM endpoint {self.options.llm_url}: its /models reply is not a list of models "
+                            f"({first_line(err)}); pass --comprehend.llm_model") from None
+        if not names or not isinstance(names[0], str):
             raise UserError(f"LLM endpoint {self.options.llm_url} lists no models; pass --comprehend.llm_model")
-        return page.data[0].id
+        return names[0]
 
     async def ask(self, client, model: str, prompt: str) -> str:
         """The reply's text; raises `_EndpointDown` for errors that every request would meet, ValueError for this
-        request alone (a 400: too long a prompt, say)."""
+        request alone (a 400: too long a prompt, say), `MalformedResponse` for a response that is no completion.
+
+        The response is read as a stream (``with_streaming_response``) so that no more than ``max_reply_bytes`` of it
+        is ever read, and its JSON is checked here (the client's parsing would build a completion of anything)."""
         openai, o = self.openai, self.options
         extra: dict[str, Any] = {}
         if o.structured_output:
             extra["response_format"] = {"type": "json_schema",
                                         "json_schema": {"name": "qa_pairs", "schema": reply_schema(), "strict": True}}
+        sampling = dict(model=model, temperature=o.temperature, max_tokens=o.max_tokens, **extra)
         try:
             if o.endpoint == "chat":
-                answer = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": prompt}], temperature=o.temperature,
-                    max_tokens=o.max_tokens, **extra)
-                return answer.choices[0].message.content or ""
-            answer = await client.completions.create(model=model, prompt=prompt, temperature=o.temperature,
-                                                          max_tokens=o.max_tokens, **extra)
-            return answer.choices[0].text or ""
+                request = client.chat.completions.with_streaming_response.create(
+                    messages=[{"role": "user", "content": prompt}], **sampling)
+            else:
+                request = client.completions.with_streaming_response.create(prompt=prompt, **sampling)
+            async with request as response:
+                body = await _read_bounded(response, o.max_reply_bytes)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as err:
             raise ValueError(_describe(err)) from None
         except openai.APIError as err:
             raise _endpoint_error(err) from None
+        return reply_text(body, o.endpoint)
+
+
+class MalformedResponse(ValueError):
+    """An endpoint's response that is no completion (not JSON, no choices, content that is not a string, too large);
+    its message is the reason. Counted, never cached: a rerun asks again."""
+
+
+async def _read_bounded(response, limit: int) -> bytes:
+    """A streamed response's body, or `MalformedResponse` as soon as it passes ``limit`` bytes (decoded)."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise MalformedResponse(f"too large: {int(declared)} bytes, more than max_reply_bytes={limit}")
+    body = bytearray()
+    try:
+        async for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise MalformedResponse(f"too large: more than max_reply_bytes={limit} bytes")
+    except MalformedResponse:
+        raise
+    except Exception as err:  # noqa: BLE001 - the HTTP library's errors: the connection broke mid-reply
+        raise _EndpointDown(f"{type(err).__name__} while reading a reply: {first_line(err)}") from None
+    return bytes(body)
+
+
+def reply_text(body: bytes, endpoint: Literal["chat", "completions"] = "chat") -> str:
+    """The text of the first choice of an OpenAI-compatible completion response (``choices[0].message.content`` for
+    chat, ``choices[0].text`` for completions); a null content is an empty reply (rejected later as not JSON).
+
+    Raises:
+        MalformedResponse: the body is not a JSON object with a non-empty ``choices`` list whose first choice has a
+            string content; the message says which.
+    """
+    try:
+        data = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        raise MalformedResponse(f"not a JSON response: {body[:60].decode('utf-8', 'replace')!r}") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list):
+        raise MalformedResponse("no choices")
+    if not choices or not isinstance(choices[0], dict):
+        raise MalformedResponse("empty choices")
+    if endpoint == "chat":
+        message = choices[0].get("message")
+        if not isinstance(message, dict):
+            raise MalformedResponse("no message")
+        text = message.get("content")
+    else:
+        text = choices[0].get("text")
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise MalformedResponse(f"content not a string: {type(text).__name__}")
+    return text
 
 
 # -- a local model --------------------------------------------------------------------------------------------------
@@ -515,8 +582,10 @@ def comprehend_corpus(corpus: "Dataset", options: ComprehendOptions, cache_path:
         (a list of ``{"question", "answer"}``; empty for a document not sampled, rejected or failed); the report
         counts ``documents``, ``sampled``, ``cached`` (answered from the cache), ``generated`` (new replies),
         ``rejected`` (sampled documents whose reply, new or cached, was rejected), ``failed`` (requests the endpoint
-        refused for that document alone, not cached), ``pairs``, and gives ``model``, ``cache``,
-        ``rejected_reasons`` (a count per kind: "not JSON", "schema") and ``failed_reasons`` (a count per message).
+        refused for that document alone, not cached), ``malformed`` (responses that were no completion, see
+        `reply_text`, or larger than ``max_reply_bytes``; not cached), ``pairs``, and gives ``model``, ``cache``,
+        ``rejected_reasons`` (a count per kind: "not JSON", "schema"), ``failed_reasons`` (a count per message) and
+        ``malformed_reasons`` (a count per kind: "not a JSON response", "no choices", "too large", ...).
 
     Raises:
         UserError: a bad option or prompt template; an endpoint that did not answer after every retry (what is done
@@ -528,8 +597,8 @@ def comprehend_corpus(corpus: "Dataset", options: ComprehendOptions, cache_path:
     template = load_template(options.prompt)
     documents = len(corpus)
     report: dict[str, Any] = {"documents": documents, "sampled": 0, "cached": 0, "generated": 0, "rejected": 0,
-                              "failed": 0, "pairs": 0, "model": None, "cache": str(cache_path),
-                              "rejected_reasons": {}, "failed_reasons": {}}
+                              "failed": 0, "malformed": 0, "pairs": 0, "model": None, "cache": str(cache_path),
+                              "rejected_reasons": {}, "failed_reasons": {}, "malformed_reasons": {}}
     if not options.enabled:
         empty = Dataset.from_dict({"id": list(corpus["id"]), "llm_tasks": [[] for _ in range(documents)]},
                                   features=_features())
@@ -585,6 +654,7 @@ def comprehend_corpus(corpus: "Dataset", options: ComprehendOptions, cache_path:
                     raise _down(options, err, where) from None
         report["generated"], report["failed"] = counts.generated, counts.failed
         report["failed_reasons"] = dict(counts.failed_reasons)
+        report["malformed"], report["malformed_reasons"] = counts.malformed, dict(counts.malformed_reasons)
     finally:
         cache.close()
     llm = None  # a local model's memory, before the lookup forks workers
@@ -619,10 +689,16 @@ class _Counts:
         self.generated = 0
         self.failed = 0
         self.failed_reasons: Counter = Counter()
+        self.malformed = 0
+        self.malformed_reasons: Counter = Counter()
 
     def fail(self, reason: str) -> None:
         self.failed += 1
         self.failed_reasons[reason[:200]] += 1
+
+    def malform(self, reason: str) -> None:
+        self.malformed += 1
+        self.malformed_reasons[reason.split(":", 1)[0]] += 1
 
 
 def _reasons(cache_path: Path, keys: list[str]) -> dict[str, int]:
@@ -666,6 +742,8 @@ async def _run_endpoint(llm: _Endpoint, corpus, pending: list[int], keys: list, 
             prompt = render_prompt(template, row["text"], row["title"], o.num_pairs)
             try:
                 reply = await llm.ask(client, model, prompt)
+            except MalformedResponse as err:  # no completion: counted, not cached, asked again on a rerun
+                counts.malform(str(err))
             except ValueError as err:  # this document's request alone was refused: not cached, tried again on a rerun
                 counts.fail(str(err))
             else:
@@ -755,19 +833,23 @@ def distillation_data(cache_path: Path, output_path: Path, format: Literal["chat
         tmp = output_path.with_name(f".{output_path.name}.partial")
         output_path.parent.mkdir(parents=True, exist_ok=True)
         written = 0
-        with tmp.open("w", encoding="utf-8") as out:
-            rows = cache.db.execute("SELECT prompt, pairs FROM replies WHERE status='ok' AND model=? ORDER BY created",
-                                    (chosen,))
-            for prompt, pairs in rows:
-                reply = json.dumps({"pairs": json.loads(pairs)}, ensure_ascii=False)
-                if format == "chat":
-                    line = {"messages": [{"role": "user", "content": prompt},
-                                         {"role": "assistant", "content": reply}]}
-                else:
-                    line = {"prompt": prompt, "completion": reply}
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
-                written += 1
-        tmp.replace(output_path)
+        with guarded(f"writing {output_path}", output_path.parent, [cache_path]):
+            try:
+                with tmp.open("w", encoding="utf-8") as out:
+                    rows = cache.db.execute(
+                        "SELECT prompt, pairs FROM replies WHERE status='ok' AND model=? ORDER BY created", (chosen,))
+                    for prompt, pairs in rows:
+                        reply = json.dumps({"pairs": json.loads(pairs)}, ensure_ascii=False)
+                        if format == "chat":
+                            line = {"messages": [{"role": "user", "content": prompt},
+                                                 {"role": "assistant", "content": reply}]}
+                        else:
+                            line = {"prompt": prompt, "completion": reply}
+                        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                        written += 1
+                tmp.replace(output_path)
+            finally:
+                tmp.unlink(missing_ok=True)
     finally:
         cache.close()
     return written
@@ -777,6 +859,7 @@ __all__ = [
     "DEFAULT_PROMPT",
     "PLACEHOLDERS",
     "ComprehendOptions",
+    "MalformedResponse",
     "RejectedReply",
     "ReplyCache",
     "cache_key",
@@ -786,6 +869,7 @@ __all__ = [
     "parse_reply",
     "render_prompt",
     "reply_schema",
+    "reply_text",
     "sample_indices",
 ]
 

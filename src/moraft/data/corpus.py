@@ -9,10 +9,16 @@ What it reads (``CorpusOptions.path``):
 - a directory of text files (``.txt``, ``.text``, ``.md``, ``.rst``, also compressed ``.gz``/``.bz2``/``.xz``/
   ``.zst``), or one such file: one document per file, its path relative to the directory as its id. The
   first line is taken as the title when it looks like one (see `split_title`). A file that is empty, not UTF-8 or
-  cannot be decompressed is skipped, counted and named, never fatal;
-- a JSON/JSONL, Parquet, Arrow or CSV file, or a directory of them: one document per row, from ``text_field``
+  cannot be decompressed is skipped, counted and named, never fatal. Symbolic links are followed only where they
+  resolve inside the directory (`corpus_files`; ``follow_symlinks`` for the others);
+- a JSON Lines file or a directory of them: one document per line, read line by line (`read_json_lines`), so that a
+  line that is not UTF-8 or not a JSON object is skipped, counted and listed with its line number, never fatal;
+- a JSON array, Parquet, Arrow or CSV file, or a directory of them: one document per row, from ``text_field``
   (``title_field`` and ``id_field`` when present; absent ids are generated from the row's position, ``doc-000123``);
 - a directory written by ``Dataset.save_to_disk`` (a ``DatasetDict``: ``split``).
+
+A row whose text is not a string is dropped as ``not_string``; a document whose id an earlier one has is kept, counted
+and named, since every later stage joins the corpus by row and an id only names a document in messages.
 
 Each document is then cleaned (`clean_text`, language-agnostic), dropped when shorter than ``min_chars``, cut to
 ``max_tokens`` at the last sentence or line boundary (AdaptLLM cuts each text to about 1,850 tokens: arXiv 2309.09530,
@@ -31,12 +37,16 @@ near dedup, its signature and band keys (`Deduplicator`: about 2.1 KB measured a
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
+import os
 import sys
 import time
 import unicodedata
 import uuid
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
@@ -47,13 +57,16 @@ import regex
 from ..errors import MissingPathError, UserError
 from ..train.data import BUILDERS, COMPRESSIONS, _builder, _datasets_errors
 from ..train.options import _Group
+from .disk import guarded
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 DEDUPS = ("near", "exact", "none")
-DROP_REASONS = ("empty", "not_utf8", "unreadable", "too_short", "exact_duplicate", "near_duplicate")
-WARN_FIRST = 5  # skipped files named in the warning line (the report lists all of them)
+DROP_REASONS = ("empty", "not_string", "not_utf8", "not_json", "unreadable", "too_short", "exact_duplicate",
+                "near_duplicate")
+WARN_FIRST = 5  # skipped files, lines and duplicate ids named in a warning line (the report lists more)
+LINES_LISTED = 1000  # bad lines of JSON Lines files listed in the report (all of them are counted)
 # a long document (a book) is tokenized only as far as its budget can reach: its first max_tokens * HEAD_CHARS
 # characters, enough unless its tokens are longer than 16 characters on average (then it is tokenized whole)
 HEAD_CHARS = 16
@@ -99,6 +112,9 @@ class CorpusOptions(_Group):
     streaming: bool = False
     """Read the corpus as it goes and write the result in batches, so that memory stays bounded for corpora larger
     than memory (one process; num_proc is not used)."""
+    follow_symlinks: bool = False
+    """A directory: also read the files and directories that symbolic links inside it point to outside it (by default
+    such links are skipped and named in the report; links that stay inside the directory are always followed)."""
 
     def validate(self) -> None:
         self._check(isinstance(self.path, str) and bool(self.path), "path", "the corpus's file or directory")
@@ -389,11 +405,68 @@ class Deduplicator:
 # -- reading -----------------------------------------------------------------------------------------------------------
 
 
-def _list_files(root: Path) -> tuple[str, list[Path]]:
-    """The kind (``text`` or a datasets builder) and the files of a corpus path."""
+def corpus_files(root: Path, follow_symlinks: bool = False) -> tuple[list[Path], list[dict]]:
+    """The files under the directory ``root`` (subdirectories included), in sorted path order, and the symbolic links
+    skipped.
+
+    A link (to a file or a directory) is followed when it resolves inside ``root``; one that points outside it is
+    skipped (``symlink_outside``) unless ``follow_symlinks``, so that a link to ``/etc/passwd`` never becomes a
+    document unasked. A link to nothing is skipped (``broken_symlink``). A directory reached twice (a link back to a
+    parent, a link to a sibling) is read once, by its own path where the walk reaches that first.
+
+    Returns:
+        ``(files, skipped)``: skipped is a list of ``{"file", "reason"}``.
+    """
+    inside = root.resolve()
+
+    def outside(path: Path) -> bool:
+        try:
+            path.resolve().relative_to(inside)
+        except ValueError:
+            return True
+        return False
+
+    files: list[Path] = []
+    skipped: list[dict] = []
+    visited: set[Path] = set()
+    for directory, subdirectories, names in os.walk(root, followlinks=True):
+        here = Path(directory)
+        real = here.resolve()
+        if real in visited:  # a loop of links, or a second link to a directory already read
+            subdirectories[:] = []
+            continue
+        visited.add(real)
+        followed = []
+        # real directories first: a directory reached both directly and through a link is read by its own path
+        for name in sorted(subdirectories, key=lambda name: ((here / name).is_symlink(), name)):
+            path = here / name
+            if path.is_symlink() and not follow_symlinks and outside(path):
+                skipped.append({"file": str(path), "reason": "symlink_outside"})
+            else:
+                followed.append(name)
+        subdirectories[:] = followed
+        for name in names:
+            path = here / name
+            if path.is_symlink():
+                if not path.exists():
+                    skipped.append({"file": str(path), "reason": "broken_symlink"})
+                    continue
+                if not follow_symlinks and outside(path):
+                    skipped.append({"file": str(path), "reason": "symlink_outside"})
+                    continue
+            if path.is_file():
+                files.append(path)
+    return sorted(files), sorted(skipped, key=lambda item: item["file"])
+
+
+def _list_files(root: Path, options: CorpusOptions, skipped: list[dict]) -> tuple[str, list[Path]]:
+    """The kind (``text`` or a datasets builder) and the files of a corpus path; the links not followed are added to
+    ``skipped`` (those that would have been read: a corpus file's name, or a directory)."""
     if root.is_file():
         return (_builder(root) or "text"), [root]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    listed, links = corpus_files(root, options.follow_symlinks)
+    skipped.extend(link for link in links if _builder(Path(link["file"])) or Path(link["file"]).is_dir())
+    files = [p for p in listed if not p.name.startswith(".")]
     kinds: dict[str, list[Path]] = {}
     for file in files:
         kind = _builder(file)
@@ -529,33 +602,155 @@ def _check_columns(columns: Iterable[str], options: CorpusOptions) -> None:
                         f"its columns are: {', '.join(columns)}")
 
 
-def _normalize_row(row: dict, index: int, fields: tuple[str, Optional[str], Optional[str]], from_files: bool) -> dict:
-    """A raw row of any source as ``id``, ``title``, ``text``, ``skip`` (a data file's own columns are never taken
-    for ``skip``: only the rows of `read_text_files` have one)."""
+def _fields_of(row: dict, fields: tuple[str, Optional[str], Optional[str]]) -> dict:
+    """A data file's row as ``id`` (a str, or None to generate one), ``title`` (a str or None), ``text`` and ``skip``:
+    ``not_string`` when the text is not a string (a number, a list, null or missing), else None."""
     text_field, title_field, id_field = fields
     doc_id = row.get(id_field) if id_field else None
     title = row.get(title_field) if title_field else None
     text = row.get(text_field)
     return {
-        "id": f"doc-{index:06d}" if doc_id is None or doc_id == "" else str(doc_id),
+        "id": None if doc_id is None or doc_id == "" else str(doc_id),
         "title": title if isinstance(title, str) else None,
         "text": text if isinstance(text, str) else None,
-        "skip": row.get("skip") if from_files else None,
+        "skip": None if isinstance(text, str) else "not_string",
     }
+
+
+def _normalize_row(row: dict, index: int, fields: tuple[str, Optional[str], Optional[str]], normalized: bool) -> dict:
+    """A raw row of any source as ``id``, ``title``, ``text``, ``skip`` (why it has no text). The rows of moraft's own
+    readers (`read_text_files`, `read_json_lines`) are already in this form; a data file's own columns are never taken
+    for ``skip``."""
+    row = row if normalized else _fields_of(row, fields)
+    return {**row, "id": f"doc-{index:06d}" if row["id"] is None or row["id"] == "" else row["id"]}
+
+
+# -- JSON Lines: read line by line, so that a bad line costs that line alone -------------------------------------------
+
+
+def _json_line(raw: bytes, first: bool, fields: tuple) -> tuple[Optional[dict], Optional[str], Iterable[str]]:
+    """One line of a JSON Lines file: ``(row, None, keys)`` (the row as `_fields_of` gives it, the object's keys),
+    ``(None, reason, ())`` for a bad line (``not_utf8``; ``not_json``: not JSON, or JSON that is not an object), or
+    ``(None, None, ())`` for a blank line."""
+    if first:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not_utf8", ()
+    if not line.strip():
+        return None, None, ()
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None, "not_json", ()
+    if not isinstance(value, dict):
+        return None, "not_json", ()
+    row = _fields_of(value, fields)
+    try:  # JSON escapes can write a lone surrogate ("\ud800"), which is no UTF-8 text and no Arrow string
+        for name in ("id", "title", "text"):
+            if row[name] is not None:
+                row[name].encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "not_utf8", ()
+    return row, None, value.keys()
+
+
+def _is_json_array(path: Path) -> bool:
+    """Whether a JSON file holds one array (its first character, after whitespace, is ``[``) rather than lines."""
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "rb", compression="infer") as handle:
+            while chunk := handle.read(1 << 16):
+                head = chunk.removeprefix(codecs.BOM_UTF8).lstrip()
+                if head:
+                    return head.startswith(b"[")
+    except Exception:  # noqa: BLE001 - unreadable: read as lines, where it is skipped and named
+        return False
+    return False
+
+
+def _scan_json_lines(path: Path, fields: tuple) -> tuple[int, Counter, list[tuple[int, str]], dict]:
+    """One pass over a JSON Lines file before it is read: its good lines, its bad lines counted by reason (the first
+    `LINES_LISTED` of them with their line numbers) and the keys its objects have."""
+    import fsspec
+
+    good, counts, bad, keys = 0, Counter(), [], {}
+    with fsspec.open(str(path), "rb", compression="infer") as handle:
+        for number, raw in enumerate(handle, 1):
+            row, reason, names = _json_line(raw, number == 1, fields)
+            if reason is not None:
+                counts[reason] += 1
+                if len(bad) < LINES_LISTED:
+                    bad.append((number, reason))
+            elif row is not None:
+                good += 1
+                keys.update(dict.fromkeys(names))
+    return good, counts, bad, keys
+
+
+def _json_lines_files(files: list[Path], options: CorpusOptions, report: dict) -> list[tuple[str, int, int]]:
+    """The JSON Lines files to read, as ``(path, size, mtime)``, after one pass over each: a bad line is counted
+    (``documents_in``, ``dropped``) and listed (``lines_skipped``); a file with no good line is skipped and named
+    (``files_skipped``: ``empty``, or its bad lines' most common reason; ``unreadable`` if it cannot be read
+    through)."""
+    fields = (options.text_field, options.title_field, options.id_field)
+    stamps, columns = [], {}
+    for file in files:
+        try:
+            good, counts, bad, keys = _scan_json_lines(file, fields)
+        except Exception:  # noqa: BLE001 - each codec raises its own error class for a damaged archive
+            report["files_skipped"].append({"file": str(file), "reason": "unreadable"})
+            continue
+        if good == 0:
+            reason = counts.most_common(1)[0][0] if counts else "empty"  # a binary file: mostly not_utf8
+            report["files_skipped"].append({"file": str(file), "reason": reason})
+            continue
+        for reason, count in counts.items():
+            report["dropped"][reason] += count
+            report["documents_in"] += count
+        listed = report["lines_skipped"]
+        listed["count"] += sum(counts.values())
+        listed["listed"].extend({"file": str(file), "line": line, "reason": reason}
+                                for line, reason in bad[:max(LINES_LISTED - len(listed["listed"]), 0)])
+        columns.update(keys)
+        stat = file.stat()
+        stamps.append((str(file), stat.st_size, stat.st_mtime_ns))
+    if stamps:
+        _check_columns(columns, options)
+    return stamps
+
+
+def read_json_lines(files: list[tuple[str, int, int]], fields: tuple[str, Optional[str], Optional[str]]
+                    ) -> Iterator[dict]:
+    """The rows of JSON Lines files ``(path, size, mtime)`` (size and time only identify the version read) as ``id``,
+    ``title``, ``text``, ``skip`` (see `_fields_of`); blank and bad lines are passed over (the pass of
+    `_json_lines_files` before this one counted them)."""
+    import fsspec
+
+    for path, _, _ in files:
+        with fsspec.open(path, "rb", compression="infer") as handle:
+            for number, raw in enumerate(handle, 1):
+                row, _, _ = _json_line(raw, number == 1, fields)
+                if row is not None:
+                    yield row
 
 
 # -- the stage ---------------------------------------------------------------------------------------------------------
 
 
 def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, options: CorpusOptions,
-                  fields: tuple[str, Optional[str], Optional[str]], titles_from_text: bool) -> dict[str, list]:
+                  fields: tuple[str, Optional[str], Optional[str]], titles_from_text: bool,
+                  normalized: bool = False) -> dict[str, list]:
     """Clean, cut and hash a batch of raw rows (the per-document work, run by ``Dataset.map`` in ``num_proc``
     processes or in the streamed loop): columns ``id``, ``title``, ``text``, ``tokens``, ``skip`` (why a text file was
     skipped, if it was), ``drop`` (None, or why the document is dropped before deduplication), ``key`` (the exact
-    key) and, for near dedup, ``minhash``."""
+    key) and, for near dedup, ``minhash``. ``titles_from_text``: the rows are text files (their first line may be a
+    title); ``normalized``: the rows come from moraft's readers (`read_text_files`, `read_json_lines`)."""
     size = len(next(iter(batch.values()))) if batch else 0
-    rows = [_normalize_row({name: values[i] for name, values in batch.items()}, indices[i], fields, titles_from_text)
-            for i in range(size)]
+    rows = [_normalize_row({name: values[i] for name, values in batch.items()}, indices[i], fields,
+                           normalized or titles_from_text) for i in range(size)]
     out: dict[str, list] = {"id": [], "title": [], "text": [], "tokens": [], "skip": [], "drop": [], "key": []}
     if options.dedup == "near":
         out["minhash"] = []
@@ -578,7 +773,7 @@ def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, opti
         out["title"].append(title)
         out["text"].append(text if drop is None else "")
         out["tokens"].append(0)
-        out["skip"].append(row["skip"])
+        out["skip"].append(row["skip"] if titles_from_text else None)  # a text file is a file: it is named
         out["drop"].append(drop)
     for position, (text, count) in zip(pending, cut_batch(texts, tokenizer, options.max_tokens)):
         out["text"][position], out["tokens"][position] = text, count
@@ -603,9 +798,19 @@ def _prepared_features(options: CorpusOptions):
     return Features(columns)
 
 
-def _source(options: CorpusOptions, skipped: list[dict]) -> tuple[Any, tuple, bool, int]:
-    """The raw rows of the corpus (a Dataset, or an iterable of rows when streaming), the fields to read from them,
-    whether titles come from the text's first line, and the number of files read."""
+@dataclass
+class _Source:
+    """The raw rows of a corpus and how to read them."""
+
+    rows: Any  # a Dataset, an iterable of rows (streaming), or the arguments of a reader of moraft's (not streaming)
+    fields: tuple[str, Optional[str], Optional[str]]
+    titles_from_text: bool = False  # text files: one document per file, the first line may be a title
+    reader: Optional[Callable] = None  # read_text_files or read_json_lines: rows already normalized
+    files_read: int = 0
+
+
+def _source(options: CorpusOptions, report: dict) -> _Source:
+    """The raw rows of the corpus; skipped files and bad lines go into ``report``."""
     import datasets
 
     root = Path(options.path)
@@ -622,56 +827,109 @@ def _source(options: CorpusOptions, skipped: list[dict]) -> tuple[Any, tuple, bo
                                 f"{', '.join(loaded)}")
             loaded = loaded[options.split]
         _check_columns(loaded.column_names, options)
-        return (loaded.to_iterable_dataset() if options.streaming else loaded), fields, False, len(loaded.cache_files)
-    kind, files = _list_files(root)
+        rows = loaded.to_iterable_dataset() if options.streaming else loaded
+        return _Source(rows, fields, files_read=len(loaded.cache_files))
+    kind, files = _list_files(root, options, report["files_skipped"])
     if kind == "text":
         args = _text_file_args(root, files)
-        if options.streaming:
-            return read_text_files(args), ("text", "title", "id"), True, len(files)
-        return args, ("text", "title", "id"), True, len(files)
+        rows = read_text_files(args) if options.streaming else args
+        return _Source(rows, fields, titles_from_text=True, reader=_read_stamped, files_read=len(files))
+    if kind == "json":
+        arrays = [file for file in files if _is_json_array(file)]
+        if arrays and len(arrays) < len(files):
+            raise UserError(f"corpus.path {str(root)!r} mixes JSON arrays ({len(arrays)} files, e.g. {arrays[0]}) "
+                            f"and JSON Lines ({len(files) - len(arrays)} files); give one kind")
+        if not arrays:
+            stamps = _json_lines_files(files, options, report)
+            rows = read_json_lines(stamps, fields) if options.streaming else stamps
+            return _Source(rows, fields, reader=read_json_lines, files_read=len(files))
     with _datasets_errors(options.path):
-        loaded = _load_data_files(kind, files, options.streaming, skipped)
+        loaded = _load_data_files(kind, files, options.streaming, report["files_skipped"])
     if not options.streaming and loaded != []:
         _check_columns(loaded.column_names, options)
-    return loaded, fields, False, len(files)
+    return _Source(loaded, fields, files_read=len(files))
 
 
-def _text_files_dataset(args: list[tuple[str, str]], num_proc: int) -> "Dataset":
-    """The raw rows of text files as an Arrow dataset, read in ``num_proc`` processes; cached by the files' paths,
-    sizes and modification times, so that a changed file is read again."""
+def _read_stamped(files: list[tuple[str, str, int, int]], fields: tuple = ()) -> Iterator[dict]:
+    """`read_text_files` of ``(id, path, size, mtime)``: the sizes and times only identify the version read."""
+    return read_text_files([(doc_id, path) for doc_id, path, _, _ in files])
+
+
+def _read_dataset(source: _Source, num_proc: int) -> "Dataset":
+    """The raw rows of moraft's reader as an Arrow dataset, read in ``num_proc`` processes; cached by the files'
+    paths, sizes and modification times, so that a changed file is read again."""
     from datasets import Dataset
 
-    stamps = [(doc_id, path, Path(path).stat().st_size, Path(path).stat().st_mtime_ns) for doc_id, path in args]
+    stamps = source.rows
+    if source.titles_from_text:
+        stamps = [(doc_id, path, Path(path).stat().st_size, Path(path).stat().st_mtime_ns)
+                  for doc_id, path in stamps]
     return Dataset.from_generator(
-        _read_stamped, features=_raw_features(), gen_kwargs={"files": stamps},
+        source.reader, features=_raw_features(), gen_kwargs={"files": stamps, "fields": source.fields},
         num_proc=num_proc if num_proc > 1 and len(stamps) > 1 else None,
     )
 
 
-def _read_stamped(files: list[tuple[str, str, int, int]]) -> Iterator[dict]:
-    return read_text_files([(doc_id, path) for doc_id, path, _, _ in files])
+def _report(options: CorpusOptions) -> dict:
+    return {"path": options.path, "files_read": 0, "files_skipped": [],
+            "lines_skipped": {"count": 0, "listed": []}, "documents_in": 0,
+            "documents_out": 0, "tokens_out": 0, "dropped": dict.fromkeys(DROP_REASONS, 0),
+            "duplicate_ids": {"count": 0, "examples": []}, "seconds": 0.0, "streaming": options.streaming}
 
 
-def _report(options: CorpusOptions, files_read: int, skipped: list[dict]) -> dict:
-    return {"path": options.path, "files_read": files_read, "files_skipped": skipped, "documents_in": 0,
-            "documents_out": 0, "tokens_out": 0, "dropped": dict.fromkeys(DROP_REASONS, 0), "seconds": 0.0,
-            "streaming": options.streaming}
+def _duplicate_ids(corpus: "Dataset") -> tuple[int, list[str]]:
+    """How many documents have an id that an earlier document has, and the first few such ids (in the order their
+    duplicates come). One pass of 64-bit hashes (8 bytes per document), then one over the few ids whose hashes
+    collide."""
+    hashes = np.fromiter((hash(doc_id) for _, batch in _batches(corpus.select_columns(["id"]))
+                          for doc_id in batch["id"]), dtype=np.int64, count=len(corpus))
+    ordered = np.sort(hashes)
+    colliding = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not colliding:
+        return 0, []
+    seen: set[str] = set()
+    count, examples = 0, []
+    for _, batch in _batches(corpus.select_columns(["id"])):
+        for doc_id in batch["id"]:
+            if hash(doc_id) not in colliding:
+                continue
+            if doc_id in seen:
+                count += 1
+                if doc_id not in examples and len(examples) < WARN_FIRST:
+                    examples.append(doc_id)
+            seen.add(doc_id)
+    return count, examples
 
 
-def _finish(report: dict, options: CorpusOptions, started: float) -> None:
+def _listed(items: list[dict], total: int, name: str) -> str:
+    """The first `WARN_FIRST` of ``items`` (skipped files or lines) as a warning's list."""
+    named = ", ".join(f"{item['file']}{':' + str(item['line']) if 'line' in item else ''} ({item['reason']})"
+                      for item in items[:WARN_FIRST])
+    return f"{named} and {total - WARN_FIRST} more {name}" if total > WARN_FIRST else named
+
+
+def _finish(report: dict, options: CorpusOptions, started: float, corpus: "Dataset") -> None:
     report["seconds"] = round(time.perf_counter() - started, 3)
     skipped = report["files_skipped"]
     if skipped:
-        named = ", ".join(f"{item['file']} ({item['reason']})" for item in skipped[:WARN_FIRST])
-        more = f" and {len(skipped) - WARN_FIRST} more" if len(skipped) > WARN_FIRST else ""
-        print(f"moraft data: warning: skipped {len(skipped)} file(s) of {options.path}: {named}{more}",
-              file=sys.stderr)
+        print(f"moraft data: warning: skipped {len(skipped)} file(s) of {options.path}: "
+              f"{_listed(skipped, len(skipped), 'files')}", file=sys.stderr)
+    lines = report["lines_skipped"]
+    if lines["count"]:
+        print(f"moraft data: warning: skipped {lines['count']} bad line(s) of {options.path}: "
+              f"{_listed(lines['listed'], lines['count'], 'lines')}", file=sys.stderr)
     if report["documents_out"] == 0:
         dropped = ", ".join(f"{count} {reason}" for reason, count in report["dropped"].items() if count)
         hint = f" (min_chars={options.min_chars})" if report["dropped"]["too_short"] else ""
-        files = f"; {len(skipped)} file(s) skipped" if skipped else ""
+        files = f"; {len(skipped)} file(s) skipped: {_listed(skipped, len(skipped), 'files')}" if skipped else ""
         raise UserError(f"corpus {options.path!r}: no documents left of {report['documents_in']} read"
                         f"{': ' + dropped if dropped else ''}{hint}{files}")
+    count, examples = _duplicate_ids(corpus)
+    report["duplicate_ids"] = {"count": count, "examples": examples}
+    if count:
+        print(f"moraft data: warning: {count} document(s) of {options.path} have the id of an earlier document "
+              f"({', '.join(map(repr, examples))}{', ...' if count > len(examples) else ''}); they are kept (the "
+              "stages join by row, an id only names a document in messages)", file=sys.stderr)
 
 
 def read_corpus(options: CorpusOptions, tokenizer: Any, num_proc: int = 1) -> tuple["Dataset", dict]:
@@ -680,33 +938,41 @@ def read_corpus(options: CorpusOptions, tokenizer: Any, num_proc: int = 1) -> tu
     Args:
         options: Where the corpus is and how to treat it (`CorpusOptions`).
         tokenizer: The pipeline tokenizer: ``max_tokens`` and the ``tokens`` column are measured with it.
-        num_proc: Processes for the per-document work (reading text files, cleaning, cutting, MinHash); the ordered
-            deduplication pass is one process. Not used with ``options.streaming``.
+        num_proc: Processes for the per-document work (reading text and JSON Lines files, cleaning, cutting,
+            MinHash); the ordered deduplication pass is one process. Not used with ``options.streaming``.
 
     Returns:
         The corpus dataset (columns ``id``, ``title``, ``text``, ``tokens``, in input order, duplicates and dropped
         documents removed) and a report: ``path``, ``files_read``, ``files_skipped`` (a list of ``{"file",
-        "reason"}``), ``documents_in``, ``documents_out``, ``tokens_out``, ``dropped`` (a count per reason: ``empty``,
-        ``not_utf8``, ``unreadable``, ``too_short``, ``exact_duplicate``, ``near_duplicate``), ``seconds``,
-        ``streaming``.
+        "reason"}``), ``lines_skipped`` (the bad lines of JSON Lines files: ``{"count", "listed"}``, the first 1,000
+        listed as ``{"file", "line", "reason"}``), ``documents_in``, ``documents_out``, ``tokens_out``, ``dropped``
+        (a count per reason: ``empty``, ``not_string``, ``not_utf8``, ``not_json``, ``unreadable``, ``too_short``,
+        ``exact_duplicate``, ``near_duplicate``), ``duplicate_ids`` (``{"count", "examples"}``: kept documents
+        whose id an earlier one has), ``seconds``, ``streaming``.
 
     Raises:
         MissingPathError: ``options.path`` does not exist.
-        UserError: An invalid option, a data file without ``text_field``, or nothing left after dropping.
+        UserError: An invalid option, a data file without ``text_field``, nothing left after dropping, or a full disk.
     """
     options.validate()
     started = time.perf_counter()
-    skipped: list[dict] = []
-    source, fields, titles_from_text, files_read = _source(options, skipped)
-    report = _report(options, files_read, skipped)
-    prepare = dict(tokenizer=tokenizer, options=options, fields=fields, titles_from_text=titles_from_text)
-    if options.streaming:
-        corpus = _stream(source, prepare, options, report)
-    else:
-        if titles_from_text:
-            source = _text_files_dataset(source, num_proc)
-        corpus = _in_memory(source, prepare, options, report, num_proc)
-    _finish(report, options, started)
+    report = _report(options)
+    source = _source(options, report)
+    report["files_read"] = source.files_read
+    prepare = dict(tokenizer=tokenizer, options=options, fields=source.fields,
+                   titles_from_text=source.titles_from_text, normalized=source.reader is not None)
+    from datasets import config
+
+    # the stage writes its passes into datasets' cache (the pipeline saves the result under its output)
+    with guarded("the corpus stage", Path(config.HF_DATASETS_CACHE), [Path(options.path)]):
+        if options.streaming:
+            corpus = _stream(source.rows, prepare, options, report)
+        else:
+            rows = source.rows
+            if source.reader is not None:
+                rows = _read_dataset(source, num_proc) if rows else []
+            corpus = _in_memory(rows, prepare, options, report, num_proc)
+    _finish(report, options, started, corpus)
     return corpus, report
 
 
@@ -716,14 +982,19 @@ def _in_memory(source, prepare: dict, options: CorpusOptions, report: dict, num_
     from datasets import Dataset
     from tqdm.auto import tqdm
 
-    if isinstance(source, list):  # no readable data file
-        source = Dataset.from_dict({"id": [], "title": [], "text": [], "skip": []}, features=_raw_features())
-    prepared = source.map(
-        prepare_batch, fn_kwargs=prepare, batched=True, batch_size=BATCH, with_indices=True,
-        remove_columns=source.column_names, features=_prepared_features(options),
-        num_proc=num_proc if num_proc > 1 and len(source) > 1 else None, desc="corpus: clean, cut, hash",
-    )
-    report["documents_in"] = len(prepared)
+    features = _prepared_features(options)
+    if isinstance(source, list) or len(source) == 0:  # no readable file, or no row: nothing to map
+        prepared = Dataset.from_dict({name: [] for name in features}, features=features)
+    else:
+        files = [Path(f["filename"]) for f in source.cache_files]
+        scratch = {file.parent for file in files}  # map writes its temporaries beside the files it reads
+        with guarded("the corpus stage", next(iter(scratch), Path(options.path)), files, scratch):
+            prepared = source.map(
+                prepare_batch, fn_kwargs=prepare, batched=True, batch_size=BATCH, with_indices=True,
+                remove_columns=source.column_names, features=features,
+                num_proc=num_proc if num_proc > 1 and len(source) > 1 else None, desc="corpus: clean, cut, hash",
+            )
+    report["documents_in"] += len(prepared)
     dedup = Deduplicator(options.dedup, options.near_threshold, options.num_perm)
     columns = ["id", "skip", "drop", "key", "tokens"] + (["minhash"] if options.dedup == "near" else [])
     keep: list[int] = []
@@ -765,13 +1036,14 @@ def _stream(source, prepare: dict, options: CorpusOptions, report: dict) -> "Dat
     from tqdm.auto import tqdm
 
     dedup = Deduplicator(options.dedup, options.near_threshold, options.num_perm)
+    before = report["documents_in"]  # the bad lines of JSON Lines files, counted before reading
 
     def rows() -> Iterator[dict]:
-        checked = False
+        checked = prepare["normalized"]  # moraft's readers checked the columns already
         index = 0
         with tqdm(desc="corpus: stream", unit="doc") as bar:
             for chunk in _chunks(source, BATCH):
-                if not checked and not prepare["titles_from_text"]:
+                if not checked:
                     _check_columns(chunk[0].keys(), options)
                     checked = True
                 batch = {name: [row.get(name) for row in chunk] for name in chunk[0]}
@@ -787,7 +1059,7 @@ def _stream(source, prepare: dict, options: CorpusOptions, report: dict) -> "Dat
                         yield {name: out[name][i] for name in OUTPUT_COLUMNS}
                     else:
                         _count_drop(report, drop, out["id"][i], out["skip"][i] is not None, options)
-                report["documents_in"] = index
+                report["documents_in"] = before + index
                 bar.update(len(chunk))
 
     features = Features({"id": Value("string"), "title": Value("string"), "text": Value("string"),
@@ -817,6 +1089,7 @@ def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
 
 
 __all__ = [
-    "CorpusOptions", "Deduplicator", "clean_text", "cut_batch", "cut_to_tokens", "exact_key", "minhash_signature",
-    "prepare_batch", "read_corpus", "read_text_files", "shingles", "split_title",
+    "CorpusOptions", "Deduplicator", "clean_text", "corpus_files", "cut_batch", "cut_to_tokens", "exact_key",
+    "minhash_signature", "prepare_batch", "read_corpus", "read_json_lines", "read_text_files", "shingles",
+    "split_title",
 ]

@@ -7,9 +7,11 @@
        └────► cluster ─────┘
 
 Each stage writes a ``datasets`` directory (``OUTPUT/<stage>/``, through a temporary directory renamed into place,
-so a crash never leaves half a stage) with ``moraft_stage.json``: the fingerprint of its inputs and options, and its
-report. A rerun skips every stage whose fingerprint is unchanged; the LLM stage also keeps each reply in
-``OUTPUT/llm_cache.sqlite`` as it arrives, so an interrupted run never asks twice.
+so a crash never leaves half a stage) with ``moraft_stage.json``: the fingerprint of its inputs and options, the
+checksums of its files, and its report. A rerun skips every stage whose fingerprint is unchanged and whose files still
+match their checksums; the LLM stage also keeps each reply in ``OUTPUT/llm_cache.sqlite`` as it arrives, so an
+interrupted run never asks twice. A stage that fails (a full disk included: one line, `moraft.data.disk`) leaves no
+temporary file, and a run first removes those a killed run left.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -30,7 +33,8 @@ from ..train.options import _Group
 from .build import BuildOptions, build
 from .cluster import ClusterOptions, cluster_corpus
 from .comprehend import ComprehendOptions, comprehend_corpus
-from .corpus import CorpusOptions, read_corpus
+from .corpus import CorpusOptions, corpus_files, read_corpus
+from .disk import guarded, remove_temporaries
 from .mine import MineOptions, mine_corpus
 
 STAGES = ("corpus", "mine", "comprehend", "cluster", "build")
@@ -134,13 +138,40 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _source_fingerprint(path: str) -> Any:
-    """What identifies the corpus's input: each file's path, size and modification time."""
+def _source_fingerprint(path: str, follow_symlinks: bool = False) -> Any:
+    """What identifies an input: each file's path, size and modification time (a directory's files as the corpus
+    stage lists them, `corpus_files`; a model directory follows every link: the Hugging Face cache links its files
+    to blobs outside it)."""
     root = Path(path).expanduser()
     if not root.exists():
         return path  # a cached dataset name; the corpus stage reports a missing path
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = [root] if root.is_file() else corpus_files(root, follow_symlinks)[0]
     return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+CHECKSUM_CHUNK = 1 << 20
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """The BLAKE2b of each file of a saved dataset (its Arrow files, as its ``state.json`` lists them, and its two JSON
+    files), by name: what a saved stage is checked against when it is loaded. Missing files are ``"missing"``."""
+    try:
+        state = json.loads((directory / "state.json").read_text())
+        names = [item["filename"] for item in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []
+    digests = {}
+    for name in ["state.json", "dataset_info.json", *names]:
+        digest = hashlib.blake2b(digest_size=16)
+        try:
+            with open(directory / name, "rb") as handle:
+                while chunk := handle.read(CHECKSUM_CHUNK):
+                    digest.update(chunk)
+        except OSError:
+            digests[name] = "missing"
+            continue
+        digests[name] = digest.hexdigest()
+    return digests
 
 
 class Stages:
@@ -164,6 +195,11 @@ class Stages:
             saved = json.loads(info.read_text())
             if saved.get("fingerprint") != fingerprint:
                 return None
+            changed = _changed(saved.get("checksums"), checksums(directory))
+            if changed:  # the files are not those written with the stage: never load silently different data
+                print(f"moraft data: {name}: the saved stage in {directory} does not match its checksums ({changed}); "
+                      "running it again")
+                return None
             data = load_from_disk(str(directory))
             data[:1]  # reads the first Arrow file: a truncated or damaged one fails here, not in a later stage
         except Exception as err:  # damaged on disk (a crash outside moraft, a disk full, a hand edit): make it again
@@ -183,8 +219,9 @@ class Stages:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.output))
         try:
             data.save_to_disk(str(tmp / "data"))
-            (tmp / "data" / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "report": report},
-                                                              indent=2, default=str))
+            (tmp / "data" / STAGE_FILE).write_text(json.dumps(
+                {"fingerprint": fingerprint, "checksums": checksums(tmp / "data"), "report": report},
+                indent=2, default=str))
             if directory.exists():
                 old = self.output / f".{name}-old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -196,19 +233,48 @@ class Stages:
         self.reports[name] = report
         return load_from_disk(str(directory))
 
-    def run(self, name: str, fingerprint: str, compute: Callable[[], tuple[Any, dict]]):
+    def scratch(self) -> list[Path]:
+        """The directories where datasets writes its passes' temporaries: the stages' (a pass writes beside the Arrow
+        files it reads)."""
+        return [self.output / (TRAIN_DIR if name == "build" else name) for name in STAGES]
+
+    def run(self, name: str, fingerprint: str, compute: Callable[[], tuple[Any, dict]], reads: list[Path],
+            growth: float = 2.0):
+        """The stage's dataset: loaded when up to date, else computed and saved. ``reads`` (what the stage reads) and
+        ``growth`` estimate the space it needs, ``growth`` times their size, for the message of a full disk."""
         data = self.cached(name, fingerprint)
         if data is None:
             print(f"moraft data: {name}: running")
             started = time.perf_counter()
-            data, report = compute()
-            report = {**report, "seconds": round(time.perf_counter() - started, 3)}
-            if report.get("failed"):  # documents the LLM could not answer: never up to date, a rerun asks again
-                print(f"moraft data: {name}: {report['failed']} document(s) failed; a rerun asks for them again "
-                      "(the others are answered from the cache)")
-                fingerprint += ":incomplete"
-            data = self.save(name, fingerprint, data, report)
+            with guarded(f"the {name} stage", self.output, reads, self.scratch(), growth):
+                data, report = compute()
+                report = {**report, "seconds": round(time.perf_counter() - started, 3)}
+                incomplete = report.get("failed", 0) + report.get("malformed", 0)
+                if incomplete:  # documents the LLM did not answer: never up to date, a rerun asks again
+                    print(f"moraft data: {name}: {incomplete} document(s) got no usable reply (failed or malformed); "
+                          "a rerun asks for them again (the others are answered from the cache)")
+                    fingerprint += ":incomplete"
+                data = self.save(name, fingerprint, data, report)
         return data
+
+
+def _changed(expected: Optional[dict], actual: dict) -> str:
+    """Which files of a saved stage differ from their checksums (empty when none does)."""
+    if not expected:
+        return "it has none (saved by an older moraft)"
+    names = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
+    return ", ".join(f"{name} {'missing' if actual.get(name) == 'missing' else 'changed'}" for name in names)
+
+
+def _remove_leftovers(output: Path, stages: Stages) -> None:
+    """What a killed run left in ``output``: datasets' temporaries in the stages' directories, the temporary
+    directories of a stage being saved, a stats file being written."""
+    remove_temporaries(stages.scratch())
+    if output.is_dir():
+        for path in output.iterdir():
+            if path.is_dir() and re.fullmatch(rf"\.({'|'.join(STAGES)})-.+", path.name):
+                shutil.rmtree(path, ignore_errors=True)
+        (output / STATS_FILE).with_suffix(".tmp").unlink(missing_ok=True)
 
 
 def _needed(chosen: list[str], options: DataPipelineOptions) -> list[str]:
@@ -239,40 +305,45 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
     _require_extras(options)
     tokenizer = load_tokenizer(options.tokenizer)
     stages = Stages(output, options.force, options.chosen)
+    _remove_leftovers(output, stages)
     needed = _needed(options.chosen, options)
     tok = options.tokenizer or "builtin"
     asdict = dataclasses.asdict
 
     corpus_fp = _fingerprint(FORMAT_VERSION, "corpus", asdict(options.corpus), tok,
-                             _source_fingerprint(options.corpus.path))
+                             _source_fingerprint(options.corpus.path, options.corpus.follow_symlinks))
     corpus = stages.run("corpus", corpus_fp,
-                        lambda: read_corpus(options.corpus, tokenizer, num_proc=options.num_proc))
+                        lambda: read_corpus(options.corpus, tokenizer, num_proc=options.num_proc),
+                        reads=[Path(options.corpus.path).expanduser()])
     found: dict[str, Any] = {}
     fingerprints = {"corpus": corpus_fp}
     if "mine" in needed:
         fingerprints["mine"] = _fingerprint(FORMAT_VERSION, "mine", asdict(options.mine), tok, corpus_fp)
         found["mine"] = stages.run("mine", fingerprints["mine"], lambda: _counted(
             mine_corpus(corpus, options.mine, _mine_tokenizer(options, tokenizer), num_proc=options.num_proc,
-                        engine=options.engine if options.engine.executor else None, work_dir=output / ENGINE_DIR)))
+                        engine=options.engine if options.engine.executor else None, work_dir=output / ENGINE_DIR)),
+            reads=_files(corpus))
     if "comprehend" in needed and _has_llm(options):
         llm = {k: v for k, v in asdict(options.comprehend).items() if k not in {"concurrency", "timeout", "retries"}}
         model = options.comprehend.local_model  # a retrained local model at the same path is another model
         fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp,
-                                                  _source_fingerprint(model) if model else None)
+                                                  _source_fingerprint(model, True) if model else None)
         found["comprehend"] = stages.run("comprehend", fingerprints["comprehend"], lambda: comprehend_corpus(
-            corpus, options.comprehend, output / LLM_CACHE, num_proc=options.num_proc))
+            corpus, options.comprehend, output / LLM_CACHE, num_proc=options.num_proc), reads=_files(corpus))
     elif "build" in needed:
         print("moraft data: comprehend: skipped (no --comprehend.llm_url or --comprehend.local_model)")
     if "cluster" in needed:
         fingerprints["cluster"] = _fingerprint(FORMAT_VERSION, "cluster", asdict(options.cluster), corpus_fp)
         found["cluster"] = stages.run("cluster", fingerprints["cluster"], lambda: _clustered(
-            cluster_corpus(corpus, options.cluster)))
+            cluster_corpus(corpus, options.cluster)), reads=_files(corpus))
     if "build" in needed:
         build_fp = _fingerprint(FORMAT_VERSION, "build", asdict(options.build), options.mine.domain,
                                 options.mine.seed, tok, fingerprints)
+        neighbors = stages.reports.get("cluster", {}).get("mean_neighbors", 0)  # texts each reading repeats
         stages.run("build", build_fp, lambda: build(
             corpus, found.get("mine"), found.get("comprehend"), found.get("cluster"), options.build,
-            tokenizer=tokenizer, domain=options.mine.domain, mine_seed=options.mine.seed, num_proc=options.num_proc))
+            tokenizer=tokenizer, domain=options.mine.domain, mine_seed=options.mine.seed, num_proc=options.num_proc),
+            reads=_files(corpus, *found.values()), growth=2 * (1 + neighbors))
     stats = {"output": str(output), "stages": {name: stages.reports.get(name, {}) for name in needed}}
     _write_json(output / STATS_FILE, stats)
     return stats
@@ -321,8 +392,17 @@ def _mine_tokenizer(options: DataPipelineOptions, tokenizer):
 
 def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(tmp, path)
+    with guarded(f"writing {path.name}", path.parent):
+        try:
+            tmp.write_text(json.dumps(value, indent=2, default=str))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _files(*datasets) -> list[Path]:
+    """The Arrow files of saved datasets (what a stage reads, to estimate what it writes)."""
+    return [Path(item["filename"]) for data in datasets for item in data.cache_files]
 
 
 def data(options: DataPipelineOptions) -> None:
