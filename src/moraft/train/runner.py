@@ -5,9 +5,10 @@ The data comes from `moraft.train.data` as a 🤗 dataset in one of TRL's format
 (assistant turns of chat data, completions of prompt-completion data) and packs it. moraft adds the method (MoRA,
 ReMoRA's merges), the run directory's files and the checks.
 
-Every check that can fail on bad input (options, model path, data, target modules) runs before anything is
-written, so a bad command leaves the output directory as it was. Final files are written to a temporary directory
-and moved into place.
+Every check that can fail on bad input (options, model path, data, target modules, an output directory that holds
+anything but an earlier run's files) runs before anything is written, so a bad command leaves the output directory as
+it was. Final files are written to a temporary directory and moved into place. The run records what it writes in the
+directory's manifest (`moraft.outputs`), so that ``output.overwrite`` deletes those files and nothing else.
 """
 
 from __future__ import annotations
@@ -35,15 +36,21 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
-from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
+from ..outputs import check_replaceable, clear, record
+from .callbacks import METRICS_FILE, Evaluator, MergeEvery, Recorder, restarting_schedule
 from .data import UUID_MEMORY, describe_mix, detect_format, load_data, uuid_pairs
-from .evaluate import CONFIG_FILE, merge_dirs, read_train_config, uuid_accuracy
+from .evaluate import CONFIG_FILE, MERGES_DIR, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_model, merge_and_restart
 from .peft_methods import describe_size, size_report
 from .options import AdapterOptions, DataOptions, TrainOptions
 from .plot import plot_run
 
 SUMMARY_FILE = "train_summary.json"
+COMMAND = "moraft train"  # the owner of a run directory, in its manifest
+FINAL_TMP = ".final.tmp"  # the final files before they are moved into place
+# what a run writes in output.dir before its final files (whose names the tokenizer and method decide; recorded then):
+# TRL's model card (README.md) comes with the first checkpoint, TensorBoard's event files go under runs/
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, "checkpoint-*", MERGES_DIR, "README.md", "runs", FINAL_TMP)
 # options a resumed run may change: what is saved and logged, and how long it trains
 RESUMABLE_CHANGES = {"output.resume", "output.overwrite", "output.dir", "output.save_steps", "output.save_total_limit",
                      "output.logging_steps", "output.eval_steps", "optimization.max_steps", "optimization.epochs",
@@ -148,6 +155,8 @@ def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
             f"output.dir {str(out)!r} is not empty; pass --output.resume to continue its run, --output.overwrite to "
             "replace it, or another --output.dir"
         )
+    if options.output.overwrite:
+        check_replaceable(out, COMMAND, "output.dir")
     return None
 
 
@@ -372,10 +381,11 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
                         "adapter.merge_every=0, or under DDP")
 
     # -- everything is checked: from here on the run writes to output.dir -------------------------------------
-    if output.overwrite and is_main and out.is_dir():
-        shutil.rmtree(out)
+    if output.overwrite and is_main:
+        clear(out, COMMAND, "output.dir")  # only what an earlier run wrote (checked in _prepare_output_dir)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        record(out, COMMAND, RUN_ENTRIES)
         (out / CONFIG_FILE).write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
     if checkpoint is not None:
         _replay_merges(model, options, int(Path(checkpoint).name.split("-")[1]), is_main)
@@ -562,7 +572,7 @@ def _save_outputs(
     """The final adapter (or full model), tokenizer, config, summary and plot, moved into output.dir at once. Every
     rank calls this (see `_save_model`); only the main process writes."""
     out = result.output_dir
-    tmp = out / ".final.tmp"
+    tmp = out / FINAL_TMP
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -589,6 +599,7 @@ def _save_outputs(
     }
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_run(result.history, tmp / "loss.png", title=f"{_label(options.adapter)} on {describe_mix(options.data)}")
+    record(out, COMMAND, sorted(item.name for item in tmp.iterdir()))  # before they appear in output.dir
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()
