@@ -1,9 +1,11 @@
-"""Trainer callbacks: the progress bar, metrics.jsonl, evaluation during training, and ReMoRA/ReLoRA's merge
-every N steps (with the learning-rate schedule that restarts after each merge)."""
+"""Trainer callbacks: the progress bar, metrics.jsonl, evaluation during training, ReMoRA/ReLoRA's merge every N steps
+(with the learning-rate schedule that restarts after each merge), and the mark of each checkpoint written whole."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -12,11 +14,13 @@ from typing import Callable, Optional
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .evaluate import MERGES_DIR
 from .methods import merge_and_restart
 
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_MARK = "moraft_complete.json"  # in checkpoint-N/ once Trainer has written all of it
 
 
 class Recorder(TrainerCallback):
@@ -147,3 +151,54 @@ def restarting_schedule(scheduler: LambdaLR, every: int, warmup: int) -> LambdaL
         return factor
 
     return LambdaLR(scheduler.optimizer, [restarted(i) for i in range(len(base))])
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+def checkpoints(output_dir: Path) -> list[tuple[Path, bool]]:
+    """The ``checkpoint-N`` directories of a run, by step, each with whether it is complete (`CheckpointMark`)."""
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    found = []
+    if Path(output_dir).is_dir():
+        for path in Path(output_dir).iterdir():
+            match = pattern.fullmatch(path.name)
+            if match and path.is_dir():
+                found.append((int(match[1]), path))
+    return [(path, (path / CHECKPOINT_MARK).is_file()) for _, path in sorted(found)]
+
+
+def last_complete_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The newest checkpoint of a run that was written whole, or None."""
+    complete = [path for path, whole in checkpoints(output_dir) if whole]
+    return complete[-1] if complete else None
+
+
+class CheckpointMark(TrainerCallback):
+    """Marks each checkpoint complete once Trainer has written all of it, then keeps the newest ``limit`` complete
+    ones.
+
+    Trainer writes ``checkpoint-N/`` file by file (the model, then the optimizer, scheduler and RNG state, then
+    ``trainer_state.json``) and calls ``on_save`` only after the last one; a run killed in between leaves a directory
+    that ``get_last_checkpoint`` would still pick and ``resume_from_checkpoint`` fail on. The mark (a file written
+    under a temporary name and renamed) is what makes a checkpoint one to resume from (`last_complete_checkpoint`).
+    Trainer's own ``save_total_limit`` is left unset: it deletes old checkpoints before ``on_save``, so a kill right
+    after could leave none complete; here they are deleted after the new one is marked, and only complete ones count.
+    """
+
+    def __init__(self, limit: Optional[int], is_main: bool) -> None:
+        self.limit = limit
+        self.is_main = is_main
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.is_main:
+            return
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        partial = directory / f".{CHECKPOINT_MARK}.partial"
+        partial.write_text(json.dumps({"step": state.global_step}) + "\n")
+        os.replace(partial, directory / CHECKPOINT_MARK)
+        if self.limit:
+            complete = [path for path, whole in checkpoints(Path(args.output_dir)) if whole]
+            for path in complete[: -self.limit]:
+                shutil.rmtree(path, ignore_errors=True)
+

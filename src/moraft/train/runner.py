@@ -33,11 +33,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
 from ..outputs import check_replaceable, clear, record
-from .callbacks import METRICS_FILE, Evaluator, MergeEvery, Recorder, restarting_schedule
+from .callbacks import (
+    METRICS_FILE,
+    CheckpointMark,
+    Evaluator,
+    MergeEvery,
+    Recorder,
+    checkpoints,
+    restarting_schedule,
+)
 from .data import UUID_MEMORY, describe_mix, detect_format, load_data, uuid_pairs
 from .evaluate import CONFIG_FILE, MERGES_DIR, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_model, merge_and_restart
@@ -134,9 +141,7 @@ def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
         raise UserError(f"output.dir {str(out)!r} is a file, not a directory")
     occupied = out.is_dir() and any(out.iterdir())
     if options.output.resume:
-        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if checkpoint is None:
-            raise UserError(f"resume: {str(out)!r} has no checkpoint-N directory to resume from")
+        checkpoint = _resume_checkpoint(out)
         saved = read_train_config(out)
         before = saved.flat() if saved is not None else {}
         differ = [
@@ -158,6 +163,24 @@ def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
     if options.output.overwrite:
         check_replaceable(out, COMMAND, "output.dir")
     return None
+
+
+def _resume_checkpoint(out: Path) -> str:
+    """The newest complete checkpoint of the run in ``out`` (`CheckpointMark`); newer ones that a killed run left
+    half-written are skipped, with a line that says so."""
+    found = checkpoints(out)
+    complete = [path for path, whole in found if whole]
+    if not found:
+        raise UserError(f"resume: {str(out)!r} has no checkpoint-N directory to resume from")
+    if not complete:
+        raise UserError(f"resume: {str(out)!r} has no complete checkpoint-N directory to resume from "
+                        f"({', '.join(path.name for path, _ in found)}: the run stopped while writing them)")
+    newest = complete[-1]
+    skipped = [path.name for path, _ in found[found.index((newest, True)) + 1 :]]  # all incomplete
+    if skipped:
+        print(f"moraft train: resume: skipping {', '.join(skipped)} (written only in part: the run stopped while "
+              f"saving it); resuming from {newest.name}", flush=True)
+    return str(newest)
 
 
 def _has_accelerator() -> bool:
@@ -297,7 +320,7 @@ def _training_arguments(options: TrainOptions, fmt: str) -> TrainingArguments:
         data_seed=opt.seed,
         save_strategy="steps" if output.save_steps else "no",
         save_steps=output.save_steps or 500,
-        save_total_limit=output.save_total_limit,
+        save_total_limit=None,  # CheckpointMark deletes old checkpoints, once the new one is complete
         logging_steps=output.logging_steps,
         eval_strategy="steps" if evaluating else "no",
         eval_steps=output.eval_steps if evaluating else None,
@@ -359,7 +382,7 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         args = _training_arguments(options, fmt)
         is_main = args.process_index == 0
         recorder = Recorder(out, _label(adapter), is_main)
-        own = [recorder]
+        own = [recorder, CheckpointMark(output.save_total_limit, is_main)]
         if pairs is not None:
             own.append(Evaluator(evaluate, output.eval_steps, recorder))
         if adapter.merge_every:
