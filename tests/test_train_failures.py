@@ -1,13 +1,32 @@
-"""``moraft train`` when a run cannot go right: a resume skips the checkpoint a killed run left half-written."""
+"""``moraft train`` when a run cannot go right: a run whose loss or parameters stop being finite stops in one line
+and saves no NaN adapter, and a resume skips the checkpoint a killed run left half-written."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import torch
 from helpers import run_cli, tiny_flags
+from safetensors.torch import load_file
 
 from moraft.train.callbacks import CHECKPOINT_MARK
+
+
+def test_a_diverging_run_stops_in_one_line_and_saves_no_nan_adapter(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = [*tiny_flags(out), "--optimization.learning_rate", "1e6", "--optimization.max_steps", "8",
+             "--output.save_steps", "1"]
+    status, _, err = run_cli(["train", *flags], capsys)
+    assert status == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("moraft train: error: training diverged at step "), err
+    assert line.endswith("; lower optimization.learning_rate (now 1e+06)"), err
+    assert not (out / "adapter_model.safetensors").exists()
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints and f"the last checkpoint, {checkpoints[-1]}, is from before and still good" in line
+    for checkpoint in checkpoints:  # every checkpoint saved is one whose parameters were finite
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "adapter_model.safetensors").values())
 
 
 def test_resume_skips_the_checkpoint_a_killed_run_left_half_written(tmp_path, capsys):

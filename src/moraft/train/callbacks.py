@@ -1,9 +1,11 @@
 """Trainer callbacks: the progress bar, metrics.jsonl, evaluation during training, ReMoRA/ReLoRA's merge every N steps
-(with the learning-rate schedule that restarts after each merge), and the mark of each checkpoint written whole."""
+(with the learning-rate schedule that restarts after each merge), the mark of each checkpoint written whole, and the
+stop of a run whose parameters or loss are no longer finite."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -11,11 +13,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..errors import UserError
 from .evaluate import MERGES_DIR
 from .methods import merge_and_restart
 
@@ -202,3 +206,57 @@ class CheckpointMark(TrainerCallback):
             for path in complete[: -self.limit]:
                 shutil.rmtree(path, ignore_errors=True)
 
+
+# -- divergence ------------------------------------------------------------------------------------------------------
+
+
+class NonFiniteStop(TrainerCallback):
+    """Stops the run, with a one-line `moraft.errors.UserError`, as soon as the trained parameters or the logged loss
+    are no longer finite, before Trainer saves anything from that step.
+
+    Trainer does its part first: it leaves a NaN or infinite step loss out of the logged average
+    (``logging_nan_inf_filter``), and with fp16 its gradient scaler skips an update whose gradients overflowed. What
+    that cannot save shows in the parameters themselves after the update (or in a logged loss that is still not
+    finite): training on would only save NaN. ``on_step_end`` runs before Trainer's save of the step, so every
+    checkpoint written is one whose parameters were finite. Every rank checks its own parameters (its shard under
+    FSDP or ZeRO-3) and the ranks agree, so all stop together.
+    """
+
+    def __init__(self, advice: str, output_dir: Path) -> None:
+        self.advice = advice
+        self.output_dir = Path(output_dir)
+        self.loss: Optional[float] = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, (int, float)):
+            if not math.isfinite(loss):
+                self._stop(state.global_step, f"the loss is {loss}")
+            self.loss = loss
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and not _finite(model):
+            self._stop(state.global_step, "the trained parameters hold NaN or infinite values")
+
+    def _stop(self, step: int, what: str) -> None:
+        before = f" (the last logged loss was {self.loss:.4g})" if self.loss is not None else ""
+        good = last_complete_checkpoint(self.output_dir)
+        kept = (f"the last checkpoint, {good}, is from before and still good" if good is not None
+                else "no checkpoint was saved before it")
+        raise UserError(f"training diverged at step {step}: {what}{before}; nothing was saved from it ({kept}); "
+                        f"{self.advice}")
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable parameter is finite, on every rank (each checks its own shard: a ZeRO-3 partition,
+    an FSDP2 local tensor)."""
+    device = next(model.parameters()).device
+    ok = torch.ones((), device=device)
+    for param in model.parameters():
+        if param.requires_grad:
+            local = getattr(param, "ds_tensor", param).detach()
+            local = local.to_local() if hasattr(local, "to_local") else local
+            ok = ok * torch.isfinite(local).all().to(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())

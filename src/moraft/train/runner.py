@@ -41,6 +41,7 @@ from .callbacks import (
     CheckpointMark,
     Evaluator,
     MergeEvery,
+    NonFiniteStop,
     Recorder,
     checkpoints,
     restarting_schedule,
@@ -382,7 +383,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         args = _training_arguments(options, fmt)
         is_main = args.process_index == 0
         recorder = Recorder(out, _label(adapter), is_main)
-        own = [recorder, CheckpointMark(output.save_total_limit, is_main)]
+        advice = f"lower optimization.learning_rate (now {options.optimization.learning_rate:g})"
+        own = [recorder, CheckpointMark(output.save_total_limit, is_main), NonFiniteStop(advice, out)]
         if pairs is not None:
             own.append(Evaluator(evaluate, output.eval_steps, recorder))
         if adapter.merge_every:
