@@ -1,16 +1,64 @@
-"""``moraft train`` when a run cannot go right: a run whose loss or parameters stop being finite stops in one line
-and saves no NaN adapter, and a resume skips the checkpoint a killed run left half-written."""
+"""``moraft train`` when a run cannot go right: data it cannot train on is refused in one line before training, a
+run whose loss or parameters stop being finite stops in one line and saves no NaN adapter, and a resume skips the
+checkpoint a killed run left half-written."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import pytest
 import torch
-from helpers import run_cli, tiny_flags
+from helpers import assert_refused, run_cli, tiny_flags
 from safetensors.torch import load_file
 
 from moraft.train.callbacks import CHECKPOINT_MARK
+
+# file contents -> what the one line says (after the file's path)
+BAD_DATA = {
+    "null text": ('{"text": "a"}\n{"text": null}\n', "bad.jsonl', row 2: text is null; expected a string"),
+    "null completion": ('{"prompt": "a", "completion": null}\n',
+                        "bad.jsonl', row 1: completion is null; expected a string or a list of messages"),
+    "a number as text": ('{"text": 5}\n', "bad.jsonl': column text holds int64 values; expected a string per row"),
+    "0 bytes": ("", "data file '{path}' is empty (0 bytes); expected json data, one row or more"),
+    "only blank lines": ("\n \n", "data file '{path}' is empty (3 bytes, all whitespace)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_rows_and_files_without_text_are_one_line(tmp_path, capsys, case):
+    content, expected = BAD_DATA[case]
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    out = tmp_path / "out"
+    assert_refused(["train", *tiny_flags(out), "--data", str(path)], capsys, expected.format(path=path), out)
+
+
+def test_a_csv_header_without_rows_is_one_line(tmp_path, capsys):
+    path, out = tmp_path / "header.csv", tmp_path / "out"
+    path.write_text("text\n")
+    assert_refused(["train", *tiny_flags(out), "--data", str(path)], capsys, "header.csv' holds no rows", out)
+
+
+BLANK = {
+    "text": [{"text": ""}, {"text": "  \n "}] * 4,
+    "prompt-completion": [{"prompt": "Which?", "completion": ""}, {"prompt": "Why?", "completion": " "}] * 4,
+}
+
+
+@pytest.mark.parametrize("fmt", list(BLANK))
+def test_data_without_a_token_to_train_on_is_refused_before_training(tmp_path, capsys, fmt):
+    """Empty texts still tokenize (BOS, EOS): the check is on the tokens TRL would train on."""
+    path, out = tmp_path / "blank.jsonl", tmp_path / "out"
+    path.write_text("".join(json.dumps(row) + "\n" for row in BLANK[fmt]))
+    status, _, err = run_cli(["train", *tiny_flags(out), "--data", str(path)], capsys)
+    loss_on = {"text": "text", "prompt-completion": "completion"}[fmt]
+    assert status == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"moraft train: error: data.dataset {str(path)!r} has no token to train on after tokenization and the loss "
+        f"mask, only special tokens and whitespace (every {loss_on} is empty or blank); give data with text in it"
+    )
+    assert not out.exists()
 
 
 def test_a_diverging_run_stops_in_one_line_and_saves_no_nan_adapter(tmp_path, capsys):

@@ -46,7 +46,7 @@ from .callbacks import (
     checkpoints,
     restarting_schedule,
 )
-from .data import UUID_MEMORY, describe_mix, detect_format, load_data, uuid_pairs
+from .data import UUID_MEMORY, describe_mix, detect_format, has_tokens_to_train, load_data, uuid_pairs
 from .evaluate import CONFIG_FILE, MERGES_DIR, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_model, merge_and_restart
 from .peft_methods import describe_size, size_report
@@ -393,17 +393,13 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         trainer = make_trainer(options, model, tokenizer, train_data, eval_data, args, own + list(callbacks))
     trainer.remove_callback(ProgressCallback)  # the Recorder draws the bar
     sharding = _sharding(trainer)
-    if adapter.merge_every and (sharding or trainer.is_deepspeed_enabled):
+    try:
+        _check_sharded_merges(options, trainer, sharding)
+        _check_tokens_to_train(options, trainer, tokenizer, fmt)
+    except UserError:
         if is_main and not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # Trainer creates output.dir; a refused run leaves none behind
-        if sharding:
-            why = f"merge the adapter into the base weights, which {sharding} shards across processes"
-        else:  # ZeRO-1/2 keep the trained weights in their optimizer's fp32 partitions, copied into the model
-            stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
-            why = (f"restart the adapter after each merge, but DeepSpeed ZeRO-{stage} steps its own fp32 copy of the "
-                   "adapter and copies it back, undoing the restart")
-        raise UserError(f"adapter.merge_every={adapter.merge_every}: ReMoRA/ReLoRA {why}; train with "
-                        "adapter.merge_every=0, or under DDP")
+        raise
 
     # -- everything is checked: from here on the run writes to output.dir -------------------------------------
     if output.overwrite and is_main:
@@ -456,6 +452,43 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     if result.ranks_in_sync is False:
         raise RuntimeError(f"the {len(digests)} ranks ended with different parameters: {digests}")
     return result
+
+
+def _check_sharded_merges(options: TrainOptions, trainer: Trainer, sharding: Optional[str]) -> None:
+    """ReMoRA/ReLoRA's merges need every rank to hold whole parameters, trained in place."""
+    adapter = options.adapter
+    if not adapter.merge_every or not (sharding or trainer.is_deepspeed_enabled):
+        return
+    if sharding:
+        why = f"merge the adapter into the base weights, which {sharding} shards across processes"
+    else:  # ZeRO-1/2 keep the trained weights in their optimizer's fp32 partitions, copied into the model
+        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        why = (f"restart the adapter after each merge, but DeepSpeed ZeRO-{stage} steps its own fp32 copy of the "
+               "adapter and copies it back, undoing the restart")
+    raise UserError(f"adapter.merge_every={adapter.merge_every}: ReMoRA/ReLoRA {why}; train with "
+                    "adapter.merge_every=0, or under DDP")
+
+
+# what the loss is taken on, per format: the words of the refusal of data without a token to train on
+LOSS_ON = {"text": "text", "prompt-completion": "completion", "chat": "assistant turn",
+           "preference": "chosen and rejected answer"}
+
+
+def _check_tokens_to_train(options: TrainOptions, trainer: Trainer, tokenizer, fmt: str) -> None:
+    """The data as TRL prepared it (tokenized, loss-masked, packed) has a token to train on
+    (`moraft.train.data.has_tokens_to_train`)."""
+    prepared = trainer.train_dataset
+    names = prepared.column_names or []  # None: a stream, not read ahead
+    if options.optimization.objective == "dpo":
+        columns = [c for c in ("chosen_ids", "rejected_ids") if c in names]
+    else:  # TRL's labels: the input ids, -100 where the loss mask is 0
+        columns = ["labels"] if "labels" in names else ["input_ids"] if "input_ids" in names else []
+    if columns and not has_tokens_to_train(prepared, columns, tokenizer):
+        raise UserError(
+            f"data.dataset {describe_mix(options.data)!r} has no token to train on after tokenization and the loss "
+            f"mask, only special tokens and whitespace (every {LOSS_ON.get(fmt, 'text')} is empty or blank); give "
+            "data with text in it"
+        )
 
 
 def _replay_merges(model, options: TrainOptions, step: int, is_main: bool) -> None:
