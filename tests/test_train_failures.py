@@ -81,28 +81,27 @@ def test_resume_skips_the_checkpoint_a_killed_run_left_half_written(tmp_path, ca
     out, data = tmp_path / "run", tmp_path / "text.jsonl"
     data.write_text("".join(f'{{"text": "line {i}: the quick brown fox jumps over the lazy dog"}}\n' for i in range(8)))
     flags = [*tiny_flags(out), "--data", str(data), "--output.save_steps", "1"]
-    status, _, err = run_cli(["train", *flags, "--optimization.max_steps", "3"], capsys)
+    status, _, err = run_cli(["train", *flags, "--optimization.max_steps", "2"], capsys)
     assert status == 0, err
-    # output.save_total_limit (2) counts the complete checkpoints, each marked once Trainer wrote all of it
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
-    assert all((out / name / CHECKPOINT_MARK).is_file() for name in ("checkpoint-2", "checkpoint-3"))
-    # killed the moment checkpoint-4/ appeared: it holds part of what Trainer writes
-    (out / "checkpoint-4").mkdir()
-    shutil.copy(out / "checkpoint-3" / "adapter_config.json", out / "checkpoint-4")
+    assert all((out / name / CHECKPOINT_MARK).is_file() for name in ("checkpoint-1", "checkpoint-2"))
+    # killed the moment checkpoint-3/ appeared: it holds part of what Trainer writes
+    (out / "checkpoint-3").mkdir()
+    shutil.copy(out / "checkpoint-2" / "adapter_config.json", out / "checkpoint-3")
 
-    status, stdout, err = run_cli(["train", *flags, "--optimization.max_steps", "5", "--output.resume"], capsys)
+    status, stdout, err = run_cli(["train", *flags, "--optimization.max_steps", "3", "--output.resume"], capsys)
     assert status == 0, err
-    assert ("moraft train: resume: skipping checkpoint-4 (written only in part: the run stopped while saving it); "
-            "resuming from checkpoint-3") in stdout
-    assert json.loads((out / "train_summary.json").read_text())["steps"] == 5
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
-    assert (out / "checkpoint-4" / CHECKPOINT_MARK).is_file()  # written again, whole
+    assert ("moraft train: resume: skipping checkpoint-3 (written only in part: the run stopped while saving it); "
+            "resuming from checkpoint-2") in stdout
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 3
+    # checkpoint-3 written again, whole; output.save_total_limit (2) counts complete checkpoints
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (out / "checkpoint-3" / CHECKPOINT_MARK).is_file()
 
     lone = tmp_path / "lone"  # only a half-written checkpoint: nothing to resume from
-    shutil.copytree(out, lone, ignore=shutil.ignore_patterns("checkpoint-5"))
-    (lone / "checkpoint-4" / CHECKPOINT_MARK).unlink()
+    shutil.copytree(out, lone, ignore=shutil.ignore_patterns("checkpoint-2"))
+    (lone / "checkpoint-3" / CHECKPOINT_MARK).unlink()
     status, _, err = run_cli(["train", *tiny_flags(lone), "--data", str(data), "--output.save_steps", "1",
-                              "--optimization.max_steps", "5", "--output.resume"], capsys)
+                              "--optimization.max_steps", "3", "--output.resume"], capsys)
     assert status == 2 and err.strip().endswith(
-        f"resume: {str(lone)!r} has no complete checkpoint-N directory to resume from (checkpoint-4: the run stopped "
+        f"resume: {str(lone)!r} has no complete checkpoint-N directory to resume from (checkpoint-3: the run stopped "
         "while writing them)"), err
