@@ -254,14 +254,18 @@ def test_base_with_other_shapes_is_an_error_at_conversion_and_at_load(tmp_path):
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    convert_peft_mora(FIXTURE / "adapter_type1", out)  # an earlier conversion
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(UserError, match=r"out already exists.*--overwrite"):
         convert_peft_mora(FIXTURE / "adapter_type1", out)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     convert_peft_mora(FIXTURE / "adapter_type1", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert leftovers(tmp_path) == []
+    (out / "keep.txt").write_text("mine")  # not the command's to replace, even with overwrite
+    with pytest.raises(UserError, match=r"holds entries that moraft convert-peft-mora did not write \(keep.txt\)"):
+        convert_peft_mora(FIXTURE / "adapter_type1", out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine" and leftovers(tmp_path) == []
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

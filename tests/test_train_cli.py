@@ -13,6 +13,7 @@ import yaml
 from helpers import assert_refused, run_cli, tiny_flags, tiny_options
 
 from moraft.cli import main
+from moraft.outputs import record
 from moraft.train import TrainOptions, load_trained, train
 
 
@@ -234,7 +235,8 @@ def test_dashed_flags_and_bare_booleans(tmp_path, capsys):
     `--output.overwrite true`."""
     out_dir = tmp_path / "run"
     out_dir.mkdir()
-    (out_dir / "old.txt").write_text("something")  # needs --overwrite
+    record(out_dir, "moraft train", ["metrics.jsonl"])  # an earlier run's files: replacing them needs --overwrite
+    (out_dir / "metrics.jsonl").write_text('{"loss": 1.0, "step": 1}\n')
     flags = [flag.replace("_", "-") if flag.startswith("--") else flag for flag in tiny_flags(out_dir)]
     status, _, err = run_cli(["train", *flags, "--optimization.max-steps", "4", "--adapter.merge-every", "2",
                               "--output.overwrite"], capsys)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 from ..errors import UserError
+from ..outputs import check_replaceable
 from ..train.options import _Group
 from .build import BuildOptions, build
 from .cluster import ClusterOptions, cluster_corpus
@@ -44,6 +45,8 @@ STATS_FILE = "stats.json"
 LLM_CACHE = "llm_cache.sqlite"
 ENGINE_DIR = "engine"  # datatrove's shards, output and logs, kept for resuming
 FORMAT_VERSION = 1  # bump when a stage's output changes for the same options
+COMMAND = "moraft data"
+STAGE_FILES = ("data-*.arrow", "dataset_info.json", "state.json", "moraft_*")  # save_to_disk's, and moraft's
 
 
 @dataclass
@@ -244,6 +247,9 @@ class Stages:
         ``growth`` estimate the space it needs, ``growth`` times their size, for the message of a full disk."""
         data = self.cached(name, fingerprint)
         if data is None:
+            # a stage directory is replaced only when it holds a saved stage and nothing else (checked before the work)
+            check_replaceable(self.output / (TRAIN_DIR if name == "build" else name), COMMAND, "output",
+                              writes=STAGE_FILES)
             print(f"moraft data: {name}: running")
             started = time.perf_counter()
             with guarded(f"the {name} stage", self.output, reads, self.scratch(), growth):

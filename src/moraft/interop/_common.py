@@ -1,5 +1,5 @@
-"""Plumbing shared by the interop commands: staged output directories, base models on the meta device, and adapters
-loaded onto them.
+"""Plumbing shared by the interop commands: base models on the meta device, and adapters loaded onto them (their
+output directories are staged by `moraft.outputs.staged_output_dir`).
 
 A "meta" base model has every module with its real shape but no weights, so an adapter can be injected into it by
 PEFT (which runs moraft's own layer code: the same operators, the same r̂ per module as a real load) at no memory
@@ -8,16 +8,12 @@ cost. The adapter's own tensors are then put in place, on the CPU, so that ``get
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import PeftConfig, PeftModel
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -34,37 +30,7 @@ from ..adapters import (
 )
 from ..errors import UserError, first_line
 
-# ----------------------------------------------------------------------------------------------------------------
-# output directories: written whole or not at all
-
-
-@contextmanager
-def staged_output_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh directory beside ``out_dir``; rename it to ``out_dir`` only when the body finishes.
-
-    On any error the staging directory is removed, so ``out_dir`` is either the complete result or untouched.
-    """
-    out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise UserError(f"output {out} already exists; choose another path or pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
-        os.replace(out, retired / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, out)
-
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)  # what export-lora and convert-peft-mora write (and replace)
 
 # ----------------------------------------------------------------------------------------------------------------
 # base models

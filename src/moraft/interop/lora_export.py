@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from ..adapters import PEFT_PREFIX, PathLike, parse_dtype, read_json
 from ..errors import UserError
 from ..mora import MoraLayer, MoraOperator
-from ._common import load_adapter_on_meta, staged_output_dir
+from ..outputs import staged_output_dir
+from ._common import ADAPTER_FILES, load_adapter_on_meta
 
 
 @dataclass
@@ -96,7 +97,8 @@ def export_lora(
         base: the base model directory (only its config.json is read, for the layer shapes). Defaults to the
             adapter's base_model_name_or_path when that is a local directory or cached model.
         dtype: dtype of the written LoRA weights: float32, bfloat16 or float16.
-        overwrite: replace ``out_dir`` if it exists.
+        overwrite: replace ``out_dir`` when it is an earlier output of this command (its .moraft-output.json names
+            everything in it); anything else there is refused.
 
     Returns:
         A ``LoraExport`` with the output path, the rank and each module's relative error.
@@ -184,7 +186,7 @@ def export_lora(
         revision=loaded.config.revision,
         inference_mode=True,
     )
-    with staged_output_dir(out_dir, overwrite) as staging:
+    with staged_output_dir(out_dir, overwrite, "moraft export-lora", ADAPTER_FILES) as staging:
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     return LoraExport(path=Path(out_dir), rank=common_rank, errors=errors)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import DTYPES, PathLike, lora_variants, parse_dtype, read_json, resolve_model_dir
 from ..errors import UserError, first_line
+from ..outputs import MANIFEST, staged_output_dir
 from ..quantization import (
     QUANT_TYPES,
     KeptUpdate,
@@ -39,10 +40,12 @@ from ..quantization import (
     is_quantized_linear,
     requantized,
 )
-from ._common import LoadedAdapter, _model_class, load_adapter_on_meta, staged_output_dir
+from ._common import LoadedAdapter, _model_class, load_adapter_on_meta
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
+# what a merge writes besides the base's side files (`_side_file`): all that --overwrite may replace
+MERGED_FILES = ("config.json", "generation_config.json", WEIGHTS_FILE, "model-*-of-*.safetensors", WEIGHTS_INDEX)
 # files never copied from the base directory: its weights (rewritten) in any format
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 
@@ -312,7 +315,8 @@ def merge_adapter(
             model stays bfloat16), or float32, bfloat16, float16. With quantization: of the tensors left unquantized,
             and the 4-bit compute dtype.
         max_shard_size: largest size of one weights file, in bytes or as '5GB', '500MB'.
-        overwrite: replace ``out_dir`` if it exists.
+        overwrite: replace ``out_dir`` when it is an earlier output of this command (its .moraft-output.json names
+            everything in it); anything else there is refused.
         quantization: none, or write the merged model's linear layers quantized by bitsandbytes: 4bit (NF4/FP4) or
             8bit (LLM.int8). Most of a small update is lost in the rounding: the merge prints how much is kept.
         quant_type: 4bit: nf4 or fp4.
@@ -344,7 +348,7 @@ def merge_adapter(
     total = sum(s.nbytes for s in planned)
     kept = None
     with tqdm(total=total, desc="merge", unit="B", unit_scale=True, disable=None) as bar, staged_output_dir(
-        out_dir, overwrite
+        out_dir, overwrite, "moraft merge", [*MERGED_FILES, *(p.name for p in base_dir.iterdir() if _side_file(p))]
     ) as staging:
         # a quantized output is made from the merged model as an unquantized merge writes it
         target = staging if quantize is None else staging / ".unquantized"
@@ -447,10 +451,16 @@ def _save_quantized(
     return kept
 
 
+def _side_file(path: Path) -> bool:
+    """A top-level file of the base that the merged model keeps: not a weights file, nor the base's own record of
+    the moraft command that wrote it (the merged model's is its own)."""
+    return path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name != MANIFEST
+
+
 def _copy_missing_side_files(base_dir: Path, out: Path) -> None:
     """The base's non-weight top-level files (tokenizer, ...) that ``save_pretrained`` did not write."""
     for path in sorted(base_dir.iterdir()):
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not (out / path.name).exists():
+        if _side_file(path) and not (out / path.name).exists():
             shutil.copy2(path, out / path.name)
 
 
@@ -466,7 +476,7 @@ def _kept_message(out: Path, quantization: str, quant_type: str, kept: KeptUpdat
 def _copy_side_files(base_dir: Path, out: Path, config: dict, dtype: str) -> None:
     """config.json (with the new dtype), generation config, tokenizer and any other non-weight top-level files."""
     for path in sorted(base_dir.iterdir()):
-        if path.is_file() and path.name != "config.json" and not path.name.endswith(WEIGHT_SUFFIXES):
+        if _side_file(path) and path.name != "config.json":
             shutil.copy2(path, out / path.name)
     if dtype != "auto":
         config["dtype"] = dtype

@@ -26,7 +26,8 @@ from ..adapters import PEFT_PREFIX, PathLike, adapter_weights_path, load_tensors
 from ..errors import UserError
 from ..mora import MoraConfig, mora_rank
 from ..mora.model import SUPPORTED_LAYERS
-from ._common import meta_base_model, staged_output_dir
+from ..outputs import staged_output_dir
+from ._common import ADAPTER_FILES, meta_base_model
 
 # peft-mora's mora_type -> (compression, input_grouping, output_grouping). Types 2-4 are ReMoRA's groupings of
 # sharing: "contiguous" input sums consecutive features (repeat_interleave), "contiguous" output repeats each in place.
@@ -62,7 +63,8 @@ def convert_peft_mora(
         base: optional base model directory (only its config.json is read) to check the adapter against now: every
             adapted module must exist and have the shape the adapter was trained on. Without it the same check runs
             when the converted adapter is loaded.
-        overwrite: replace ``out_dir`` if it exists.
+        overwrite: replace ``out_dir`` when it is an earlier output of this command (its .moraft-output.json names
+            everything in it); anything else there is refused.
 
     Returns:
         The output directory.
@@ -124,7 +126,7 @@ def convert_peft_mora(
     )
     tensors = {f"{PEFT_PREFIX}{m}.mora_M": M.float().contiguous() for m, M in matrices.items()}
     tensors.update(others)  # modules_to_save, saved whole under the same names by both
-    with staged_output_dir(out_dir, overwrite) as staging:
+    with staged_output_dir(out_dir, overwrite, "moraft convert-peft-mora", ADAPTER_FILES) as staging:
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     return Path(out_dir)

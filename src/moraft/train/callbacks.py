@@ -1,22 +1,30 @@
-"""Trainer callbacks: the progress bar, metrics.jsonl, evaluation during training, and ReMoRA/ReLoRA's merge
-every N steps (with the learning-rate schedule that restarts after each merge)."""
+"""Trainer callbacks: the progress bar, metrics.jsonl, evaluation during training, ReMoRA/ReLoRA's merge every N steps
+(with the learning-rate schedule that restarts after each merge), the mark of each checkpoint written whole, and the
+stop of a run whose parameters or loss are no longer finite."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..errors import UserError
 from .evaluate import MERGES_DIR
 from .methods import merge_and_restart
 
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_MARK = "moraft_complete.json"  # in checkpoint-N/ once Trainer has written all of it
 
 
 class Recorder(TrainerCallback):
@@ -147,3 +155,108 @@ def restarting_schedule(scheduler: LambdaLR, every: int, warmup: int) -> LambdaL
         return factor
 
     return LambdaLR(scheduler.optimizer, [restarted(i) for i in range(len(base))])
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+def checkpoints(output_dir: Path) -> list[tuple[Path, bool]]:
+    """The ``checkpoint-N`` directories of a run, by step, each with whether it is complete (`CheckpointMark`)."""
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    found = []
+    if Path(output_dir).is_dir():
+        for path in Path(output_dir).iterdir():
+            match = pattern.fullmatch(path.name)
+            if match and path.is_dir():
+                found.append((int(match[1]), path))
+    return [(path, (path / CHECKPOINT_MARK).is_file()) for _, path in sorted(found)]
+
+
+def last_complete_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The newest checkpoint of a run that was written whole, or None."""
+    complete = [path for path, whole in checkpoints(output_dir) if whole]
+    return complete[-1] if complete else None
+
+
+class CheckpointMark(TrainerCallback):
+    """Marks each checkpoint complete once Trainer has written all of it, then keeps the newest ``limit`` complete
+    ones.
+
+    Trainer writes ``checkpoint-N/`` file by file (the model, then the optimizer, scheduler and RNG state, then
+    ``trainer_state.json``) and calls ``on_save`` only after the last one; a run killed in between leaves a directory
+    that ``get_last_checkpoint`` would still pick and ``resume_from_checkpoint`` fail on. The mark (a file written
+    under a temporary name and renamed) is what makes a checkpoint one to resume from (`last_complete_checkpoint`).
+    Trainer's own ``save_total_limit`` is left unset: it deletes old checkpoints before ``on_save``, so a kill right
+    after could leave none complete; here they are deleted after the new one is marked, and only complete ones count.
+    """
+
+    def __init__(self, limit: Optional[int], is_main: bool) -> None:
+        self.limit = limit
+        self.is_main = is_main
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.is_main:
+            return
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        partial = directory / f".{CHECKPOINT_MARK}.partial"
+        partial.write_text(json.dumps({"step": state.global_step}) + "\n")
+        os.replace(partial, directory / CHECKPOINT_MARK)
+        if self.limit:
+            complete = [path for path, whole in checkpoints(Path(args.output_dir)) if whole]
+            for path in complete[: -self.limit]:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# -- divergence ------------------------------------------------------------------------------------------------------
+
+
+class NonFiniteStop(TrainerCallback):
+    """Stops the run, with a one-line `moraft.errors.UserError`, as soon as the trained parameters or the logged loss
+    are no longer finite, before Trainer saves anything from that step.
+
+    Trainer does its part first: it leaves a NaN or infinite step loss out of the logged average
+    (``logging_nan_inf_filter``), and with fp16 its gradient scaler skips an update whose gradients overflowed. What
+    that cannot save shows in the parameters themselves after the update (or in a logged loss that is still not
+    finite): training on would only save NaN. ``on_step_end`` runs before Trainer's save of the step, so every
+    checkpoint written is one whose parameters were finite. Every rank checks its own parameters (its shard under
+    FSDP or ZeRO-3) and the ranks agree, so all stop together.
+    """
+
+    def __init__(self, advice: str, output_dir: Path) -> None:
+        self.advice = advice
+        self.output_dir = Path(output_dir)
+        self.loss: Optional[float] = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if isinstance(loss, (int, float)):
+            if not math.isfinite(loss):
+                self._stop(state.global_step, f"the loss is {loss}")
+            self.loss = loss
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and not _finite(model):
+            self._stop(state.global_step, "the trained parameters hold NaN or infinite values")
+
+    def _stop(self, step: int, what: str) -> None:
+        before = f" (the last logged loss was {self.loss:.4g})" if self.loss is not None else ""
+        good = last_complete_checkpoint(self.output_dir)
+        kept = (f"the last checkpoint, {good}, is from before and still good" if good is not None
+                else "no checkpoint was saved before it")
+        raise UserError(f"training diverged at step {step}: {what}{before}; nothing was saved from it ({kept}); "
+                        f"{self.advice}")
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable parameter is finite, on every rank (each checks its own shard: a ZeRO-3 partition,
+    an FSDP2 local tensor)."""
+    device = next(model.parameters()).device
+    ok = torch.ones((), device=device)
+    for param in model.parameters():
+        if param.requires_grad:
+            local = getattr(param, "ds_tensor", param).detach()
+            local = local.to_local() if hasattr(local, "to_local") else local
+            ok = ok * torch.isfinite(local).all().to(device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())

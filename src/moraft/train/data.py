@@ -114,6 +114,18 @@ def _data_files(directory: Path) -> tuple[str, list[str]]:
     return kind, files
 
 
+def _blank(path: Path) -> bool:
+    """Whether a data file holds nothing but whitespace (datasets fails on one with a traceback, not a message); a
+    compressed file only when it is 0 bytes."""
+    if path.suffix.lower() in COMPRESSIONS:
+        return path.stat().st_size == 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
 @contextmanager
 def _progress(show: bool) -> Iterator[None]:
     """datasets' progress bars while reading a source: shown for large files only, so a small file's bad input is one
@@ -177,6 +189,11 @@ def read_source(source: str, options: "DataOptions", split: str) -> Data:
             kind, files = _builder(path), [str(path)]
             if kind is None:
                 kind = "text"  # any other file is read as UTF-8 text
+        empty = next((Path(f) for f in files if _blank(Path(f))), None)
+        if empty is not None:
+            size = empty.stat().st_size
+            raise UserError(f"data file {str(empty)!r} is empty ({size} bytes{', all whitespace' if size else ''}); "
+                            f"expected {kind} data, one row or more")
         if kind == "text":
             kwargs["sample_by"] = options.sample_by
         elif path.suffix.lower() == ".tsv" or any(f.endswith((".tsv", ".tsv.gz")) for f in files):
@@ -212,6 +229,9 @@ def _datasets_errors(source: str, name: bool = False) -> Iterator[None]:
     except UnicodeDecodeError as err:
         raise UserError(f"data source {source!r}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except Exception as err:  # noqa: BLE001 - datasets wraps parse errors of every builder in its own classes
+        # no rows: the json builder finds no table to infer the columns from; a CSV header alone is a split of none
+        if isinstance(err, StopIteration) or (isinstance(err, ValueError) and "corresponds to no data" in str(err)):
+            raise UserError(f"data source {source!r} holds no rows; expected one row or more") from None
         if type(err).__module__.startswith(("datasets", "pyarrow", "json")):
             cause = err.__cause__ or err
             message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
@@ -265,6 +285,54 @@ def standardize(data: Data, source: str, options: "DataOptions") -> tuple[Data, 
     data = data.select_columns([field[std] for std in COLUMNS[fmt]])
     renames = {field[std]: std for std in COLUMNS[fmt] if field[std] != std}
     return (data.rename_columns(renames) if renames else data), fmt
+
+
+# what each standard column must hold: text (str), or, for TRL's conversational formats, a list of messages
+TEXT_COLUMNS = {"text": False, "messages": True, "prompt": True, "completion": True, "chosen": True, "rejected": True}
+
+
+def check_values(data: Data, source: str, fmt: str) -> Data:
+    """The source, with a `moraft.errors.UserError` if it has no rows, or naming its first row whose value in a column
+    of ``fmt`` is missing (null) or not text (or, for conversational data, a list of messages).
+
+    A dataset is checked here, on its Arrow columns; a stream, row by row as training reads it."""
+    from datasets import Dataset
+
+    def expected(column: str) -> str:
+        return "a string or a list of messages" if TEXT_COLUMNS[column] else "a string"
+
+    def fail(column: str, row: int, value: object) -> None:
+        found = "null" if value is None else f"a {type(value).__name__}"
+        raise UserError(f"data source {source!r}, row {row + 1}: {column} is {found}; expected {expected(column)} "
+                        "(rows count from 1)")
+
+    if isinstance(data, Dataset):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if len(data) == 0:
+            raise UserError(f"data source {source!r} holds no rows; expected one row or more")
+
+        for column in COLUMNS[fmt]:
+            values = data.with_format("arrow")[column]
+            kind = values.type
+            text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            listed = TEXT_COLUMNS[column] and (pa.types.is_list(kind) or pa.types.is_large_list(kind))
+            if not (text or listed or pa.types.is_null(kind)):
+                raise UserError(f"data source {source!r}: column {column} holds {kind} values; expected "
+                                f"{expected(column)} per row")
+            if values.null_count:
+                fail(column, pc.index(pc.is_null(values), True).as_py(), None)
+        return data
+
+    def check(example: dict, index: int) -> dict:
+        for column in COLUMNS[fmt]:
+            value = example[column]
+            if not (isinstance(value, str) or (TEXT_COLUMNS[column] and isinstance(value, list))):
+                fail(column, index, value)
+        return example
+
+    return data.map(check, with_indices=True)
 
 
 def _lift_text(data: Data) -> Data:
@@ -323,7 +391,7 @@ def load_data(options: "DataOptions", tokenizer, *, eval: bool = False) -> tuple
     loaded = []
     for source in sources:
         data, fmt = standardize(read_source(source, options, split), source, options)
-        loaded.append((source, data, fmt))
+        loaded.append((source, check_values(data, source, fmt), fmt))
     formats = {fmt for _, _, fmt in loaded}
     if len(formats) > 1:
         if formats == {"text", "prompt-completion"}:
@@ -346,6 +414,26 @@ def load_data(options: "DataOptions", tokenizer, *, eval: bool = False) -> tuple
         datasets, probabilities=probabilities, seed=options.seed, stopping_strategy="all_exhausted"
     )
     return mixed, fmt
+
+
+def has_tokens_to_train(prepared: Data, columns: Sequence[str], tokenizer, batch_size: int = 1024) -> bool:
+    """Whether data as TRL prepared it (tokenized, loss-masked) has a token to train on: in ``columns`` (``labels``,
+    where -100 marks a token outside the loss mask; DPO's ``chosen_ids`` and ``rejected_ids``), a token that is
+    neither special (BOS, EOS, padding) nor whitespace. Reads until it finds one; a stream is not read (True)."""
+    from datasets import Dataset
+
+    if not isinstance(prepared, Dataset):
+        return True
+    import pyarrow.compute as pc
+
+    special, seen = set(tokenizer.all_special_ids), set()
+    for batch in prepared.with_format("arrow").iter(batch_size=batch_size):
+        for column in columns:
+            for token in set(pc.unique(pc.list_flatten(batch[column])).to_pylist()) - seen - special:
+                seen.add(token)
+                if token != IGNORE and tokenizer.decode([token]).strip():
+                    return True
+    return False
 
 
 def describe_mix(options: "DataOptions") -> str:

@@ -9,9 +9,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from ..outputs import check_replaceable, record
 from .options import AdapterOptions, DataOptions, ModelOptions, OptimizationOptions, OutputOptions, TrainOptions
 from .plot import plot_curves
+from .runner import COMMAND as TRAIN_COMMAND
 from .runner import train
+
+COMMAND = "moraft demo"
 
 
 def demo(
@@ -34,9 +38,10 @@ def demo(
     random UUID pairs "key:value", every linear layer adapted, batch 32, constant learning rate 1e-3, 400 steps;
     LoRA r=8 (lora_alpha 16) and MoRA r=8 (sharing), which train the same number of parameters. Every eval_steps, each
     value is generated greedily from its key and compared character by character. Prints the accuracy table and
-    writes output_dir/demo.png, output_dir/demo.json and the two adapters (output_dir/lora-r8, output_dir/mora-r8;
-    these two directories are replaced on every run). Each adapter directory also holds metrics.jsonl, loss.png
-    and train_config.yaml (rerun one with `moraft train --config DIR/train_config.yaml`).
+    writes output_dir/demo.png, output_dir/demo.json and the two adapters (output_dir/lora-r8, output_dir/mora-r8).
+    A rerun replaces the four when they are an earlier demo's; anything else of those names, or in the two adapter
+    directories, stops it before it trains. Each adapter directory also holds metrics.jsonl, loss.png and
+    train_config.yaml (rerun one with `moraft train --config DIR/train_config.yaml`).
 
     Args:
         output_dir: where the adapters, the plot and demo.json go.
@@ -53,6 +58,12 @@ def demo(
         seed: seed of the adapter initialization and data order (the base model and the pairs use seed 0).
     """
     root = Path(output_dir)
+    runs_dirs = {method: root / f"{method}-r{r}" for method in ("lora", "mora")}
+    files = ["demo.png", "demo.json"]
+    # what the demo replaces must be an earlier demo's, checked before the first run trains
+    check_replaceable(root, COMMAND, "output_dir", files)
+    for directory in runs_dirs.values():
+        check_replaceable(directory, TRAIN_COMMAND, "output_dir")
     started = time.perf_counter()
     runs = {}
     for method in ("lora", "mora"):
@@ -65,7 +76,7 @@ def demo(
                 seed=seed,
             ),
             output=OutputOptions(
-                dir=str(root / f"{method}-r{r}"), overwrite=True, save_steps=0, eval_steps=eval_steps,
+                dir=str(runs_dirs[method]), overwrite=True, save_steps=0, eval_steps=eval_steps,
                 logging_steps=max(1, eval_steps // 2),
             ),
         )
@@ -91,6 +102,7 @@ def demo(
         "seconds": round(seconds, 1),
     }
     (root / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    record(root, COMMAND, [*files, *(d.name for d in runs_dirs.values())])
     print(format_table(curves, {names[m]: r_.trainable_parameters for m, r_ in runs.items()}))
     print(f"plot: {root / 'demo.png'}")
     for method, result in runs.items():

@@ -376,10 +376,12 @@ class OutputOptions(_Group):
     dir: str = "runs/train"
     """Where everything is written (created; must be empty unless resume or overwrite)."""
     overwrite: bool = False
-    """Delete what dir holds before training."""
+    """Replace an earlier run in dir: delete the files a moraft train run wrote there (its .moraft-output.json names
+    them) before training. Refused when dir holds anything else, or is the current directory, one above it, the home
+    directory or the filesystem root."""
     resume: bool = False
-    """Continue from the last checkpoint-N in dir (pass the same options, e.g. with
-    --config DIR/train_config.yaml)."""
+    """Continue from the newest complete checkpoint-N in dir, skipping one that a killed run left half-written (pass
+    the same options, e.g. with --config DIR/train_config.yaml)."""
     save_steps: int = 500
     """Write a checkpoint every N steps (0: only the final adapter)."""
     save_total_limit: Optional[int] = 2

@@ -5,9 +5,10 @@ The data comes from `moraft.train.data` as a 🤗 dataset in one of TRL's format
 (assistant turns of chat data, completions of prompt-completion data) and packs it. moraft adds the method (MoRA,
 ReMoRA's merges), the run directory's files and the checks.
 
-Every check that can fail on bad input (options, model path, data, target modules) runs before anything is
-written, so a bad command leaves the output directory as it was. Final files are written to a temporary directory
-and moved into place.
+Every check that can fail on bad input (options, model path, data, target modules, an output directory that holds
+anything but an earlier run's files) runs before anything is written, so a bad command leaves the output directory as
+it was. Final files are written to a temporary directory and moved into place. The run records what it writes in the
+directory's manifest (`moraft.outputs`), so that ``output.overwrite`` deletes those files and nothing else.
 """
 
 from __future__ import annotations
@@ -32,18 +33,32 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UserError
-from .callbacks import Evaluator, MergeEvery, Recorder, restarting_schedule
-from .data import UUID_MEMORY, describe_mix, detect_format, load_data, uuid_pairs
-from .evaluate import CONFIG_FILE, merge_dirs, read_train_config, uuid_accuracy
+from ..outputs import check_replaceable, clear, record
+from .callbacks import (
+    METRICS_FILE,
+    CheckpointMark,
+    Evaluator,
+    MergeEvery,
+    NonFiniteStop,
+    Recorder,
+    checkpoints,
+    restarting_schedule,
+)
+from .data import UUID_MEMORY, describe_mix, detect_format, has_tokens_to_train, load_data, uuid_pairs
+from .evaluate import CONFIG_FILE, MERGES_DIR, merge_dirs, read_train_config, uuid_accuracy
 from .methods import ADAPTER, apply_method, count_parameters, load_model, merge_and_restart
 from .peft_methods import describe_size, size_report
 from .options import AdapterOptions, DataOptions, TrainOptions
 from .plot import plot_run
 
 SUMMARY_FILE = "train_summary.json"
+COMMAND = "moraft train"  # the owner of a run directory, in its manifest
+FINAL_TMP = ".final.tmp"  # the final files before they are moved into place
+# what a run writes in output.dir before its final files (whose names the tokenizer and method decide; recorded then):
+# TRL's model card (README.md) comes with the first checkpoint, TensorBoard's event files go under runs/
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, "checkpoint-*", MERGES_DIR, "README.md", "runs", FINAL_TMP)
 # options a resumed run may change: what is saved and logged, and how long it trains
 RESUMABLE_CHANGES = {"output.resume", "output.overwrite", "output.dir", "output.save_steps", "output.save_total_limit",
                      "output.logging_steps", "output.eval_steps", "optimization.max_steps", "optimization.epochs",
@@ -127,9 +142,7 @@ def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
         raise UserError(f"output.dir {str(out)!r} is a file, not a directory")
     occupied = out.is_dir() and any(out.iterdir())
     if options.output.resume:
-        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if checkpoint is None:
-            raise UserError(f"resume: {str(out)!r} has no checkpoint-N directory to resume from")
+        checkpoint = _resume_checkpoint(out)
         saved = read_train_config(out)
         before = saved.flat() if saved is not None else {}
         differ = [
@@ -148,7 +161,27 @@ def _prepare_output_dir(options: TrainOptions) -> Optional[str]:
             f"output.dir {str(out)!r} is not empty; pass --output.resume to continue its run, --output.overwrite to "
             "replace it, or another --output.dir"
         )
+    if options.output.overwrite:
+        check_replaceable(out, COMMAND, "output.dir")
     return None
+
+
+def _resume_checkpoint(out: Path) -> str:
+    """The newest complete checkpoint of the run in ``out`` (`CheckpointMark`); newer ones that a killed run left
+    half-written are skipped, with a line that says so."""
+    found = checkpoints(out)
+    complete = [path for path, whole in found if whole]
+    if not found:
+        raise UserError(f"resume: {str(out)!r} has no checkpoint-N directory to resume from")
+    if not complete:
+        raise UserError(f"resume: {str(out)!r} has no complete checkpoint-N directory to resume from "
+                        f"({', '.join(path.name for path, _ in found)}: the run stopped while writing them)")
+    newest = complete[-1]
+    skipped = [path.name for path, _ in found[found.index((newest, True)) + 1 :]]  # all incomplete
+    if skipped:
+        print(f"moraft train: resume: skipping {', '.join(skipped)} (written only in part: the run stopped while "
+              f"saving it); resuming from {newest.name}", flush=True)
+    return str(newest)
 
 
 def _has_accelerator() -> bool:
@@ -288,7 +321,7 @@ def _training_arguments(options: TrainOptions, fmt: str) -> TrainingArguments:
         data_seed=opt.seed,
         save_strategy="steps" if output.save_steps else "no",
         save_steps=output.save_steps or 500,
-        save_total_limit=output.save_total_limit,
+        save_total_limit=None,  # CheckpointMark deletes old checkpoints, once the new one is complete
         logging_steps=output.logging_steps,
         eval_strategy="steps" if evaluating else "no",
         eval_steps=output.eval_steps if evaluating else None,
@@ -350,7 +383,8 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         args = _training_arguments(options, fmt)
         is_main = args.process_index == 0
         recorder = Recorder(out, _label(adapter), is_main)
-        own = [recorder]
+        advice = f"lower optimization.learning_rate (now {options.optimization.learning_rate:g})"
+        own = [recorder, CheckpointMark(output.save_total_limit, is_main), NonFiniteStop(advice, out)]
         if pairs is not None:
             own.append(Evaluator(evaluate, output.eval_steps, recorder))
         if adapter.merge_every:
@@ -359,23 +393,20 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
         trainer = make_trainer(options, model, tokenizer, train_data, eval_data, args, own + list(callbacks))
     trainer.remove_callback(ProgressCallback)  # the Recorder draws the bar
     sharding = _sharding(trainer)
-    if adapter.merge_every and (sharding or trainer.is_deepspeed_enabled):
+    try:
+        _check_sharded_merges(options, trainer, sharding)
+        _check_tokens_to_train(options, trainer, tokenizer, fmt)
+    except UserError:
         if is_main and not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # Trainer creates output.dir; a refused run leaves none behind
-        if sharding:
-            why = f"merge the adapter into the base weights, which {sharding} shards across processes"
-        else:  # ZeRO-1/2 keep the trained weights in their optimizer's fp32 partitions, copied into the model
-            stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
-            why = (f"restart the adapter after each merge, but DeepSpeed ZeRO-{stage} steps its own fp32 copy of the "
-                   "adapter and copies it back, undoing the restart")
-        raise UserError(f"adapter.merge_every={adapter.merge_every}: ReMoRA/ReLoRA {why}; train with "
-                        "adapter.merge_every=0, or under DDP")
+        raise
 
     # -- everything is checked: from here on the run writes to output.dir -------------------------------------
-    if output.overwrite and is_main and out.is_dir():
-        shutil.rmtree(out)
+    if output.overwrite and is_main:
+        clear(out, COMMAND, "output.dir")  # only what an earlier run wrote (checked in _prepare_output_dir)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        record(out, COMMAND, RUN_ENTRIES)
         (out / CONFIG_FILE).write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
     if checkpoint is not None:
         _replay_merges(model, options, int(Path(checkpoint).name.split("-")[1]), is_main)
@@ -421,6 +452,43 @@ def train(options: TrainOptions, callbacks: Sequence[TrainerCallback] = ()) -> T
     if result.ranks_in_sync is False:
         raise RuntimeError(f"the {len(digests)} ranks ended with different parameters: {digests}")
     return result
+
+
+def _check_sharded_merges(options: TrainOptions, trainer: Trainer, sharding: Optional[str]) -> None:
+    """ReMoRA/ReLoRA's merges need every rank to hold whole parameters, trained in place."""
+    adapter = options.adapter
+    if not adapter.merge_every or not (sharding or trainer.is_deepspeed_enabled):
+        return
+    if sharding:
+        why = f"merge the adapter into the base weights, which {sharding} shards across processes"
+    else:  # ZeRO-1/2 keep the trained weights in their optimizer's fp32 partitions, copied into the model
+        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        why = (f"restart the adapter after each merge, but DeepSpeed ZeRO-{stage} steps its own fp32 copy of the "
+               "adapter and copies it back, undoing the restart")
+    raise UserError(f"adapter.merge_every={adapter.merge_every}: ReMoRA/ReLoRA {why}; train with "
+                    "adapter.merge_every=0, or under DDP")
+
+
+# what the loss is taken on, per format: the words of the refusal of data without a token to train on
+LOSS_ON = {"text": "text", "prompt-completion": "completion", "chat": "assistant turn",
+           "preference": "chosen and rejected answer"}
+
+
+def _check_tokens_to_train(options: TrainOptions, trainer: Trainer, tokenizer, fmt: str) -> None:
+    """The data as TRL prepared it (tokenized, loss-masked, packed) has a token to train on
+    (`moraft.train.data.has_tokens_to_train`)."""
+    prepared = trainer.train_dataset
+    names = prepared.column_names or []  # None: a stream, not read ahead
+    if options.optimization.objective == "dpo":
+        columns = [c for c in ("chosen_ids", "rejected_ids") if c in names]
+    else:  # TRL's labels: the input ids, -100 where the loss mask is 0
+        columns = ["labels"] if "labels" in names else ["input_ids"] if "input_ids" in names else []
+    if columns and not has_tokens_to_train(prepared, columns, tokenizer):
+        raise UserError(
+            f"data.dataset {describe_mix(options.data)!r} has no token to train on after tokenization and the loss "
+            f"mask, only special tokens and whitespace (every {LOSS_ON.get(fmt, 'text')} is empty or blank); give "
+            "data with text in it"
+        )
 
 
 def _replay_merges(model, options: TrainOptions, step: int, is_main: bool) -> None:
@@ -562,7 +630,7 @@ def _save_outputs(
     """The final adapter (or full model), tokenizer, config, summary and plot, moved into output.dir at once. Every
     rank calls this (see `_save_model`); only the main process writes."""
     out = result.output_dir
-    tmp = out / ".final.tmp"
+    tmp = out / FINAL_TMP
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -589,6 +657,7 @@ def _save_outputs(
     }
     (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_run(result.history, tmp / "loss.png", title=f"{_label(options.adapter)} on {describe_mix(options.data)}")
+    record(out, COMMAND, sorted(item.name for item in tmp.iterdir()))  # before they appear in output.dir
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()
