@@ -155,7 +155,7 @@ def main() -> None:
         served_merged._bench_rows, _ = wrap_model(served_merged)
         served = copy.deepcopy(base)
         served._bench_rows, shapes = wrap_model(served)
-        store = AdapterStore(root, shapes, torch.device("cpu"), max_bytes=2**40)
+        store = AdapterStore(root, shapes, torch.device("cpu"), max_bytes=2**40, base_config=served.config)
         peft_lora = PeftModel.from_pretrained(copy.deepcopy(base), root / lora_names[0], adapter_name=lora_names[0])
         for name in tqdm(lora_names[1:], desc="loading LoRA adapters into PEFT", leave=False):
             peft_lora.load_adapter(root / name, adapter_name=name)

@@ -7,7 +7,9 @@ import re
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -128,6 +130,37 @@ def reference(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], m
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=0)
     return out[0, len(prompt_ids) :].tolist()
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the body with one torch thread (as benchmarks/serve.py does): on a CPU shared with other jobs, torch's
+    worker threads spin and make each small forward pass of a served model many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def metric(client, name: str, default: float | None = None) -> float:
+    """A value from a server's /metrics (``client``: an ``httpx.Client`` on it); ``name`` may include labels, e.g.
+    'x_total{reason="stop"}'."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    if default is None:
+        raise KeyError(name)
+    return default
+
+
+def error_of(response, status: int) -> dict:
+    """The OpenAI-style error of ``response`` (an ``httpx.Response``), which must have ``status``."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
 
 
 def free_socket() -> socket.socket:
