@@ -1,12 +1,10 @@
-"""Helpers of the tests that are not model factories (those are in `moraft.testing`): short training runs, the
-peft-mora fixture, PEFT reference models for the serve tests and a real uvicorn server on a loopback port."""
+"""Helpers of the tests that are not model factories (those, and the loopback uvicorn server `LiveServer`, are in
+`moraft.testing`): short training runs, the peft-mora fixture, PEFT reference models and live servers for the serve
+tests."""
 
 from __future__ import annotations
 
 import re
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from moraft import MoraConfig
-from moraft.testing import save_adapter
+from moraft.testing import LiveServer, free_socket, save_adapter  # noqa: F401 (re-exported for the tests)
 from moraft.train import TrainOptions
 
 # -- short training runs ------------------------------------------------------------------------------------------
@@ -161,40 +159,6 @@ def error_of(response, status: int) -> dict:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return error
-
-
-def free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-class LiveServer:
-    """``uvicorn`` serving an app on 127.0.0.1 in a background thread (a real TCP socket, a real ASGI stack)."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = free_socket()
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 class MoraftServe(LiveServer):
