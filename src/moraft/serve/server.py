@@ -141,10 +141,10 @@ def serve(
 
     One client cannot hurt another's requests: a body over --max_request_mb is refused with 413 before it is read, a
     text prompt over --max_prompt_chars with 400 before it is tokenized, out-of-range sampling values and too many
-    or too long stop strings with 400; tokenizing runs off the event loop, each request's
-    sampling is isolated in the batch, and a client that disconnects cancels its generation. With --api_key (or the
-    MORAFT_API_KEY environment variable) every /v1 request must send "Authorization: Bearer KEY" (401 otherwise);
-    /health and /metrics stay open, as in vLLM.
+    or too long stop strings with 400; tokenizing runs off the event loop, each request's sampling is isolated in
+    the batch, and a client that disconnects cancels its generation. With --api_key (or the MORAFT_API_KEY
+    environment variable) every /v1 request must send "Authorization: Bearer KEY" (401 otherwise); /health and
+    /metrics stay open, as in vLLM.
 
     Args:
         base: (required) the base model: a local directory (or a Hugging Face Hub id) with the model and its
