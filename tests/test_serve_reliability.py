@@ -377,6 +377,7 @@ def test_a_non_streaming_client_that_disconnects_cancels_its_generation(limited)
 # -- 7. API keys ----------------------------------------------------------------------------------------------------
 
 KEY = "sk-moraft-test"
+AUTH_HEADER = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -405,6 +406,20 @@ def test_api_key_is_required_on_v1_as_vllm_and_openai_do(keyed):
     with httpx.Client(base_url=keyed.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
         assert client.get("/v1/models").status_code == 200
         assert text_of(client.post("/v1/completions", json=body)) is not None
+
+
+def test_api_key_is_required_where_the_app_is_mounted_too(keyed):
+    """Mounted under a prefix (scope["path"] /serve/v1/..., root_path /serve), /v1 still needs the key."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    outer = Starlette(routes=[Mount("/serve", app=keyed.server.config.app)])
+
+    async def statuses() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://serve") as client:
+            return [(await client.get("/serve/v1/models", headers=h)).status_code for h in ({}, AUTH_HEADER)]
+
+    assert asyncio.run(statuses()) == [401, 200]
 
 
 def test_moraft_serve_reads_the_api_key_from_its_environment(env, monkeypatch):

@@ -257,7 +257,8 @@ class _RequireAPIKey:
         self.digest = hashlib.sha256(api_key.encode()).digest()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith("/v1"):
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))  # as vLLM: the app may be mounted
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and path.startswith("/v1"):
             problem = self._problem(Headers(scope=scope).get("authorization"))
             if problem:
                 response = APIError(401, problem, code="invalid_api_key").response()
