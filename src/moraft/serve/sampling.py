@@ -8,6 +8,7 @@ in place of a token (`sample`), and the engine fails that request alone.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -98,8 +99,8 @@ class TextTracker:
     Decoding uses a small window of earlier tokens (as vLLM's incremental detokenizer does) so each step costs
     O(window), and text that ends in an incomplete character (U+FFFD) waits for the next token. Each step finds stop
     strings with one ``str.find`` per stop over the new text (and the longest stop before it), and holds back the
-    longest tail that begins a stop string with at most (longest stop − 1) look-ups in the set of their prefixes,
-    whatever their number. That set holds Σ len(stop)²/2 characters, which the API bounds (`api.MAX_STOP_STRINGS`
+    longest tail that begins a stop string with a look-up in the set of their prefixes at each place in the last
+    (longest stop − 1) characters that holds a stop string's first character, whatever their number. That set holds Σ len(stop)²/2 characters, which the API bounds (`api.MAX_STOP_STRINGS`
     strings of at most `api.MAX_STOP_LENGTH` characters).
     """
 
@@ -107,8 +108,10 @@ class TextTracker:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self._longest = max((len(s) for s in self.stop), default=0)
-        # every proper prefix of a stop string: the text's tail is held back while it is one of these
+        # every proper prefix of a stop string: the text's tail is held back while it is one of these; a tail can
+        # only be one where it starts with the first character of a stop string
         self._prefixes = {s[:n] for s in self.stop for n in range(1, len(s))}
+        self._starts = re.compile("[" + re.escape("".join({s[0] for s in self.stop})) + "]") if self.stop else None
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0  # characters of ``text`` handed out by ``take``
@@ -147,10 +150,12 @@ class TextTracker:
 
     def _held_back(self) -> int:
         """How many characters at the end of the text may begin a stop string (the longest such tail)."""
+        if self._starts is None:
+            return 0
         end = len(self.text)
-        for n in range(min(self._longest - 1, end - self.sent), 0, -1):
-            if self.text[end - n :] in self._prefixes:
-                return n
+        for start in self._starts.finditer(self.text, max(self.sent, end - self._longest + 1)):
+            if self.text[start.start() :] in self._prefixes:  # the leftmost such tail is the longest
+                return end - start.start()
         return 0
 
     def take(self, final: bool = False) -> str:
