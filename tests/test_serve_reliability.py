@@ -249,8 +249,8 @@ def test_text_tracker_holds_back_exactly_the_tails_that_begin_a_stop_string():
 
 
 def test_text_tracker_cost_does_not_grow_with_the_stop_strings():
-    """The most stop strings the API takes cost the tracker a small multiple of no stop strings at all (about 2× here;
-    checking every prefix of every stop string on each token, as before issue 25, cost 20 to 50×)."""
+    """The most stop strings the API takes cost the tracker a small multiple of no stop strings at all (checking every
+    prefix of every stop string on each token, as before issue 25, cost an order of magnitude more)."""
     tok = char_tokenizer()
     text = "".join(random.Random(1).choices(string.ascii_lowercase + " ", k=400))
     most = ["".join(random.Random(i).choices(string.ascii_lowercase, k=api.MAX_STOP_LENGTH))
