@@ -7,23 +7,32 @@ Start a server (``pip install 'moraft[serve]'``), then point this script at it:
 
 It lists the models (the base and every adapter directory), asks each adapter for a greedy completion, asks the first
 one for a chat completion, and streams the first one's completion as server-sent events, checking that the streamed
-text is the text it was given whole. ``--json FILE`` also writes every answer to a file.
+text is the text it was given whole. ``--json FILE`` also writes every answer to a file. A server started with
+``--api_key`` (or ``MORAFT_API_KEY``) wants the key on every ``/v1`` request: this script sends ``MORAFT_API_KEY``
+when it is set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
 from typing import Iterator
 
 
+def headers() -> dict:
+    """JSON, and ``Authorization: Bearer $MORAFT_API_KEY`` when that variable is set."""
+    key = os.environ.get("MORAFT_API_KEY")
+    return {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+
 def call(url: str, path: str, body: dict | None = None, timeout: float = 120) -> dict:
     """GET (no body) or POST a JSON body; the decoded JSON answer. An HTTP error exits with the server's message."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url + path, data=data, headers=headers())
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
@@ -33,8 +42,7 @@ def call(url: str, path: str, body: dict | None = None, timeout: float = 120) ->
 
 def stream(url: str, path: str, body: dict, timeout: float = 120) -> Iterator[dict]:
     """POST with ``"stream": true``; each ``data: {...}`` event until ``data: [DONE]``."""
-    request = urllib.request.Request(url + path, data=json.dumps({**body, "stream": True}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url + path, data=json.dumps({**body, "stream": True}).encode(), headers=headers())
     with urllib.request.urlopen(request, timeout=timeout) as response:
         for line in response:
             line = line.decode().strip()

@@ -1,13 +1,13 @@
-"""Helpers of the tests that are not model factories (those are in `moraft.testing`): short training runs, the
-peft-mora fixture, PEFT reference models for the serve tests and a real uvicorn server on a loopback port."""
+"""Helpers of the tests that are not model factories (those, and the loopback uvicorn server `LiveServer`, are in
+`moraft.testing`): short training runs, the peft-mora fixture, PEFT reference models and live servers for the serve
+tests."""
 
 from __future__ import annotations
 
 import re
-import socket
-import threading
-import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from moraft import MoraConfig
-from moraft.testing import save_adapter
+from moraft.testing import LiveServer, free_socket, save_adapter  # noqa: F401 (re-exported for the tests)
 from moraft.train import TrainOptions
 
 # -- short training runs ------------------------------------------------------------------------------------------
@@ -130,38 +130,35 @@ def reference(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], m
     return out[0, len(prompt_ids) :].tolist()
 
 
-def free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the body with one torch thread (as benchmarks/serve.py does): on a CPU shared with other jobs, torch's
+    worker threads spin and make each small forward pass of a served model many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-class LiveServer:
-    """``uvicorn`` serving an app on 127.0.0.1 in a background thread (a real TCP socket, a real ASGI stack)."""
+def metric(client, name: str, default: float | None = None) -> float:
+    """A value from a server's /metrics (``client``: an ``httpx.Client`` on it); ``name`` may include labels, e.g.
+    'x_total{reason="stop"}'."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    if default is None:
+        raise KeyError(name)
+    return default
 
-    def __init__(self, app) -> None:
-        import uvicorn
 
-        self.sock = free_socket()
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+def error_of(response, status: int) -> dict:
+    """The OpenAI-style error of ``response`` (an ``httpx.Response``), which must have ``status``."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
 
 
 class MoraftServe(LiveServer):

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py, benchmarks/qmora_memory.py,
-benchmarks/data_throughput.py, benchmarks/data_pipeline.py, benchmarks/data_memory.py, benchmarks/dedup_memory.py):
+benchmarks/data_throughput.py, benchmarks/data_pipeline.py, benchmarks/data_memory.py, benchmarks/dedup_memory.py,
+benchmarks/serve.py):
 each runs end to end with tiny arguments, so the scripts cannot silently rot. The benchmarks themselves are not part
 of the test suite."""
 
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -190,3 +192,20 @@ def test_knowledge_rejects_unknown_method_and_bad_point(capsys):
     # ReMoRA merges four times a run, whatever its length
     assert knowledge.adapter_fields("remora", 4, 100) == {"r": 4, "method": "mora", "compression": "sharing",
                                                           "merge_every": 25}
+
+
+def test_serve_benchmark_prints_both_tables(capsys):
+    threads = torch.get_num_threads()
+    try:
+        load("serve").main([
+            "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--vocab", "128",
+            "--new_tokens", "2", "--requests", "4", "--mixes", "1", "2", "--repeats", "1", "--clients", "2", "4",
+            "--http_requests", "2", "--http_adapters", "2",
+        ])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets one torch thread for its process
+    out = capsys.readouterr().out
+    assert "| merged (moraft engine) | - |" in out and "| moraft LoRA | 2 |" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
+    assert [row.split(" | ")[1] for row in rows] == ["none", "none", "1 in 4", "1 in 4"]
+    assert all(row.split(" | ")[2] == str(clients * 2) for row, clients in zip(rows, (2, 4, 2, 4)))

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -138,8 +139,10 @@ def greedy_text(base: Path, adapter: Path, prompt: str, max_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_serve_client_talks_to_moraft_serve(tmp_path):
+def test_serve_client_talks_to_moraft_serve(tmp_path, monkeypatch):
+    """... to a server that wants an API key: both read MORAFT_API_KEY."""
     pytest.importorskip("uvicorn")
+    monkeypatch.setitem(ENV, "MORAFT_API_KEY", "sk-example")
     base = save_base(tmp_path / "base")
     adapters = {name: save_mora_adapter(base, tmp_path / "adapters" / name, compression, seed)
                 for seed, (name, compression) in enumerate({"share": "sharing", "rot": "rotation"}.items())}
@@ -160,6 +163,8 @@ def test_serve_client_talks_to_moraft_serve(tmp_path):
                 pass
             assert time.monotonic() < deadline, "moraft serve did not start"
             time.sleep(0.25)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(url + "/v1/models", timeout=30)
         answers = tmp_path / "answers.json"
         proc = run(EXAMPLES / "serve_client.py", "--url", url, "--prompt", "key:", "--max_tokens", "8",
                    "--json", answers, cwd=tmp_path, timeout=300)

@@ -217,7 +217,7 @@ def test_served_rows_equal_each_adapters_peft_model(serve_base, tmp_path):
     save_adapter(load_model(serve_base), mixed_config(layer_methods={".*": "dora"}), adapters / "b", seed=31, std=0.5)
     model = load_model(serve_base)
     rows, shapes = wrap_model(model)
-    store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30)
+    store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30, base_config=model.config)
     names = ["a", "b", None, "b", "a"]
     ids = input_ids(rows=len(names), length=7)
     rows.assign([store.acquire(n) if n else None for n in names])

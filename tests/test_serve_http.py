@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import LiveServer, free_socket, reference, save_served_adapter
+from helpers import LiveServer, error_of, free_socket, metric, reference, save_served_adapter
 
 from moraft.adapters import load_causal_lm
 from moraft.serve.adapters import load_adapter
@@ -54,16 +54,6 @@ def expected_ids(env, model: str, prompt_ids: list[int], n: int, ignore_eos: boo
 
 def expected_text(env, tokenizer, model: str, prompt_ids: list[int], n: int, ignore_eos: bool = False) -> str:
     return tokenizer.decode(expected_ids(env, model, prompt_ids, n, ignore_eos), skip_special_tokens=True)
-
-
-def metric(client: httpx.Client, name: str, default: float | None = None) -> float:
-    """A value from /metrics: ``name`` may include labels, e.g. 'x_total{reason="stop"}'."""
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    if default is None:
-        raise KeyError(name)
-    return default
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -271,7 +261,7 @@ def test_eviction_under_a_small_memory_bound(env):
     sizes = {}
     server = build_server(model, tokenizer, adapters, base_name="tiny-base", max_adapter_memory_mb=1.0)
     for name in ADAPTERS:
-        sizes[name] = load_adapter(name, adapters / name, server.store.modules, "cpu").nbytes
+        sizes[name] = load_adapter(name, adapters / name, server.store.modules, "cpu", model.config).nbytes
     server.close()
     bound = sorted(sizes.values())[-1] + sorted(sizes.values())[-2] + min(sizes.values()) // 2
     model, tokenizer = load_causal_lm(base)
@@ -295,13 +285,6 @@ def test_eviction_under_a_small_memory_bound(env):
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
-
-
-def error_of(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
 
 
 def test_errors(live, env):

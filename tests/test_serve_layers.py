@@ -52,7 +52,7 @@ def env(serve_base, tmp_path_factory):
 def served_model(base: Path, adapters: Path, max_bytes: int = 2**30):
     model = load_model(base)
     rows, shapes = wrap_model(model)
-    return model, rows, AdapterStore(adapters, shapes, torch.device("cpu"), max_bytes)
+    return model, rows, AdapterStore(adapters, shapes, torch.device("cpu"), max_bytes, base_config=model.config)
 
 
 @pytest.mark.parametrize("layout", ["distinct", "segments"])
@@ -86,7 +86,7 @@ def test_conv1d_base_gpt2(gpt2_dir, tmp_path):
     model = load_model(gpt2_dir)
     rows, shapes = wrap_model(model)
     assert isinstance(model.transformer.h[0].attn.c_attn, ServedLinear)
-    store = AdapterStore(tmp_path / "ad", shapes, torch.device("cpu"), 2**30)
+    store = AdapterStore(tmp_path / "ad", shapes, torch.device("cpu"), 2**30, base_config=model.config)
     ids = input_ids(rows=3, length=5)
     rows.assign([store.acquire("mora"), store.acquire("lora"), None])
     served = logits(model, ids)
@@ -102,7 +102,8 @@ def test_conv1d_base_gpt2(gpt2_dir, tmp_path):
 def test_store_lru_eviction_pins_and_bound(env):
     base, adapters = env
     _, _, probe = served_model(base, adapters)
-    sizes = {n: load_adapter(n, adapters / n, probe.modules, torch.device("cpu")).nbytes for n in ADAPTERS}
+    sizes = {n: load_adapter(n, adapters / n, probe.modules, torch.device("cpu"), probe.base_config).nbytes
+             for n in ADAPTERS}
     a, b, c = "sharing", "rotation", "lora"
     bound = sizes[a] + sizes[b] + min(sizes.values()) // 2  # two fit, never three
     _, _, store = served_model(base, adapters, max_bytes=bound)
@@ -121,7 +122,7 @@ def test_store_lru_eviction_pins_and_bound(env):
     store.release(held)
     store.release(store.acquire(b))  # evicts c, now the least recently used
     assert store.resident() == [a, b] and store.evictions == 2
-    tiny = AdapterStore(adapters, probe.modules, torch.device("cpu"), max_bytes=16)
+    tiny = AdapterStore(adapters, probe.modules, torch.device("cpu"), max_bytes=16, base_config=probe.base_config)
     with pytest.raises(AdapterTooLarge, match="more than the server's adapter memory bound"):
         tiny.acquire(a)
 
@@ -129,7 +130,7 @@ def test_store_lru_eviction_pins_and_bound(env):
 def test_store_discovers_new_adapters_and_reloads_changed_ones(env, tmp_path):
     base, adapters = env
     _, _, probe = served_model(base, adapters)
-    store = AdapterStore(tmp_path, probe.modules, torch.device("cpu"), 2**30)
+    store = AdapterStore(tmp_path, probe.modules, torch.device("cpu"), 2**30, base_config=probe.base_config)
     assert store.available() == []
     with pytest.raises(UnknownAdapter):
         store.acquire("late")
@@ -152,8 +153,9 @@ def test_a_replaced_copy_counts_against_the_bound_until_its_last_request_ends(en
     base, adapters = env
     _, _, probe = served_model(base, adapters)
     save_served_adapter(base, tmp_path / "a", "sharing", seed=1)
-    size = load_adapter("a", tmp_path / "a", probe.modules, torch.device("cpu")).nbytes
-    store = AdapterStore(tmp_path, probe.modules, torch.device("cpu"), max_bytes=2 * size + size // 2, wait_timeout=0.2)
+    size = load_adapter("a", tmp_path / "a", probe.modules, torch.device("cpu"), probe.base_config).nbytes
+    store = AdapterStore(tmp_path, probe.modules, torch.device("cpu"), max_bytes=2 * size + size // 2,
+                         base_config=probe.base_config, wait_timeout=0.2)
     old = store.acquire("a")  # a running request holds the first copy
     save_served_adapter(base, tmp_path / "a", "sharing", seed=2)  # re-trained while it runs
     os.utime(tmp_path / "a" / "adapter_model.safetensors", ns=(1, 1))
@@ -176,13 +178,13 @@ def test_load_errors_name_the_problem(env, tmp_path):
 
     def fails(directory: Path, pattern: str) -> None:
         with pytest.raises(AdapterLoadError, match=pattern):
-            load_adapter(directory.name, directory, modules, torch.device("cpu"))
+            load_adapter(directory.name, directory, modules, torch.device("cpu"), store.base_config)
 
     # corrupt weights
     broken = tmp_path / "broken"
     save_served_adapter(base, broken, "rotation", seed=3)
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    fails(broken, "cannot read its weights")
+    fails(broken, r"cannot read .*adapter_model\.safetensors")
     # unparsable config
     bad_config = tmp_path / "bad-config"
     save_served_adapter(base, bad_config, "sharing", seed=3)
@@ -211,7 +213,7 @@ def test_load_errors_name_the_problem(env, tmp_path):
     state = {k.replace("layers.1.", "layers.7."): v for k, v in load_file(other / "adapter_model.safetensors").items()}
     save_file(state, other / "adapter_model.safetensors")
     (other / "adapter_config.json").write_text(json.dumps(config))
-    fails(other, "model.layers.7.*not a Linear/Conv1D layer of the base model")
+    fails(other, "model.layers.1.* the adapter does not fit the base model")
     # wrong shapes
     wrong = tmp_path / "wrong"
     save_served_adapter(base, wrong, "lora", seed=3)
@@ -219,7 +221,7 @@ def test_load_errors_name_the_problem(env, tmp_path):
     key = next(k for k in state if k.endswith("lora_A.weight"))
     state[key] = torch.zeros(state[key].shape[0], 3)
     save_file(state, wrong / "adapter_model.safetensors")
-    fails(wrong, "need")
+    fails(wrong, r"has shape \(4, 3\), but on this base model .* the adapter config gives \(4, 128\)")
     # no weights at all
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -276,7 +278,7 @@ def test_engine_logits_equal_full_recompute_while_rows_join_and_leave(env):
     base, adapters = env
     model, tokenizer = load_causal_lm(base)
     rows, shapes = wrap_model(model)
-    store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30)
+    store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30, base_config=model.config)
     engine = Engine(model, tokenizer, rows, store.release, ServeMetrics(), context_length=128)
     seen: dict[int, list[torch.Tensor]] = {}
     forward = engine._forward
@@ -341,7 +343,7 @@ def test_engine_survives_a_failing_forward(env):
     base, adapters = env
     model, tokenizer = load_causal_lm(base)
     rows, shapes = wrap_model(model)
-    store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30)
+    store = AdapterStore(adapters, shapes, torch.device("cpu"), 2**30, base_config=model.config)
     engine = Engine(model, tokenizer, rows, store.release, ServeMetrics(), context_length=128).start()
     forward, calls = engine._forward, []
 

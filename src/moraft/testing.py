@@ -9,6 +9,7 @@ Everything is made in code and seeded, so it needs no download and is the same o
 - :func:`randomize_adapter` and :func:`save_adapter`: adapters whose every weight is random and non-zero, so that a
   merge, a save/load or a served adapter cannot pass a check by doing nothing.
 - :func:`input_ids` and :func:`logits`: a seeded batch of token ids and a model's float32 logits on it.
+- :class:`LiveServer`: an ASGI app (``moraft serve``'s) behind a real uvicorn on a free loopback port, in a thread.
 
     from moraft import MoraConfig
     from moraft.testing import input_ids, logits, save_adapter, tiny_llama
@@ -18,6 +19,9 @@ Everything is made in code and seeded, so it needs no download and is the same o
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import TypeVar
 
@@ -188,3 +192,39 @@ __all__ = [
     "tiny_gpt2",
     "tiny_llama",
 ]
+
+
+def free_socket() -> socket.socket:
+    """A TCP socket bound to a free port of 127.0.0.1."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class LiveServer:
+    """``uvicorn`` serving an app on 127.0.0.1 in a background thread (a real TCP socket, a real ASGI stack); ``url``
+    is its address. Needs the ``serve`` extra."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.sock = free_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

@@ -17,6 +17,7 @@ from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers import PretrainedConfig
 
 from .._peft_hook import quiet_peft_deprecation
 from ..adapters import (
@@ -54,22 +55,30 @@ def _model_class(adapter_config: dict | None):
     return getattr(transformers, by_task.get(adapter_config.get("task_type") or "", "AutoModelForCausalLM"))
 
 
-def meta_base_model(base: PathLike, adapter_config: dict | None = None) -> nn.Module:
-    """The base model with its real module shapes and no weights (on the meta device); only config.json is read."""
+def meta_base_model(base: PathLike | PretrainedConfig, adapter_config: dict | None = None) -> nn.Module:
+    """The base model with its real module shapes and no weights (on the meta device): from ``base``'s config.json
+    (nothing else is read), or from the config of a model already loaded (``moraft serve``'s)."""
     from transformers import AutoConfig
 
-    base_dir = resolve_model_dir(base)
-    if not (base_dir / "config.json").is_file():
-        raise UserError(
-            f"base model {base}: {base_dir / 'config.json'} not found; expected a transformers model directory"
-        )
+    if isinstance(base, PretrainedConfig):
+        config, where = base, f"base model ({type(base).__name__})"
+    else:
+        base_dir = resolve_model_dir(base)
+        if not (base_dir / "config.json").is_file():
+            raise UserError(
+                f"base model {base}: {base_dir / 'config.json'} not found; expected a transformers model directory"
+            )
+        where = f"base model {base}: {base_dir / 'config.json'}"
+        try:
+            config = AutoConfig.from_pretrained(base_dir)
+        except (ValueError, KeyError, OSError) as err:
+            raise UserError(f"{where}: cannot build the model: {err}") from None
     try:
-        config = AutoConfig.from_pretrained(base_dir)
         with torch.device("meta"):
             cls = _model_class(adapter_config)
             return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)  # Auto* vs concrete
-    except (ValueError, KeyError, OSError) as err:
-        raise UserError(f"base model {base}: cannot build the model from {base_dir / 'config.json'}: {err}") from None
+    except (ValueError, KeyError, OSError, AttributeError, TypeError) as err:  # e.g. an adapter of another family
+        raise UserError(f"{where}: cannot build the model: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,12 +107,15 @@ def _strip_peft_prefix(key: str) -> str:
 
 
 def load_adapter_on_meta(
-    adapter_dir: PathLike, base: PathLike, use: Use, accepted: tuple[str, ...] = ("MORA", "LORA")
+    adapter_dir: PathLike, base: PathLike | PretrainedConfig, use: Use, accepted: tuple[str, ...] = ("MORA", "LORA")
 ) -> LoadedAdapter:
-    """Inject the adapter saved in ``adapter_dir`` into a meta copy of ``base`` and load its tensors.
+    """Inject the adapter saved in ``adapter_dir`` into a meta copy of ``base`` (a model directory, or a loaded
+    model's config) and load its tensors.
 
     The adapter's config is checked for ``use`` (``moraft.adapters.read_adapter_config``). Raises ``UserError``
-    naming the file, the module and the shapes when the adapter does not fit the base.
+    naming the file, the module and the shapes when the adapter does not fit the base, or its saved tensors do not
+    have the shapes its adapter_config.json gives on that base (an edited ``r``, say). ``moraft merge``,
+    ``moraft export-lora`` and ``moraft serve`` all check an adapter here.
     """
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir, use, accepted)

@@ -15,6 +15,12 @@ Adapters in use by running requests are pinned and never evicted; when the bound
 resident adapter is pinned, ``acquire`` waits for requests to finish. An adapter whose files change on disk is
 reloaded on its next request; the old copy stays in memory, and counts against the bound, until the last request
 using it ends. One whose files cannot be loaded fails its own requests (``AdapterLoadError``) and nothing else.
+
+An adapter is checked as ``moraft merge`` and ``moraft export-lora`` check it, by the same function
+(`moraft.interop.load_adapter_on_meta`: PEFT injects it into an empty, meta-device copy of the base built from the
+served model's config, and every saved tensor must have the shape its adapter_config.json gives there), so an adapter
+whose config was edited after training (``r`` changed, say) is refused rather than served with the wrong operator.
+That check costs a meta copy of the base per load (no weights; a fraction of a second for a 7B model).
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import torch
 from peft.utils.constants import CONFIG_NAME
 from peft.utils.other import get_pattern_key
 from peft.utils.save_and_load import load_peft_weights
+from transformers import PretrainedConfig
 
-from ..adapters import PEFT_PREFIX, WEIGHT_FILES, read_adapter_config
+from ..adapters import PEFT_PREFIX, WEIGHT_FILES
 from ..errors import UserError
+from ..interop import load_adapter_on_meta
 from ..mora.operators import MoraOperator
 
 
@@ -147,8 +155,10 @@ def _files_stamp(directory: Path) -> tuple:
     return tuple(stamp)
 
 
-def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], device: torch.device) -> LoadedAdapter:
-    """Read one adapter directory into per-module weights, checking every tensor against the base model.
+def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], device: torch.device,
+                 base_config: PretrainedConfig) -> LoadedAdapter:
+    """Read one adapter directory into per-module weights, checking every tensor against the base model (whose
+    config is ``base_config``; see the module's docstring).
 
     Raises:
         AdapterLoadError: naming the file and what is wrong with it.
@@ -157,8 +167,9 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
     where = f"adapter {name!r} ({directory})"
     if not any(n in WEIGHT_FILES for n, *_ in stamp):
         raise AdapterLoadError(f"{where} has no {' or '.join(WEIGHT_FILES)}")
-    try:  # a broken or unknown adapter_config.json, or options the server cannot apply per request
-        config = read_adapter_config(directory, "serve", accepted=("MORA", "LORA"))
+    try:  # a broken or unknown adapter_config.json, options the server cannot apply per request, or tensors that
+        # do not fit the base as the config says
+        config = load_adapter_on_meta(directory, base_config, "serve", accepted=("MORA", "LORA")).config
     except UserError as err:
         raise AdapterLoadError(f"adapter {name!r}: {err}") from None
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
@@ -193,25 +204,16 @@ def load_adapter(name: str, directory: Path, modules: dict[str, ModuleShape], de
         if peft_type == "MORA" and ".mora_M" not in parts:
             weights[path] = _mixed_lora_part(where, config, path, parts, shape, device)
         elif peft_type == "MORA":
-            m = parts[".mora_M"]
-            if m.dim() != 2 or m.shape[0] != m.shape[1]:
-                raise AdapterLoadError(f"{where}: M of {path!r} has shape {tuple(m.shape)}; expected square (r̂, r̂)")
+            m = parts[".mora_M"]  # (r̂, r̂), as load_adapter_on_meta checked
             try:
                 op = MoraOperator.from_config(config, k, d, rank=m.shape[0])
             except ValueError as err:
                 raise AdapterLoadError(f"{where}: {path!r}: {err}") from None
             weights[path] = MoraWeights(op, m.to(device=device, dtype=torch.float32).contiguous())
         else:
-            if set(parts) != set(suffixes):
-                raise AdapterLoadError(f"{where}: {path!r} has {sorted(parts)} but needs both lora_A and lora_B")
-            a, b = parts[".lora_A.weight"], parts[".lora_B.weight"]
+            a, b = parts[".lora_A.weight"], parts[".lora_B.weight"]  # (r, k) and (d, r), as checked
             r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
             alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)
-            if a.shape != (r, k) or b.shape != (d, r):
-                raise AdapterLoadError(
-                    f"{where}: {path!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the base layer "
-                    f"({d}x{k}) and r={r} need ({r}, {k}) and ({d}, {r})"
-                )
             scaling = alpha / (r**0.5) if config.use_rslora else alpha / r
             weights[path] = LoraWeights(
                 a.to(device=device, dtype=torch.float32).contiguous(),
@@ -227,17 +229,10 @@ MORA_SUFFIXES = (".mora_M", ".mora_lora_A.weight", ".mora_lora_B.weight", ".mora
 def _mixed_lora_part(
     where: str, config, path: str, parts: dict[str, torch.Tensor], shape: ModuleShape, device: torch.device
 ) -> LoraWeights:
-    """A LoRA or DoRA module of a MoRA adapter with ``layer_methods``, as the served LoRA/DoRA groups take it."""
-    k, d = shape.in_features, shape.out_features
-    if ".mora_lora_A.weight" not in parts or ".mora_lora_B.weight" not in parts:
-        raise AdapterLoadError(f"{where}: {path!r} has {sorted(parts)} but needs both mora_lora_A and mora_lora_B")
+    """A LoRA or DoRA module of a MoRA adapter with ``layer_methods``, as the served LoRA/DoRA groups take it (its
+    tensors' shapes were checked by ``load_adapter_on_meta``)."""
     a, b = parts[".mora_lora_A.weight"], parts[".mora_lora_B.weight"]
     r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
-    if a.shape != (r, k) or b.shape != (d, r):
-        raise AdapterLoadError(
-            f"{where}: {path!r} has mora_lora_A {tuple(a.shape)} and mora_lora_B {tuple(b.shape)}; the base layer "
-            f"({d}x{k}) and r={r} need ({r}, {k}) and ({d}, {r})"
-        )
     alpha = config.lora_alpha if config.lora_alpha is not None else 2 * r
     scaling = float(alpha / r**0.5 if config.use_rslora else alpha / r)
     a = a.to(device=device, dtype=torch.float32).contiguous()
@@ -245,8 +240,6 @@ def _mixed_lora_part(
     magnitude = parts.get(".mora_magnitude.weight")
     if magnitude is None:
         return LoraWeights(a, b, scaling)
-    if magnitude.shape != (d,):
-        raise AdapterLoadError(f"{where}: {path!r} has a DoRA magnitude of shape {tuple(magnitude.shape)}; expected {(d,)}")
     if shape.weight is None:  # a store built without the base weights cannot compute DoRA's norm
         raise AdapterLoadError(f"{where}: {path!r} is a DoRA module, which needs the base weight to be served")
     # PEFT's DoRA norm: per output row of W + scaling·BA, taken in the adapter's float32 (detached, so a constant)
@@ -262,13 +255,15 @@ class AdapterStore:
         modules: the adaptable modules of the base model, by path (from ``layers.wrap_model``).
         device: where the adapter weights live (the base model's device).
         max_bytes: the bound on the bytes of resident adapter weights.
+        base_config: the base model's config (``model.config``), which each adapter is checked against.
         wait_timeout: seconds ``acquire`` waits for in-use adapters to be released before giving up.
     """
 
     def __init__(self, root: Union[str, Path], modules: dict[str, ModuleShape], device: torch.device,
-                 max_bytes: int, wait_timeout: float = 60.0) -> None:
+                 max_bytes: int, base_config: PretrainedConfig, wait_timeout: float = 60.0) -> None:
         self.root = Path(root)
         self.modules = modules
+        self.base_config = base_config
         self.device = torch.device(device)
         self.max_bytes = int(max_bytes)
         self.wait_timeout = wait_timeout
@@ -291,10 +286,14 @@ class AdapterStore:
         return [e.name for e in entries if e.is_dir() and (Path(e.path) / CONFIG_NAME).is_file()]
 
     def exists(self, name: str) -> bool:
-        """Whether ``name`` is an adapter directory (names with path separators never are)."""
-        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        """Whether ``name`` is an adapter directory (names with path separators or NUL never are, nor names the
+        file system refuses, such as one longer than its name limit)."""
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("."):
             return False
-        return (self.root / name / CONFIG_NAME).is_file()
+        try:
+            return (self.root / name / CONFIG_NAME).is_file()
+        except OSError:  # ENAMETOOLONG and the like
+            return False
 
     # -- residency -----------------------------------------------------------------------------------------------
 
@@ -352,7 +351,7 @@ class AdapterStore:
             loading.wait()  # another request is loading it; then look again
         try:
             try:
-                adapter = load_adapter(name, directory, self.modules, self.device)
+                adapter = load_adapter(name, directory, self.modules, self.device, self.base_config)
             except AdapterLoadError:
                 with self._cond:
                     self.load_failures += 1

@@ -8,6 +8,10 @@ One background thread owns the model. Each iteration:
    side (``layers.RowAdapters``). Rows that finish (end-of-sequence, a stop string, ``max_tokens``) or whose client
    went away leave the batch at once.
 
+A request's own settings and results stay its own: a request whose sampling cannot start (its seed, say), whose
+logits are not finite, whose draw fails or whose text cannot be decoded fails alone, and the rest of the batch goes
+on. Only a failed forward pass, which every row of the step shares, fails the requests in that step.
+
 The KV cache (a transformers ``DynamicCache``) holds the running rows right-aligned: row i's real tokens are the last
 ``len_i`` positions, earlier positions are padding that the attention mask hides and whose keys/values are zeroed.
 Each row passes its own ``position_ids`` (its real length), so a row's attention and positions are those of a batch of
@@ -34,7 +38,7 @@ from transformers.cache_utils import DynamicLayer
 from .adapters import LoadedAdapter
 from .layers import RowAdapters
 from .metrics import ServeMetrics
-from .sampling import SamplingParams, TextTracker, sample
+from .sampling import SamplingError, SamplingParams, TextTracker, sample
 
 logger = logging.getLogger("moraft.serve")
 
@@ -227,18 +231,52 @@ class Engine:
 
     def _admit(self, requests: list[Request]) -> None:
         """Prefill ``requests`` and add those not finished by their first token to the running batch."""
+        started = self._start(requests)
+        if not started:
+            return
         try:
             with torch.inference_mode():
-                sequences, cache, mask = self._prefill(requests)
+                sequences, cache, mask = self._prefill(started)
         except Exception as err:  # the running batch was not touched: only these requests fail
-            self._fail(requests, "prefill", err)
+            self._fail([s.request for s in started], "prefill", err)
             return
         if sequences:
             try:
                 with torch.inference_mode():
                     self._join(sequences, cache, mask)
             except Exception as err:
-                self._fail([*requests, *(s.request for s in self._rows)], "joining the batch", err)
+                joining = [s.request for s in (*sequences, *self._rows)]
+                self._fail(joining, "joining the batch", err)
+
+    def _start(self, requests: list[Request]) -> list["_Sequence"]:
+        """A sequence per request; a request whose sampling cannot be set up fails alone."""
+        sequences = []
+        for request in requests:
+            try:
+                sequences.append(_Sequence(self, request))
+            except Exception as err:
+                logger.warning("request %s cannot start: %s: %s", request.id, type(err).__name__, err)
+                self._finish(request, Failed(f"the request's sampling settings failed: {type(err).__name__}: {err}"))
+        return sequences
+
+    def _advance(self, rows: list["_Sequence"], tokens: list) -> list[int]:
+        """Give each row its sampled token; return the indices of the rows that go on. A row that got a
+        `SamplingError`, or whose text cannot be decoded, fails its own request and leaves."""
+        keep = []
+        for row, (sequence, token) in enumerate(zip(rows, tokens)):
+            if isinstance(token, SamplingError):
+                logger.warning("request %s failed: %s", sequence.request.id, token)
+                self._finish(sequence.request, Failed(str(token)))
+                continue
+            try:
+                finished = sequence.accept(token)
+            except Exception as err:
+                logger.exception("request %s failed taking its token", sequence.request.id)
+                self._finish(sequence.request, Failed(f"decoding its text failed: {type(err).__name__}: {err}"))
+                continue
+            if not finished:
+                keep.append(row)
+        return keep
 
     def _fail(self, requests: list[Request], stage: str, err: Exception) -> None:
         logger.exception("%s failed", stage)
@@ -288,8 +326,9 @@ class Engine:
                          use_cache=True, **kwargs)
         return out.logits[:, -1].float()
 
-    def _prefill(self, requests: list[Request]) -> tuple[list[_Sequence], DynamicCache, torch.Tensor]:
+    def _prefill(self, sequences: list[_Sequence]) -> tuple[list[_Sequence], DynamicCache, torch.Tensor]:
         """Run the prompts (left-padded, one row each) and take each first token; return the rows that go on."""
+        requests = [s.request for s in sequences]
         longest = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(requests), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), longest), dtype=torch.long)
@@ -306,10 +345,9 @@ class Engine:
             layer.values.masked_fill_(hidden, 0)
         self.metrics.prefill_size.observe(len(requests))
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
-        sequences = [_Sequence(self, r) for r in requests]
         tokens = sample(logits, [s.params for s in sequences], [s.generator for s in sequences])
         self.metrics.generation_tokens.inc(len(tokens))
-        keep = [row for row, (s, t) in enumerate(zip(sequences, tokens)) if not s.accept(t)]
+        keep = self._advance(sequences, tokens)
         index = torch.tensor(keep, device=self.device, dtype=torch.long)
         if keep and len(keep) < len(requests):
             cache.batch_select_indices(index)
@@ -338,7 +376,7 @@ class Engine:
         for s in rows:
             s.cache_len += 1
         tokens = sample(logits, [s.params for s in rows], [s.generator for s in rows])
-        keep = [row for row, (s, t) in enumerate(zip(rows, tokens)) if not s.accept(t)]
+        keep = self._advance(rows, tokens)
         self._select(keep)
         distinct = len({id(a) if a is not None else None for a in adapters})
         m = self.metrics

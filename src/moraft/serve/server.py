@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -18,6 +19,13 @@ from .metrics import Gauge, ServeMetrics
 
 logger = logging.getLogger("moraft.serve")
 
+API_KEY_ENV = "MORAFT_API_KEY"
+"""The environment variable read for ``--api_key`` when the option is not given (as vLLM reads VLLM_API_KEY)."""
+PROMPT_CHARS_PER_TOKEN = 32
+"""The default ``--max_prompt_chars`` is this many characters per token of the context: more than any tokenizer's
+average (about 4 for English text), so only prompts that could never fit are refused before tokenizing."""
+
+
 @dataclass
 class Server:
     """A ready server: ``app`` is the ASGI (FastAPI) application; ``close()`` stops the engine thread."""
@@ -29,6 +37,7 @@ class Server:
 
     def close(self) -> None:
         self.engine.stop()
+        self.state.tokenizing.shutdown(wait=False, cancel_futures=True)
 
 
 def context_length_of(model: torch.nn.Module, tokenizer: Any) -> Optional[int]:
@@ -44,7 +53,8 @@ def context_length_of(model: torch.nn.Module, tokenizer: Any) -> Optional[int]:
 
 def build_server(model: torch.nn.Module, tokenizer: Any, adapters: str | Path, *, base_name: str = "base",
                  max_adapter_memory_mb: float = 1024.0, max_batch_size: int = 64, max_prefill_tokens: int = 8192,
-                 batch_window_ms: float = 0.0, context_length: Optional[int] = None) -> Server:
+                 batch_window_ms: float = 0.0, context_length: Optional[int] = None, max_request_mb: float = 4.0,
+                 max_prompt_chars: Optional[int] = None, api_key: Optional[str] = None) -> Server:
     """Wrap ``model`` (in place) for per-row adapters and build the engine, the adapter store and the app.
 
     Args:
@@ -57,6 +67,10 @@ def build_server(model: torch.nn.Module, tokenizer: Any, adapters: str | Path, *
         max_prefill_tokens: the most padded prompt tokens prefilled in one step.
         batch_window_ms: how long an idle server waits after a request for others to start with it.
         context_length: the context window; default from the model's config.
+        max_request_mb: the largest request body, in MiB; a longer one is answered 413 unread.
+        max_prompt_chars: the longest text prompt (all chat messages together), in characters; default
+            ``PROMPT_CHARS_PER_TOKEN`` × the context length.
+        api_key: when set, every ``/v1`` request must send ``Authorization: Bearer <api_key>``.
     """
     try:  # the HTTP side is the optional "serve" extra; `moraft --help` must work without it
         from .api import ServerState, create_app
@@ -68,7 +82,7 @@ def build_server(model: torch.nn.Module, tokenizer: Any, adapters: str | Path, *
     model.eval()
     device = next(model.parameters()).device
     row_adapters, shapes = wrap_model(model)
-    store = AdapterStore(adapters, shapes, device, int(max_adapter_memory_mb * 2**20))
+    store = AdapterStore(adapters, shapes, device, int(max_adapter_memory_mb * 2**20), base_config=model.config)
     metrics = ServeMetrics()
     metrics.add(Gauge("moraft_adapters_loaded", "Adapters resident in memory.", lambda: len(store.resident())))
     metrics.add(Gauge("moraft_adapter_memory_bytes", "Bytes of resident adapter weights.", lambda: store.resident_bytes))
@@ -82,7 +96,9 @@ def build_server(model: torch.nn.Module, tokenizer: Any, adapters: str | Path, *
     engine = Engine(model, tokenizer, row_adapters, store.release, metrics, context_length=context,
                     max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
                     batch_window=batch_window_ms / 1000).start()
-    state = ServerState(engine, store, tokenizer, base_name, context, metrics)
+    state = ServerState(engine, store, tokenizer, base_name, context, metrics,
+                        max_request_bytes=int(max_request_mb * 2**20),
+                        max_prompt_chars=max_prompt_chars or PROMPT_CHARS_PER_TOKEN * context, api_key=api_key)
     return Server(create_app(state), engine, store, state)
 
 
@@ -107,6 +123,9 @@ def serve(
     max_prefill_tokens: int = 8192,
     batch_window_ms: float = 0.0,
     context_length: Optional[int] = None,
+    max_request_mb: float = 4.0,
+    max_prompt_chars: Optional[int] = None,
+    api_key: Optional[str] = None,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     log_level: Literal["debug", "info", "warning", "error"] = "info",
@@ -119,6 +138,13 @@ def serve(
     adapters are loaded on first use, kept under --max_adapter_memory_mb (least recently used evicted first), and
     requests for different adapters are decoded together in one batch. Adapter directories added while the server
     runs are served without a restart.
+
+    One client cannot hurt another's requests: a body over --max_request_mb is refused with 413 before it is read, a
+    text prompt over --max_prompt_chars with 400 before it is tokenized, out-of-range sampling values and too many
+    or too long stop strings with 400; tokenizing runs off the event loop, each request's sampling is isolated in
+    the batch, and a client that disconnects cancels its generation. With --api_key (or the MORAFT_API_KEY
+    environment variable) every /v1 request must send "Authorization: Bearer KEY" (401 otherwise); /health and
+    /metrics stay open, as in vLLM.
 
     Args:
         base: (required) the base model: a local directory (or a Hugging Face Hub id) with the model and its
@@ -136,6 +162,12 @@ def serve(
         batch_window_ms: how long an idle server waits after a request arrives for others to start decoding with it
             (0: start at once; later requests still join the running batch between steps).
         context_length: the context window in tokens (default: the model config's max_position_embeddings).
+        max_request_mb: the largest request body, in MiB (413 past it, refused by its Content-Length or as soon as
+            that many bytes arrived).
+        max_prompt_chars: the longest text prompt in characters, all chat messages together (400 past it, before
+            tokenizing; default: 32 per token of the context, more than any prompt that fits the context has).
+        api_key: the key clients must send as "Authorization: Bearer KEY" on every /v1 request (default: the
+            MORAFT_API_KEY environment variable; neither: no key is checked). Compared in constant time.
         device: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
         dtype: the base model's dtype ("auto": as saved). Adapter math is always float32.
         log_level: the server's log level.
@@ -163,6 +195,14 @@ def serve(
         raise UserError(f"--batch_window_ms={batch_window_ms} is invalid; expected >= 0")
     if context_length is not None and context_length < 2:
         raise UserError(f"--context_length={context_length} is invalid; expected an integer >= 2")
+    if max_request_mb <= 0:
+        raise UserError(f"--max_request_mb={max_request_mb} is invalid; expected a positive number")
+    if max_prompt_chars is not None and max_prompt_chars < 1:
+        raise UserError(f"--max_prompt_chars={max_prompt_chars} is invalid; expected an integer >= 1")
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV) or None
+    elif not api_key.strip():
+        raise UserError("--api_key is empty; give the key clients must send, or leave the option out")
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         raise UserError(f"--device={device!r} is invalid; expected auto, cpu, cuda or cuda:N")
 
@@ -172,10 +212,11 @@ def serve(
     server = build_server(model, tokenizer, adapters_dir, base_name=base_name,
                           max_adapter_memory_mb=max_adapter_memory_mb, max_batch_size=max_batch_size,
                           max_prefill_tokens=max_prefill_tokens, batch_window_ms=batch_window_ms,
-                          context_length=context_length)
+                          context_length=context_length, max_request_mb=max_request_mb,
+                          max_prompt_chars=max_prompt_chars, api_key=api_key)
     found = server.store.available()
-    logger.info("serving %r and %d adapter(s) from %s on http://%s:%d/v1", base_name, len(found), adapters_dir,
-                host, port)
+    logger.info("serving %r and %d adapter(s) from %s on http://%s:%d/v1 (%s)", base_name, len(found), adapters_dir,
+                host, port, "API key required" if api_key else "no API key checked")
     try:
         uvicorn.run(server.app, host=host, port=port, log_level=log_level)
     finally:
