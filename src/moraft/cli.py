@@ -25,6 +25,7 @@ from typing import Callable, Literal, NoReturn, Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
+from .console import quiet_console
 from .errors import UserError
 
 # name -> "module:function"; `main` imports the one it runs (all of them for `moraft --help`)
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``moraft`` command: imports the command asked for (all of them for ``moraft --help``),
     parses its flags and runs it."""
     argv = sys.argv[1:] if argv is None else argv
+    quiet_console()
     command = argv[0] if argv and argv[0] in COMMANDS else None
     if command is None and not (argv and argv[0].startswith("-")):  # no command, or a word that is not one
         said = f"{argv[0]!r} is not a command" if argv else "a command is needed"
