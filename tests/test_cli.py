@@ -1,12 +1,21 @@
 """The ``moraft`` command line as a whole, whatever the command: a flag the parser refuses is one line naming it and
-where to get help (no usage dump), and ``--help`` stays complete."""
+where to get help (no usage dump), ``--help`` stays complete, other libraries' notes stay off the console, and the
+command's OpenMP threads sleep rather than spin while they wait (``moraft.threads``; the timings are in
+benchmarks/threads.py, not here)."""
 
 from __future__ import annotations
 
-import pytest
-from helpers import run_cli
+import json
+import os
+import subprocess
+import sys
 
+import pytest
+from helpers import run_cli, tiny_flags
+
+from moraft import threads
 from moraft.cli import COMMANDS
+from moraft.threads import WAIT_KNOBS
 
 OPTION_ERRORS = {
     "unknown option": (["train", "--adapter.rnak", "4"],
@@ -59,3 +68,75 @@ def test_help_lists_every_command(capsys):
     assert out.startswith("usage: moraft") and "`moraft COMMAND --help` for more" in out
     for name in COMMANDS:
         assert f"\n    {name} " in out, name
+
+
+# `import moraft` in a process started as the `moraft` command (its console script's sys.argv[0]), then
+# `moraft --help`, each `moraft COMMAND --help` and a one-step `moraft train`: what each prints, which of the libraries
+# imported only where used it has imported, and the OpenMP wait policy the command set
+QUIET_PROBE = """
+import contextlib, io, json, os, sys
+sys.argv[0] = os.path.join(os.path.dirname(sys.executable), "moraft")
+LIBRARIES = ("bitsandbytes", "deepspeed")
+said = {}
+import moraft
+said["import moraft"] = {"loaded": [m for m in LIBRARIES if m in sys.modules], "out": "", "err": "",
+                         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+from moraft.cli import COMMANDS, main
+for argv in [["--help"]] + [[name, "--help"] for name in COMMANDS] + [sys.argv[1:]]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exit_:
+            assert exit_.code in (0, None), err.getvalue()
+    said[" ".join(argv) if argv[-1] == "--help" else "a run"] = {"loaded": [m for m in LIBRARIES if m in sys.modules], "out": out.getvalue(),
+                                "err": err.getvalue()}
+print(json.dumps(said))
+"""
+
+
+def test_the_command_quiet_and_its_wait_policy(tmp_path):
+    """bitsandbytes and DeepSpeed are imported only where used (the quantized and ZeRO paths): ``import moraft`` and
+    every ``--help`` leave them out; a plain ``moraft train``, where PEFT and accelerate import them because they are
+    installed, prints neither one's note ("Failed to load CPU gemm_4bit_forward from kernels-community", "Setting
+    accelerator to CPU"). The command sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (moraft.threads)."""
+    train = ["train", *tiny_flags(tmp_path / "run"), "--optimization.max_steps", "1"]
+    env = {name: value for name, value in os.environ.items() if name not in WAIT_KNOBS}
+    done = subprocess.run([sys.executable, "-c", QUIET_PROBE, *train], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-3000:]
+    said = json.loads(done.stdout)
+    for step, what in said.items():
+        if step != "a run":
+            assert what["loaded"] == [], step
+        assert "kernels-community" not in what["out"] + what["err"] and "Setting accelerator" not in what["out"], step
+        if step.endswith("--help"):
+            assert what["out"].startswith("usage: moraft") and what["err"] == "", step
+    assert len(said) == 2 + len(COMMANDS) + 1 and said["import moraft"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    trained = said["a run"]
+    assert trained["out"].splitlines()[-1] == f"moraft train: saved the adapter and loss.png to {tmp_path / 'run'}"
+
+
+@pytest.mark.parametrize("argv,orig_argv,expected", [
+    (["/venv/bin/moraft", "train"], ["/venv/bin/python", "/venv/bin/moraft", "train"], True),  # the console script
+    (["-m"], ["python", "-m", "moraft", "train"], True),  # python -m moraft, torchrun -m moraft (the package import)
+    (["-m"], ["python", "-u", "-m", "moraft", "train"], True),
+    (["train.py"], ["python", "train.py"], False),  # a program that imports moraft
+    (["-c"], ["python", "-c", "import moraft"], False),
+    (["-m"], ["python", "-m", "pytest", "moraft"], False),
+])
+def test_started_as_command(monkeypatch, argv, orig_argv, expected):
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert threads.started_as_command() is expected
+
+
+def test_the_wait_policy_is_the_users_when_set(monkeypatch):
+    assert threads.default_environment({"OMP_NUM_THREADS": "4"}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert threads.default_environment({"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    assert threads.default_environment({"GOMP_SPINCOUNT": "100000"}) == {}
+    # too late once torch is imported (OpenMP has read its variables): nothing is set
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/moraft"])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert "torch" in sys.modules and not threads.set_command_defaults() and "OMP_WAIT_POLICY" not in os.environ
