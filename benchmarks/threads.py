@@ -41,10 +41,12 @@ def cores() -> int:
 
 def default_settings() -> list[str]:
     """torch's default; one thread (by OMP_NUM_THREADS and by torch.set_num_threads); 2, 4, 8... threads up to the
-    cores; waiting threads that sleep at once (PASSIVE), or after a short spin; and what moraft sets."""
+    cores; waiting threads that sleep at once (PASSIVE), or after a shorter or longer spin than moraft's; and what
+    moraft sets (GOMP_SPINCOUNT=1000)."""
     counts = sorted({n for n in (2**i for i in range(8)) if n <= cores()} | {cores()})
     threads = [f"threads={n}" for n in counts]
-    return ["default", "OMP_NUM_THREADS=1", *threads, "OMP_WAIT_POLICY=PASSIVE", "GOMP_SPINCOUNT=1000", "moraft"]
+    waits = ["OMP_WAIT_POLICY=PASSIVE", "GOMP_SPINCOUNT=100", "GOMP_SPINCOUNT=10000"]
+    return ["default", "OMP_NUM_THREADS=1", *threads, *waits, "moraft"]
 
 
 def parse_setting(setting: str) -> tuple[dict[str, str], Optional[int]]:

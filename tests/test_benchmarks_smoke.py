@@ -207,7 +207,7 @@ def test_threads_runs_each_setting_in_its_own_process(tmp_path, capsys):
     assert json.loads((tmp_path / "threads.json").read_text())["results"] == results
     # the settings a worker gets, and the load: one spinning process per core, gone afterwards
     assert threads.parse_setting("GOMP_SPINCOUNT=1000,threads=2") == ({"GOMP_SPINCOUNT": "1000"}, 2)
-    assert threads.parse_setting("moraft") == ({"OMP_WAIT_POLICY": "PASSIVE"}, None)
+    assert threads.parse_setting("moraft") == ({"GOMP_SPINCOUNT": "1000"}, None)
     with pytest.raises(SystemExit, match="setting 'threads'"):
         threads.parse_args(["--settings", "threads"])
     with threads.Load(2) as burning:

@@ -6,7 +6,7 @@
 
 from . import threads
 
-threads.set_command_defaults()  # the `moraft` command's OpenMP wait policy, before anything imports torch
+threads.set_command_defaults()  # the `moraft` command's OpenMP spin count, before anything imports torch
 
 from . import _peft_hook  # noqa: E402
 

@@ -1,13 +1,15 @@
-"""The OpenMP wait policy of the ``moraft`` command: threads that wait sleep instead of spinning.
+"""How long the ``moraft`` command's waiting OpenMP threads spin before they sleep: briefly.
 
-torch runs a CPU op on OpenMP threads, one per core by default. libgomp, the OpenMP of torch's Linux builds, lets a
-thread that waits for the others (at the end of every parallel op) spin for a while before it sleeps. On a machine
-whose cores other processes also use, the thread it waits for is often descheduled while it spins, so every op can
-wait out a scheduler time slice: `benchmarks/threads.py` measured a short training run 6-9 times slower than with
-``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once) on a shared 2-core machine, and no slower with it (see the
-Results page). So the ``moraft`` command sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set ``OMP_WAIT_POLICY`` or
-``GOMP_SPINCOUNT`` (``OMP_WAIT_POLICY=ACTIVE`` gives back the spinning); ``OMP_NUM_THREADS`` still sets the number of
-threads.
+torch runs a CPU op on OpenMP threads, one per core by default. libgomp, the OpenMP of torch's Linux builds (MKL's
+threads included), lets a thread that waits for the others (at the end of every parallel op) spin for 300,000
+iterations before it sleeps. On a machine whose cores other processes also use, the thread it waits for is often
+descheduled while it spins, so op after op waits out a scheduler time slice. `benchmarks/threads.py` measured a short
+training run several times slower with that default than with ``GOMP_SPINCOUNT=1000`` (spin 1,000 iterations, then
+sleep) on a busy 2-core machine, while on the idle machine 1,000 spins cost little against the default, less than
+sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) or one thread (the figures: the Results page). So the ``moraft``
+command sets ``GOMP_SPINCOUNT=1000`` unless the user set ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``
+(``GOMP_SPINCOUNT=300000`` is libgomp's own default); ``OMP_NUM_THREADS`` still sets the number of threads. Other
+OpenMP runtimes ignore it.
 
 OpenMP reads its variables once, when torch loads it, so this happens at the top of ``moraft/__init__.py``, before
 anything imports torch, and only in a process started as the ``moraft`` command (`started_as_command`): a program
@@ -21,15 +23,19 @@ import sys
 from typing import Mapping
 
 WAIT_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-"""The variables that decide how an OpenMP thread waits; the user setting either leaves the wait policy to them."""
+"""The variables that decide how long an OpenMP thread spins while it waits: the user setting either leaves it to
+them."""
+
+SPINCOUNT = "1000"
+"""The ``GOMP_SPINCOUNT`` the ``moraft`` command sets (libgomp's default: 300,000)."""
 
 
 def default_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables the ``moraft`` command adds to ``environ``: ``OMP_WAIT_POLICY=PASSIVE``, unless ``environ``
-    sets one of `WAIT_KNOBS`."""
+    """The variables the ``moraft`` command adds to ``environ``: ``GOMP_SPINCOUNT=1000``, unless ``environ`` sets
+    one of `WAIT_KNOBS`."""
     if any(knob in environ for knob in WAIT_KNOBS):
         return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": SPINCOUNT}
 
 
 def started_as_command() -> bool:
@@ -52,4 +58,4 @@ def set_command_defaults() -> bool:
     return bool(added)
 
 
-__all__ = ["WAIT_KNOBS", "default_environment", "set_command_defaults", "started_as_command"]
+__all__ = ["SPINCOUNT", "WAIT_KNOBS", "default_environment", "set_command_defaults", "started_as_command"]
