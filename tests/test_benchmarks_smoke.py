@@ -1,6 +1,6 @@
 """Smoke tests of the benchmarks (benchmarks/memory_task.py, benchmarks/pretrain.py, benchmarks/qmora_memory.py,
 benchmarks/data_throughput.py, benchmarks/data_pipeline.py, benchmarks/data_memory.py, benchmarks/dedup_memory.py,
-benchmarks/serve.py):
+benchmarks/serve.py, benchmarks/threads.py):
 each runs end to end with tiny arguments, so the scripts cannot silently rot. The benchmarks themselves are not part
 of the test suite."""
 
@@ -209,3 +209,25 @@ def test_serve_benchmark_prints_both_tables(capsys):
     rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
     assert [row.split(" | ")[1] for row in rows] == ["none", "none", "1 in 4", "1 in 4"]
     assert all(row.split(" | ")[2] == str(clients * 2) for row, clients in zip(rows, (2, 4, 2, 4)))
+
+
+def test_threads_runs_each_setting_in_its_own_process(tmp_path, capsys):
+    threads = load("threads")
+    results = threads.main(["--settings", "threads=1,OMP_WAIT_POLICY=PASSIVE", "--loads", "idle", "--hidden", "32",
+                            "--layers", "1", "--batch", "1", "--seq", "8", "--steps", "2", "--repeats", "1",
+                            "--output", str(tmp_path / "threads.json")])
+    rows = results["idle"]
+    assert list(rows) == ["default", "threads=1,OMP_WAIT_POLICY=PASSIVE"]  # every ratio is to the default
+    assert rows["threads=1,OMP_WAIT_POLICY=PASSIVE"]["num_threads"] == 1 and rows["default"]["num_threads"] >= 1
+    assert all(len(row["totals_s"]) == 1 and row["median_s"] > 0 for row in rows.values())
+    out = capsys.readouterr().out
+    assert "idle    default" in out and out.split("idle    default")[1].splitlines()[0].endswith("1.00")
+    assert json.loads((tmp_path / "threads.json").read_text())["results"] == results
+    # the settings a worker gets, and the load: one spinning process per core, gone afterwards
+    assert threads.parse_setting("GOMP_SPINCOUNT=1000,threads=2") == ({"GOMP_SPINCOUNT": "1000"}, 2)
+    assert threads.parse_setting("moraft") == ({"GOMP_SPINCOUNT": "1000"}, None)
+    with pytest.raises(SystemExit, match="setting 'threads'"):
+        threads.parse_args(["--settings", "threads"])
+    with threads.Load(2) as burning:
+        assert len(burning.burners) == 2 and all(burner.poll() is None for burner in burning.burners)
+    assert all(burner.poll() is not None for burner in burning.burners)

@@ -156,10 +156,11 @@ def test_unknown_quantization_names_the_value(tmp_path, capsys):
     options = TrainOptions.from_dict({"model": {"quantization": "3bit"}})
     with pytest.raises(UserError, match=r"^model.quantization='3bit' is invalid; expected one of none, 4bit, 8bit$"):
         options.validate()
-    # on the command line the argument parser refuses it first (usage, then the error naming flag and value)
+    # on the command line the argument parser refuses it first, as one line naming flag, value and choices
     status, _, err = run_cli(["train", *tiny_flags(tmp_path / "out"), "--model.quantization", "3bit"], capsys)
-    assert status == 2 and "model.quantization" in err and "Expected a typing.Literal['none', '4bit', '8bit']" in err
-    assert "Got value: 3bit" in err and not (tmp_path / "out").exists()
+    assert status == 2 and err == ("moraft train: error: model.quantization='3bit' is invalid; expected one of none, "
+                                   "4bit, 8bit; see moraft train --help\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_without_bitsandbytes_the_error_says_what_to_install(tmp_path, capsys, monkeypatch, llama_dir):

@@ -4,8 +4,15 @@
 ``PeftModel.from_pretrained(model, mora_adapter_dir)`` work as for any PEFT method.
 """
 
-from . import _peft_hook
-from .mora import COMPRESSIONS, MoraConfig, MoraLayer, MoraLinear, MoraModel, MoraOperator, mora_rank
+from . import threads
+
+threads.set_command_defaults()  # the `moraft` command's OpenMP spin count, before anything imports torch
+
+from . import _peft_hook  # noqa: E402
+
+_peft_hook.import_peft()  # before any module of moraft imports PEFT: without bitsandbytes (see import_peft)
+
+from .mora import COMPRESSIONS, MoraConfig, MoraLayer, MoraLinear, MoraModel, MoraOperator, mora_rank  # noqa: E402
 
 _peft_hook.register(MoraConfig, MoraModel, MoraModel.prefix)
 

@@ -3,9 +3,11 @@
 Each subcommand is a plain function elsewhere in the package (the CLI is thin): its parameters are the flags, or,
 for a function taking an options dataclass (``train(options: TrainOptions)``), that dataclass's fields, nested
 dataclasses as groups (``--adapter.r``), each field's docstring as its help. Options come from flags, a YAML file
-(``--config FILE``), or both, with flags winning. Errors in what the user asked for (a missing path, a bad value:
-``moraft.errors.UserError``) print one line and exit with status 2; set ``MORAFT_DEBUG=1`` for their traceback. Any
-other exception is a bug, not the user's fault, and crashes with its full traceback.
+(``--config FILE``), or both, with flags winning. Errors in what the user asked for print one line and exit with
+status 2: a flag the parser refuses (unknown, of the wrong type, a bad ``--config`` file: `option_error`, which adds
+where to get help) and anything the command finds wrong (a missing path, a bad value: ``moraft.errors.UserError``);
+set ``MORAFT_DEBUG=1`` for their traceback. Any other exception is a bug, not the user's fault, and crashes with its
+full traceback. Only the module of the command asked for is imported (`main`); ``moraft --help`` imports them all.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import dataclasses
 import importlib
 import inspect
 import os
+import re
 import sys
+import types
 import typing
-from typing import Callable, Optional
+from typing import Callable, Literal, NoReturn, Optional, Union
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
 
+from .console import quiet_console
 from .errors import UserError
 
-# name -> "module:function"; imported when the CLI starts
+# name -> "module:function"; `main` imports the one it runs (all of them for `moraft --help`)
 COMMANDS: dict[str, str] = {
     "convert-peft-mora": "moraft.interop.peft_mora:convert_peft_mora",
     "export-lora": "moraft.interop.lora_export:export_lora",
@@ -107,7 +112,9 @@ def command_parser(func: Callable):
     reads the help from here, so it is what ``--help`` prints."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     options = options_class(func)
-    sub = ArgumentParser(description=description(options or func), parser_mode="yaml", formatter_class=Formatter)
+    sub = ArgumentParser(  # exit_on_error=False: a bad flag raises, and `main` reports it as one line
+        description=description(options or func), parser_mode="yaml", formatter_class=Formatter, exit_on_error=False
+    )
     sub.add_argument("--config", action=ActionConfigFile, help="A YAML file of options; flags after it win.")
     if options is None:
         sub.add_function_arguments(func, as_positional=True, fail_untyped=True)
@@ -130,6 +137,7 @@ def build_parser(commands: dict[str, Callable]):
         prog="moraft",
         parser_mode="yaml",
         formatter_class=Formatter,
+        exit_on_error=False,
         description="moraft: MoRA fine-tuning, conversion, merging and serving. `moraft COMMAND --help` for more.",
     )
     subcommands = parser.add_subcommands()
@@ -190,14 +198,74 @@ def _end_distributed() -> None:
         distributed.destroy_process_group()
 
 
+def accepted(hint: object) -> str:
+    """What a flag of type ``hint`` accepts, in words (``Optional[int]``: "an integer or null")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(str(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        named = [accepted(arg) for arg in args if arg is not type(None)]
+        return " or ".join(named + (["null"] if type(None) in args else []))
+    if origin in (list, tuple, set) and args:
+        return f"a list of {accepted(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    if hint in words:
+        return words[hint]
+    return re.sub(r"<class '([\w.]+)'>", r"\1", str(hint)).replace("typing.", "")
+
+
+def option_error(message: str, command: Optional[str], func: Optional[Callable], argv: list[str]) -> str:
+    """One line of the parser's (multi-line) ``message`` about a flag of ``moraft COMMAND``: the flag, the value and
+    what it accepts where the message names them, then where to get help."""
+    key = re.match(r'Parser key "([^"]+)":', message)
+    value = re.findall(r"(?:Got|Given) value: (.*)", message)
+    hints = option_types(func) if func is not None else {}
+    if key and value and key[1] in hints:
+        message = f"{key[1]}={value[-1].strip()!r} is invalid; expected {accepted(hints[key[1]])}"
+    elif message.startswith(("Problems parsing config:", "Unexpected config:")):  # not YAML, or not a mapping
+        files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+        files += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+        named = f"--config {files[0]}" if len(files) == 1 else "a --config file"
+        if message.startswith("Unexpected config:"):
+            message = f"{named} is not a mapping of options (option: value)"
+        else:
+            lines = message.split(":", 1)[1].replace('in "<unicode string>", ', "").splitlines()
+            message = f"{named} does not parse as YAML: " + ", ".join(line.strip() for line in lines if line.strip())
+    else:
+        if key:
+            message = f"--{key[1]}:" + message[key.end() :]
+        if command is not None:  # the parser names a positional argument with its command: eval.path
+            message = message.replace(f"{command}.", "")
+    message = " ".join(message.split())
+    prog = f"moraft {command}" if command is not None else "moraft"
+    return f"{prog}: error: {message}; see {prog} --help"
+
+
+def refuse(line: str) -> NoReturn:
+    """Print ``line`` on stderr and exit with status 2 (bad input)."""
+    print(line, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``moraft`` command."""
+    """Entry point of the ``moraft`` command: imports the command asked for (all of them for ``moraft --help``),
+    parses its flags and runs it."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {name: load_command(spec) for name, spec in COMMANDS.items()}
+    quiet_console()
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    if command is None and not (argv and argv[0].startswith("-")):  # no command, or a word that is not one
+        said = f"{argv[0]!r} is not a command" if argv else "a command is needed"
+        refuse(f"moraft: error: {said}; expected one of {', '.join(COMMANDS)}; see moraft --help")
+    commands = {name: load_command(spec) for name, spec in COMMANDS.items() if command in (None, name)}
     parser = build_parser(commands)
     try:
         argv = normalize_flags(argv, commands)
-        cfg = parser.parse_args(argv)  # bad flags: argparse prints usage and exits 2
+        try:
+            cfg = parser.parse_args(argv)
+        except argparse.ArgumentError as err:
+            if os.environ.get("MORAFT_DEBUG"):
+                raise
+            refuse(option_error(str(err), command, commands.get(command), argv))
         init = parser.instantiate(cfg)
         name = init.subcommand
         kwargs = dict(init[name])
@@ -208,8 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         if os.environ.get("MORAFT_DEBUG"):
             raise
-        print(f"moraft {argv[0] if argv else ''}: error: {err}".replace("  ", " "), file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse(f"moraft {argv[0] if argv else ''}: error: {err}".replace("  ", " "))
 
 
 if __name__ == "__main__":
