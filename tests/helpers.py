@@ -4,6 +4,7 @@ tests."""
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from moraft import MoraConfig
@@ -105,6 +106,21 @@ def save_served_adapter(base_dir: Path, out: Path, kind: str, seed: int, **overr
         config = MoraConfig(r=4, compression=kind, target_modules="all-linear", **overrides)
     save_adapter(load_model(base_dir), config, out, seed=seed, std=0.3 if kind == "lora" else 0.5)
     return out
+
+
+def save_served_adapters_with_faults(base_dir: Path, folder: Path, nan_kind: str = "sharing") -> Path:
+    """``folder`` with four adapters for the base in ``base_dir``: two good ones (``share``: MoRA sharing, ``lora``),
+    ``nan`` (a ``nan_kind`` adapter whose weights are all NaN: a diverged run) and ``edited`` (its adapter_config.json
+    says r=2 for weights trained with r=4)."""
+    save_served_adapter(base_dir, folder / "share", "sharing", seed=1)
+    save_served_adapter(base_dir, folder / "lora", "lora", seed=2)
+    nan = save_served_adapter(base_dir, folder / "nan", nan_kind, seed=3)
+    weights = load_file(nan / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, nan / "adapter_model.safetensors")
+    edited = save_served_adapter(base_dir, folder / "edited", "sharing", seed=4)
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    return folder
 
 
 def load_model(base_dir: Path, adapter_dir: Path | None = None) -> torch.nn.Module:

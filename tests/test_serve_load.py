@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import torch
-from helpers import LiveServer, metric, one_torch_thread, save_served_adapter
-from safetensors.torch import load_file, save_file
+from helpers import LiveServer, metric, one_torch_thread, save_served_adapters_with_faults
 
 from moraft.adapters import load_causal_lm
 from moraft.serve import api
@@ -144,14 +142,7 @@ async def client_loop(url: str, seed: int, deadline: float, tally: Tally) -> Non
 @pytest.fixture(scope="module")
 def server(serve_base, tmp_path_factory):
     adapters = tmp_path_factory.mktemp("serve-load-adapters")
-    save_served_adapter(serve_base, adapters / "share", "sharing", seed=1)
-    save_served_adapter(serve_base, adapters / "lora", "lora", seed=2)
-    nan = save_served_adapter(serve_base, adapters / "nan", "rotation", seed=3)
-    weights = load_file(nan / "adapter_model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, nan / "adapter_model.safetensors")
-    edited = save_served_adapter(serve_base, adapters / "edited", "sharing", seed=4)
-    config = json.loads((edited / "adapter_config.json").read_text())
-    (edited / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    save_served_adapters_with_faults(serve_base, adapters, nan_kind="rotation")
     model, tokenizer = load_causal_lm(serve_base)
     moraft = build_server(model, tokenizer, adapters, base_name="tiny-base", api_key=KEY,
                           max_request_mb=LIMIT_BYTES / 2**20)

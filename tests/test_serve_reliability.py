@@ -15,9 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
-from helpers import LiveServer, error_of, metric, one_torch_thread, save_served_adapter
-from safetensors.torch import load_file, save_file
+from helpers import LiveServer, error_of, metric, one_torch_thread, save_served_adapters_with_faults
 
 from moraft.adapters import load_causal_lm
 from moraft.errors import UserError
@@ -36,14 +34,7 @@ def env(serve_base, tmp_path_factory):
     """The base and a folder of adapters: two good ones, one whose weights are NaN (a diverged run) and one whose
     adapter_config.json says r=2 for weights trained with r=4."""
     adapters = tmp_path_factory.mktemp("serve-reliability-adapters")
-    save_served_adapter(serve_base, adapters / "share", "sharing", seed=1)
-    save_served_adapter(serve_base, adapters / "lora", "lora", seed=2)
-    nan = save_served_adapter(serve_base, adapters / "nan", "sharing", seed=3)
-    weights = load_file(nan / "adapter_model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, nan / "adapter_model.safetensors")
-    edited = save_served_adapter(serve_base, adapters / "edited", "sharing", seed=4)
-    config = json.loads((edited / "adapter_config.json").read_text())
-    (edited / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
+    save_served_adapters_with_faults(serve_base, adapters)
     return serve_base, adapters
 
 
