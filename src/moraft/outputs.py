@@ -31,13 +31,30 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 from .errors import UserError
 
 MANIFEST = ".moraft-output.json"
 STAGING_KINDS = ("partial", "replaced")  # a staged output being written; an old output being swapped out
 PathLike = Union[str, os.PathLike]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# whole files
+
+
+def write_json(path: PathLike, value: Any) -> None:
+    """Write ``value`` as indented JSON to ``path`` through a temporary file beside it (named for this process), so a
+    reader sees the old file or the new one, never half of one, and a failed write leaves no temporary behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -66,9 +83,7 @@ def record(directory: PathLike, command: str, entries: Iterable[str]) -> bool:
         return False
     known = manifest["entries"] if manifest is not None else []
     manifest = {"command": command, "entries": known + [e for e in entries if e not in known and e != MANIFEST]}
-    partial = directory / f"{MANIFEST}.{os.getpid()}.partial"
-    partial.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(partial, directory / MANIFEST)  # a reader sees the old manifest or the new one, never half of one
+    write_json(directory / MANIFEST, manifest)
     return True
 
 
@@ -241,5 +256,5 @@ def staged_output_dir(
 
 __all__ = [
     "MANIFEST", "check_replaceable", "clear", "protected", "read_manifest", "record", "remove_stale_staging",
-    "staged_output_dir",
+    "staged_output_dir", "write_json",
 ]

@@ -40,6 +40,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers.base import BaseDiskReader
 
 from moraft.errors import MissingPathError, UserError
+from moraft.outputs import write_json
 
 from .pipeline import EngineOptions  # the --engine.* group of moraft data, defined where no datatrove import is needed
 
@@ -375,9 +376,7 @@ def _claim_output(output: Path, function: str | Callable, files: list[str], task
                             "choose another output directory")
         return
     output.mkdir(parents=True, exist_ok=True)
-    temporary = record.with_suffix(".tmp")
-    temporary.write_text(json.dumps(run, indent=2))
-    os.replace(temporary, record)
+    write_json(record, run)
 
 
 class _RowReader(BaseDiskReader):

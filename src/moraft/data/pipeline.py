@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 from ..errors import UserError
-from ..outputs import check_replaceable
+from ..outputs import check_replaceable, write_json
 from ..train.options import _Group
 from .build import BuildOptions, build
 from .cluster import ClusterOptions, cluster_corpus
@@ -397,13 +397,8 @@ def _mine_tokenizer(options: DataPipelineOptions, tokenizer):
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
     with guarded(f"writing {path.name}", path.parent):
-        try:
-            tmp.write_text(json.dumps(value, indent=2, default=str))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json(path, value)
 
 
 def _files(*datasets) -> list[Path]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -20,6 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import UserError
+from ..outputs import write_json
 from .evaluate import MERGES_DIR
 from .methods import merge_and_restart
 
@@ -198,9 +198,7 @@ class CheckpointMark(TrainerCallback):
         if not self.is_main:
             return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        partial = directory / f".{CHECKPOINT_MARK}.partial"
-        partial.write_text(json.dumps({"step": state.global_step}) + "\n")
-        os.replace(partial, directory / CHECKPOINT_MARK)
+        write_json(directory / CHECKPOINT_MARK, {"step": state.global_step})
         if self.limit:
             complete = [path for path, whole in checkpoints(Path(args.output_dir)) if whole]
             for path in complete[: -self.limit]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,6 +21,7 @@ from torch import nn
 from .._peft_hook import quiet_peft_deprecation
 from ..adapters import read_adapter_config
 from ..errors import MissingPathError, UserError
+from ..outputs import write_json
 from .builtin import BUILTIN_MODEL
 from .data import uuid_pairs, uuid_prompt
 from .options import DataOptions, ModelOptions, TrainOptions
@@ -256,12 +256,3 @@ def eval_command(
     if output:
         write_json(Path(output), metrics)
     return metrics
-
-
-def write_json(path: Path, value: dict) -> None:
-    """Write ``value`` as indented JSON to ``path`` through a temporary file beside it, so a reader never sees half
-    of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
