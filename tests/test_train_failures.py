@@ -105,3 +105,16 @@ def test_resume_skips_the_checkpoint_a_killed_run_left_half_written(tmp_path, ca
     assert status == 2 and err.strip().endswith(
         f"resume: {str(lone)!r} has no complete checkpoint-N directory to resume from (checkpoint-3: the run stopped "
         "while writing them)"), err
+
+
+def test_the_padding_of_a_zero3_partition_is_not_read_as_a_diverged_run():
+    """A ZeRO-3 rank holds its partition of each parameter in ``ds_tensor``, padded past the parameter's end with
+    uninitialised memory (``torch.empty``), which may hold NaN bits: only the parameter's own elements count."""
+    from moraft.train.callbacks import _finite
+
+    model = torch.nn.Linear(3, 1, bias=False)  # 3 elements; a partition of 4 on rank 0 of 1
+    model.weight.ds_numel = 3
+    model.weight.ds_tensor = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    assert _finite(model)
+    model.weight.ds_tensor[1] = float("inf")
+    assert not _finite(model)

@@ -245,6 +245,17 @@ class NonFiniteStop(TrainerCallback):
                         f"{self.advice}")
 
 
+def _zero3_partition(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's elements of a ZeRO-3 parameter: its partition (``ds_tensor``) without the padding DeepSpeed adds
+    past the parameter's end to make the partitions equal, which is never written and may hold any bits, NaN
+    included."""
+    partition = param.ds_tensor.detach().view(-1)
+    group = getattr(param, "ds_process_group", None)
+    rank = torch.distributed.get_rank(group) if torch.distributed.is_initialized() else 0
+    real = max(0, min(partition.numel(), param.ds_numel - rank * partition.numel()))
+    return partition[:real]
+
+
 def _finite(model: torch.nn.Module) -> bool:
     """Whether every trainable parameter is finite, on every rank (each checks its own shard: a ZeRO-3 partition,
     an FSDP2 local tensor)."""
@@ -252,7 +263,7 @@ def _finite(model: torch.nn.Module) -> bool:
     ok = torch.ones((), device=device)
     for param in model.parameters():
         if param.requires_grad:
-            local = getattr(param, "ds_tensor", param).detach()
+            local = _zero3_partition(param) if hasattr(param, "ds_tensor") else param.detach()
             local = local.to_local() if hasattr(local, "to_local") else local
             ok = ok * torch.isfinite(local).all().to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
