@@ -29,3 +29,12 @@ def serve_base(tmp_path_factory) -> Path:
     far apart and greedy decoding is not decided by rounding."""
     model = tiny_llama(num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
     return save_base(model, tmp_path_factory.mktemp("serve") / "base")  # `moraft serve` names the base after its folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The built-in real model (``builtin:smollm2-135m-instruct``) as a transformers directory: converted from its
+    GGUF file once, in moraft's cache (`moraft.models.cache_dir`), and reused by every later session. Read-only."""
+    from moraft.models import smollm2_dir
+
+    return smollm2_dir()

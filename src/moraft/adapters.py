@@ -5,8 +5,8 @@ use of an adapter is exact. Every command that reads these files asks this modul
 (adapter_model.safetensors) or ``WEIGHTS_NAME`` (adapter_model.bin): the names are PEFT's own constants
 (``peft.utils.constants``), never copies. `DTYPES` is the one table of dtype names the commands accept.
 
-**Base models.** `resolve_model_dir` is the one policy, everywhere (train, eval, merge, export-lora, serve): a local
-directory, or a model id already in the local Hugging Face cache; never a download.
+**Base models.** `moraft.models` is the one loader, everywhere (train, eval, merge, export-lora, serve, data);
+`resolve_model_dir` and `load_causal_lm` are re-exported here.
 
 **Exact uses.** Four places take adapters that moraft did not necessarily write: ``moraft merge`` (ΔW into a base checkpoint),
 ``moraft export-lora``, ``moraft eval`` and ``moraft serve`` (ΔW applied per request). Each asks this module, so they
@@ -36,7 +36,7 @@ import torch
 from peft import PeftConfig
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
-from .errors import MissingPathError, UserError
+from .errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
 PEFT_PREFIX = "base_model.model."  # what PEFT puts before each module name in a saved adapter
@@ -197,56 +197,9 @@ def parse_dtype(name: str, option: str = "dtype", auto: bool = False) -> torch.d
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# base models
+# base models: moraft.models (re-exported here, where the commands have always found them)
 
-
-def resolve_model_dir(name_or_path: PathLike, what: str = "base model", alternatives: str = "") -> Path:
-    """The directory of a model: ``name_or_path`` itself when it is a local directory, else the snapshot of that
-    Hugging Face model id already in the local cache. Nothing is ever downloaded.
-
-    Raises `MissingPathError` naming ``what`` (e.g. ``"base model"``) when neither holds; ``alternatives`` is added
-    to the list of what would be accepted (``moraft train`` also takes its built-in model).
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UserError(f"{what} {name_or_path} is a file; expected a model directory (config.json and weights)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(name_or_path), local_files_only=True))
-    except Exception:  # not a valid repo id, or not cached: both mean "no such model here"
-        raise MissingPathError(
-            f"{what} {name_or_path} is not a local directory (nor a model in the local Hugging Face cache); "
-            f"expected a transformers model directory (config.json and weights){alternatives}; nothing is downloaded"
-        ) from None
-
-
-def load_causal_lm(
-    name_or_path: PathLike,
-    *,
-    dtype: torch.dtype | str = "auto",
-    what: str = "base model",
-    alternatives: str = "",
-    **from_pretrained: Any,
-) -> tuple[torch.nn.Module, Any]:
-    """A causal LM and its tokenizer from `resolve_model_dir` (``dtype``: a torch dtype, or "auto" as saved;
-    ``from_pretrained``: more arguments of ``from_pretrained``, e.g. ``quantization_config``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory = resolve_model_dir(name_or_path, what, alternatives)
-    if not (directory / "config.json").is_file():
-        raise UserError(f"{what} {name_or_path} has no config.json, so it is not a transformers model directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{what} {name_or_path}: cannot load its tokenizer ({err})") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **from_pretrained)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{what} {name_or_path}: cannot load the model ({err})") from None
-    return model, tokenizer
+from .models import load_causal_lm, resolve_model_dir  # noqa: E402
 
 
 __all__ = [
