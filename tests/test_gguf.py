@@ -30,6 +30,7 @@ from moraft.errors import UserError
 from moraft.interop import export_lora
 from moraft.interop.gguf_export import rope_interleave
 from moraft.models import check_gguf, load_causal_lm
+from moraft.serve.server import load_base as serve_base
 from moraft.testing import input_ids, logits, save_adapter, save_base, tiny_gpt2, tiny_llama
 from moraft.train.builtin import CHAT_TEMPLATE, SPECIAL_TOKENS
 
@@ -105,6 +106,8 @@ def test_gguf_base_loads_as_the_model_it_came_from(tiny_gguf, tmp_path):
     text = "the theme"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
     assert tokenizer.chat_template == CHAT_TEMPLATE and tokenizer.eos_token == "</s>"
+    served, _ = serve_base(str(tiny_gguf), "cpu")  # moraft serve --base FILE.gguf
+    torch.testing.assert_close(logits(served, ids), logits(model, ids))
     # a quantized file: dequantized, close to the original
     q8 = write_tiny_gguf(tmp_path / "q8.gguf", tiny_gguf_model(), gguf.GGMLQuantizationType.Q8_0)
     assert "Q8_0" in check_gguf(q8).tensor_types
@@ -125,8 +128,8 @@ def test_gguf_files_transformers_cannot_load_are_refused_in_one_line(tiny_gguf, 
         check_gguf(tmp_path / "q8k.gguf")
     garbage = tmp_path / "model.bin"
     garbage.write_bytes(b"not a model")
-    status, _, err = run_cli(["eval", str(tmp_path), "--base", str(garbage)], capsys)
-    assert status == 2 and "Traceback" not in err
+    status, _, err = run_cli(["merge", str(garbage), str(tmp_path), str(tmp_path / "out")], capsys)
+    assert status == 2 and "is a file but not a GGUF file" in err and "Traceback" not in err
 
 
 def test_train_eval_export_merge_on_a_gguf_base(tiny_gguf, tmp_path, capsys):

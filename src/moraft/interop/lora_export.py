@@ -1,4 +1,5 @@
-"""Export a moraft MoRA adapter as a plain PEFT LoRA adapter (for vanilla PEFT and multi-LoRA servers such as vLLM).
+"""Export a moraft MoRA adapter as a plain PEFT LoRA adapter (for vanilla PEFT and multi-LoRA servers such as vLLM),
+or as a llama.cpp LoRA adapter in GGUF (`moraft.interop.gguf_export`), from the same factors.
 
 For sharing, truncation and single-block decouple, ΔW = D·M·C with C: r̂×k and D: d×r̂ fixed 0/1 matrices, so the
 adapter is exactly a LoRA of rank r̂ with A = C and B = D·M (scaling 1). C and D are read off the operator itself by
