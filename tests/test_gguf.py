@@ -63,7 +63,8 @@ def write_tiny_gguf(path: Path, model, qtype=gguf.GGMLQuantizationType.F32, arch
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(VOCAB)
-    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS) + [gguf.TokenType.NORMAL] * (len(VOCAB) - len(SPECIAL_TOKENS)))
+    control, normal = [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS), [gguf.TokenType.NORMAL] * len(BYTES + MERGES)
+    writer.add_token_types(control + normal)
     writer.add_token_merges(MERGES)
     writer.add_bos_token_id(config.bos_token_id)
     writer.add_eos_token_id(config.eos_token_id)
@@ -179,7 +180,8 @@ def test_gguf_export_reads_back(mora, rank, tmp_path, capsys):
         result = export_lora(tmp_path / "adapter", out, rank=rank, base=base_dir, dtype=dtype, format="gguf")
         reader = gguf.GGUFReader(out)
         field = lambda key: reader.get_field(key).contents()  # noqa: E731
-        assert (field("general.architecture"), field("general.type"), field("adapter.type")) == ("llama", "adapter", "lora")
+        keys = (field("general.architecture"), field("general.type"), field("adapter.type"))
+        assert keys == ("llama", "adapter", "lora")
         assert field("adapter.lora.alpha") == result.rank  # scaling 1
         tensors = {t.name: t for t in reader.tensors}
         assert len(tensors) == 2 * 7 * 2 and {t.tensor_type.name for t in reader.tensors} == {qtype}

@@ -158,7 +158,9 @@ def export_lora(
     return LoraExport(path=Path(out_dir), rank=common_rank, errors=exported.errors)
 
 
-def lora_export_factors(adapter_dir: PathLike, rank: Optional[int] = None, base: Optional[PathLike] = None) -> LoraFactors:
+def lora_export_factors(
+    adapter_dir: PathLike, rank: Optional[int] = None, base: Optional[PathLike] = None
+) -> LoraFactors:
     """The LoRA factors of every adapted module of a MoRA adapter, as `export_lora` writes them in either format:
     exact (`lora_factors`) where the operator allows it and its r̂ fits ``rank``, else the truncated SVD of ΔW at
     ``rank`` (each module's error printed when ``rank`` is given). Raises `UserError` for what no LoRA carries."""
