@@ -216,9 +216,11 @@ def test_gguf_export_refusals(tmp_path, llama_dir, gpt2_dir):
     (tmp_path / "taken.gguf").write_text("mine")
     with pytest.raises(UserError, match=r"taken.gguf exists; pass --overwrite"):
         export_lora(tmp_path / "llama", tmp_path / "taken.gguf", base=llama_dir, format="gguf")
-    with pytest.raises(UserError, match=r"taken.gguf exists and is not a GGUF file"):
+    with pytest.raises(UserError, match=r"taken.gguf exists and is not a GGUF adapter file"):
         export_lora(tmp_path / "llama", tmp_path / "taken.gguf", base=llama_dir, format="gguf", overwrite=True)
     assert (tmp_path / "taken.gguf").read_text() == "mine"
+    export_lora(tmp_path / "llama", tmp_path / "ok.gguf", base=llama_dir, format="gguf")
+    export_lora(tmp_path / "llama", tmp_path / "ok.gguf", base=llama_dir, format="gguf", overwrite=True)
 
 
 # -- against llama.cpp's own converter -----------------------------------------------------------------------------

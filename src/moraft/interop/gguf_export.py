@@ -73,15 +73,25 @@ def gguf_tensor_names(config, modules: list[str]) -> dict[str, str]:
 
 def check_gguf_target(out: Path | str, overwrite: bool) -> None:
     """Refuse an output path that is not a .gguf file name, or that exists and may not be replaced: with
-    ``overwrite``, only a GGUF file is (an earlier output), never a directory or another file."""
+    ``overwrite``, only a GGUF adapter file is (an earlier output), never a model, a directory or another file."""
     out = Path(out)
     if out.suffix != ".gguf":
         raise UserError(f"--format gguf writes one file: {out} should be a file name ending in .gguf")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise UserError(f"{out} exists; pass --overwrite to replace it")
-        if not is_gguf_file(out):
-            raise UserError(f"{out} exists and is not a GGUF file; refusing to replace it")
+        if not _is_gguf_adapter(out):
+            raise UserError(f"{out} exists and is not a GGUF adapter file; refusing to replace it")
+
+
+def _is_gguf_adapter(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file of general.type "adapter" (an earlier export, not a model)."""
+    import gguf
+
+    if not is_gguf_file(path):
+        return False
+    found = gguf.GGUFReader(path).get_field(gguf.Keys.General.TYPE)
+    return found is not None and found.contents() == "adapter"
 
 
 def _gguf_array(tensor: torch.Tensor, qtype) -> np.ndarray:
