@@ -30,6 +30,7 @@ from ..adapters import (
     resolve_model_dir,
 )
 from ..errors import UserError, first_line
+from ..models import is_gguf_file, load_gguf_config
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)  # what export-lora and convert-peft-mora write (and replace)
 
@@ -57,11 +58,14 @@ def _model_class(adapter_config: dict | None):
 
 def meta_base_model(base: PathLike | PretrainedConfig, adapter_config: dict | None = None) -> nn.Module:
     """The base model with its real module shapes and no weights (on the meta device): from ``base``'s config.json
-    (nothing else is read), or from the config of a model already loaded (``moraft serve``'s)."""
+    (nothing else is read; of a GGUF file, its header), or from the config of a model already loaded (``moraft
+    serve``'s)."""
     from transformers import AutoConfig
 
     if isinstance(base, PretrainedConfig):
         config, where = base, f"base model ({type(base).__name__})"
+    elif is_gguf_file(base):
+        config, where = load_gguf_config(base), f"base model {base}"
     else:
         base_dir = resolve_model_dir(base)
         if not (base_dir / "config.json").is_file():

@@ -1,4 +1,5 @@
-"""Export a moraft MoRA adapter as a plain PEFT LoRA adapter (for vanilla PEFT and multi-LoRA servers such as vLLM).
+"""Export a moraft MoRA adapter as a plain PEFT LoRA adapter (for vanilla PEFT and multi-LoRA servers such as vLLM),
+or as a llama.cpp LoRA adapter in GGUF (`moraft.interop.gguf_export`), from the same factors.
 
 For sharing, truncation and single-block decouple, ΔW = D·M·C with C: r̂×k and D: d×r̂ fixed 0/1 matrices, so the
 adapter is exactly a LoRA of rank r̂ with A = C and B = D·M (scaling 1). C and D are read off the operator itself by
@@ -23,7 +24,7 @@ from ..adapters import PEFT_PREFIX, PathLike, parse_dtype, read_json
 from ..errors import UserError
 from ..mora import MoraLayer, MoraOperator
 from ..outputs import staged_output_dir
-from ._common import ADAPTER_FILES, load_adapter_on_meta
+from ._common import ADAPTER_FILES, LoadedAdapter, load_adapter_on_meta
 
 
 @dataclass
@@ -62,12 +63,24 @@ def _pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor
     return torch.nn.functional.pad(a, (0, 0, 0, extra)), torch.nn.functional.pad(b, (0, extra))
 
 
+@dataclass
+class LoraFactors:
+    """A MoRA adapter as LoRA factors, before they are written: each adapted module's A (rank, k) and B (d, rank) in
+    float32 (scaling 1, zero-padded to the common rank), its relative error, and the adapter they came from."""
+
+    loaded: LoadedAdapter
+    rank: int
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    errors: dict[str, float]
+
+
 def export_lora(
     adapter_dir: PathLike,
     out_dir: PathLike,
     rank: Optional[int] = None,
     base: Optional[PathLike] = None,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    format: Literal["peft", "gguf"] = "peft",
     overwrite: bool = False,
 ) -> LoraExport:
     """Export a MoRA adapter as a plain LoRA adapter of rank r̂ (256 for r=8 on a 4096-wide model; vLLM takes <=512).
@@ -77,7 +90,9 @@ def export_lora(
 
     The result is adapter_config.json + adapter_model.safetensors that vanilla PEFT (without moraft) and multi-LoRA
     servers such as vLLM load: one LoRA rank for every module (smaller modules zero-padded), lora_alpha equal to that
-    rank (scaling 1), no bias and no modules_to_save.
+    rank (scaling 1), no bias and no modules_to_save. With ``--format gguf`` it is one GGUF file that llama.cpp
+    applies to the base model's GGUF file (``llama-cli -m base.gguf --lora adapter.gguf``): the tensors and keys
+    llama.cpp's convert_lora_to_gguf.py writes (`moraft.interop.gguf_export`).
 
     sharing, truncation and single-block decouple export exactly, at the largest r̂ among the adapted modules
     (r̂ = round(sqrt((d + k)·r)): r=8 gives 256 on a 4096x4096 projection and 348 on LLaMA-2-7B's 4096<->11008 MLP,
@@ -88,22 +103,67 @@ def export_lora(
 
     Args:
         adapter_dir: the moraft MoRA adapter directory.
-        out_dir: where to write the LoRA adapter (written whole or not at all).
+        out_dir: where to write the LoRA adapter (written whole or not at all): a directory, or with --format gguf
+            the .gguf file.
         rank: the LoRA rank N to export at. Without it the export is exact, at the largest r̂ of the adapted modules
             (r̂ = round(sqrt((d + k)·r)): 256 for r=8 on a 4096-wide model, 348 with LLaMA-2-7B's MLP; vLLM accepts
             ranks up to 512), and only for sharing, truncation and single-block decouple. rotation and multi-block
             decouple have a full-rank ΔW and need --rank: each module becomes the truncated SVD of its ΔW and its
             relative Frobenius error is printed. Modules with r̂ <= N stay exact (zero-padded).
-        base: the base model directory (only its config.json is read, for the layer shapes). Defaults to the
-            adapter's base_model_name_or_path when that is a local directory or cached model.
-        dtype: dtype of the written LoRA weights: float32, bfloat16 or float16.
+        base: the base model: a directory or a GGUF file (only its config is read, for the layer shapes). Defaults
+            to the adapter's base_model_name_or_path when that is a local directory, a GGUF file or a cached model.
+        dtype: dtype of the written LoRA weights: float32, bfloat16 or float16 (GGUF: F32, BF16, F16).
+        format: peft (adapter_config.json + adapter_model.safetensors, for PEFT and vLLM) or gguf (one .gguf file
+            for llama.cpp's --lora, on a base of an architecture llama.cpp converts: llama, mistral, qwen2, qwen3).
         overwrite: replace ``out_dir`` when it is an earlier output of this command (its .moraft-output.json names
-            everything in it); anything else there is refused.
+            everything in it; with --format gguf, a GGUF adapter file); anything else there is refused.
 
     Returns:
         A ``LoraExport`` with the output path, the rank and each module's relative error.
     """
     out_dtype = parse_dtype(dtype)
+    if format not in ("peft", "gguf"):
+        raise UserError(f"format={format!r} is invalid; expected peft or gguf")
+    if format == "gguf":
+        from .gguf_export import check_gguf_target
+
+        check_gguf_target(out_dir, overwrite)
+    exported = lora_export_factors(adapter_dir, rank, base)
+    if format == "gguf":
+        from .gguf_export import write_gguf_lora
+
+        write_gguf_lora(exported, Path(adapter_dir), Path(out_dir), out_dtype, overwrite)
+        return LoraExport(path=Path(out_dir), rank=exported.rank, errors=exported.errors)
+    loaded, common_rank = exported.loaded, exported.rank
+    tensors = {}
+    for module, (a, b) in exported.factors.items():
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(out_dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(out_dtype).contiguous()
+    layers = loaded.layers
+    config = LoraConfig(
+        r=common_rank,
+        lora_alpha=common_rank,  # scaling = alpha / r = 1: MoRA has no scaling
+        target_modules=_target_modules(loaded.model.base_model.model, set(exported.factors)),
+        fan_in_fan_out=all(layers[module].fan_in_fan_out for module in exported.factors),  # Conv1D (GPT-2)
+        bias="none",
+        lora_dropout=0.0,
+        task_type=loaded.config.task_type,
+        base_model_name_or_path=loaded.config.base_model_name_or_path,
+        revision=loaded.config.revision,
+        inference_mode=True,
+    )
+    with staged_output_dir(out_dir, overwrite, "moraft export-lora", ADAPTER_FILES) as staging:
+        config.save_pretrained(str(staging))
+        save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    return LoraExport(path=Path(out_dir), rank=common_rank, errors=exported.errors)
+
+
+def lora_export_factors(
+    adapter_dir: PathLike, rank: Optional[int] = None, base: Optional[PathLike] = None
+) -> LoraFactors:
+    """The LoRA factors of every adapted module of a MoRA adapter, as `export_lora` writes them in either format:
+    exact (`lora_factors`) where the operator allows it and its r̂ fits ``rank``, else the truncated SVD of ΔW at
+    ``rank`` (each module's error printed when ``rank`` is given). Raises `UserError` for what no LoRA carries."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UserError(f"rank={rank!r} is invalid; expected an integer >= 1 (or no --rank for an exact export)")
     base = _base_or_default(adapter_dir, base)
@@ -153,7 +213,7 @@ def export_lora(
     ranks = [op.rank for op, _, _ in modules.values()] + [a.shape[0] for a, _ in lora_parts.values()]
     common_rank = rank if rank is not None else max(ranks)
 
-    tensors, errors = {}, {}
+    factors, errors = {}, {}
     bar = tqdm([*modules, *lora_parts], desc="export-lora", unit="module", disable=None)
     for module in bar:
         if module in lora_parts:
@@ -170,26 +230,8 @@ def export_lora(
                 a, b, errors[module] = truncated_svd(op.delta_weight(m), common_rank)
         if rank is not None:
             bar.write(f"{module}: rank {common_rank}, relative Frobenius error {errors[module]:.3e}")
-        a, b = _pad_rank(a, b, common_rank)
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(out_dtype).contiguous()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(out_dtype).contiguous()
-
-    config = LoraConfig(
-        r=common_rank,
-        lora_alpha=common_rank,  # scaling = alpha / r = 1: MoRA has no scaling
-        target_modules=_target_modules(loaded.model.base_model.model, set(layers)),
-        fan_in_fan_out=all(layer.fan_in_fan_out for layer in layers.values()),  # Conv1D models (GPT-2); PEFT fixes mixed ones
-        bias="none",
-        lora_dropout=0.0,
-        task_type=loaded.config.task_type,
-        base_model_name_or_path=loaded.config.base_model_name_or_path,
-        revision=loaded.config.revision,
-        inference_mode=True,
-    )
-    with staged_output_dir(out_dir, overwrite, "moraft export-lora", ADAPTER_FILES) as staging:
-        config.save_pretrained(str(staging))
-        save_file(tensors, str(staging / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-    return LoraExport(path=Path(out_dir), rank=common_rank, errors=errors)
+        factors[module] = _pad_rank(a, b, common_rank)
+    return LoraFactors(loaded=loaded, rank=common_rank, factors=factors, errors=errors)
 
 
 def _base_or_default(adapter_dir: PathLike, base: Optional[PathLike]) -> PathLike:

@@ -17,6 +17,7 @@ import copy
 import json
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import DTYPES, PathLike, lora_variants, parse_dtype, read_json, resolve_model_dir
 from ..errors import UserError, first_line
+from ..models import check_gguf, convert_gguf, is_gguf_file
 from ..outputs import MANIFEST, staged_output_dir
 from ..quantization import (
     QUANT_TYPES,
@@ -306,6 +308,8 @@ def merge_adapter(
     Args:
         base: the base model directory (config.json + model.safetensors or a sharded index), or a model id already
             in the local Hugging Face cache; its weights unquantized, also for an adapter trained on a quantized base.
+            Or a GGUF file: dequantized first (to float32 with dtype auto) into a temporary directory, which needs
+            the disk space of the dequantized model.
         adapter: the adapter directory: a moraft MoRA adapter, a PEFT LoRA adapter (DoRA, KaSA and the other
             LoRA variants that PEFT can merge), or another PEFT method's, merged by its layers' own ``merge``; one
             whose layers need tensors its file lacks, or that PEFT cannot merge, is refused before anything is
@@ -328,6 +332,14 @@ def merge_adapter(
     out_dtype = parse_dtype(dtype, auto=True)
     max_bytes = _parse_size(max_shard_size)
     quantize = _quantization_options(quantization, quant_type, double_quant)
+    if is_gguf_file(base):
+        # a GGUF base is dequantized once into a temporary transformers directory, which is then merged as any other
+        check_gguf(base)
+        with tempfile.TemporaryDirectory(prefix="moraft-merge-gguf-") as staged:
+            convert_gguf(Path(base), Path(staged), str(Path(base).absolute()), out_dtype or torch.float32)
+            return merge_adapter(
+                staged, adapter, out_dir, dtype, max_shard_size, overwrite, quantization, quant_type, double_quant
+            )
     base_dir = resolve_model_dir(base)
     config = read_json(base_dir / "config.json", "expected a transformers model directory")
     if config.get("quantization_config"):

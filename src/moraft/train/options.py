@@ -67,7 +67,8 @@ class ModelOptions(_Group):
 
     name_or_path: str = BUILTIN_MODEL
     """A transformers causal LM: a local directory or a model already in the local Hugging Face cache (never
-    downloaded); or "builtin:tiny-llama", a random-init LLaMA made in code with a character-level tokenizer."""
+    downloaded), or a GGUF file (dequantized); or "builtin:tiny-llama", a random-init LLaMA made in code with a
+    character-level tokenizer."""
     builtin_hidden_size: int = 128
     """builtin:tiny-llama: its width (a multiple of 4, its number of attention heads)."""
     builtin_num_layers: int = 4
