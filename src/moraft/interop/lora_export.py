@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import PEFT_PREFIX, PathLike, parse_dtype, read_json
+from ..adapters import PEFT_PREFIX, PathLike, parse_dtype, read_json, resolve_model_dir
 from ..errors import UserError
 from ..mora import MoraLayer, MoraOperator
 from ..outputs import staged_output_dir
@@ -69,6 +69,8 @@ def export_lora(
     base: Optional[PathLike] = None,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     overwrite: bool = False,
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
 ) -> LoraExport:
     """Export a MoRA adapter as a plain LoRA adapter of rank r̂ (256 for r=8 on a 4096-wide model; vLLM takes <=512).
 
@@ -94,11 +96,14 @@ def export_lora(
             ranks up to 512), and only for sharing, truncation and single-block decouple. rotation and multi-block
             decouple have a full-rank ΔW and need --rank: each module becomes the truncated SVD of its ΔW and its
             relative Frobenius error is printed. Modules with r̂ <= N stay exact (zero-padded).
-        base: the base model directory (only its config.json is read, for the layer shapes). Defaults to the
-            adapter's base_model_name_or_path when that is a local directory or cached model.
+        base: the base model directory, or a Hugging Face Hub model id (only its config.json is read, for the
+            layer shapes; from the Hub, its config and tokenizer files are downloaded, not its weights). Defaults to
+            the adapter's base_model_name_or_path.
         dtype: dtype of the written LoRA weights: float32, bfloat16 or float16.
         overwrite: replace ``out_dir`` when it is an earlier output of this command (its .moraft-output.json names
             everything in it); anything else there is refused.
+        revision: a Hub base: the branch, tag or commit hash to read (default: main).
+        local_files_only: a Hub base: read it from the Hub cache only, never downloading (as HF_HUB_OFFLINE=1).
 
     Returns:
         A ``LoraExport`` with the output path, the rank and each module's relative error.
@@ -107,7 +112,8 @@ def export_lora(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UserError(f"rank={rank!r} is invalid; expected an integer >= 1 (or no --rank for an exact export)")
     base = _base_or_default(adapter_dir, base)
-    loaded = load_adapter_on_meta(adapter_dir, base, "export", accepted=("MORA",))
+    base_dir = resolve_model_dir(base, revision=revision, local_files_only=local_files_only, weights=False)
+    loaded = load_adapter_on_meta(adapter_dir, base_dir, "export", accepted=("MORA",))
     if loaded.config.modules_to_save or loaded.replaced:
         raise UserError(
             f"{adapter_dir}: the adapter trains whole modules (modules_to_save={loaded.config.modules_to_save}), "
