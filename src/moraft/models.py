@@ -331,7 +331,8 @@ def hub_error(
     local_files_only: bool = False,
 ) -> UserError | None:
     """The one-line `UserError` for an error of huggingface_hub (or of datasets, which wraps them) about the repo
-    ``name``: what went wrong and what to do. None when ``err`` is no Hub error (a bug, to show whole)."""
+    ``name``: what went wrong and what to do (`hub_message`). None when ``err`` is no Hub error (a bug, to show
+    whole)."""
     from huggingface_hub import constants, errors
 
     causes = list(_causes(err))
@@ -339,42 +340,72 @@ def hub_error(
     def found(*classes: type) -> BaseException | None:
         return next((c for c in causes if isinstance(c, classes)), None)
 
-    endpoint = constants.ENDPOINT
+    http = found(errors.HfHubHTTPError)
+    status = http.response.status_code if http is not None and http.response is not None else None
+    if found(errors.GatedRepoError):
+        problem = "gated"
+    elif found(errors.RevisionNotFoundError):
+        problem = "no revision"
+    elif found(errors.RepositoryNotFoundError):
+        problem = "no repo"
+    elif status in (401, 403):
+        problem = "refused"
+    elif status is not None:
+        return UserError(f"{what} {name}: the Hub at {constants.ENDPOINT} answered {status} ({first_line(http)}); "
+                         "try again later")
+    elif local_files_only or constants.HF_HUB_OFFLINE or found(errors.OfflineModeIsEnabled):
+        problem = "partly cached" if found(errors.IncompleteSnapshotError) else "not cached"
+    elif any(is_connection_error(c) for c in causes):
+        problem = "unreachable"
+    else:
+        return None
+    return hub_message(problem, what, name, revision, repo_type, local_files_only)
+
+
+HUB_PROBLEMS = ("gated", "no revision", "no repo", "refused", "partly cached", "not cached", "unreachable")
+
+
+def hub_message(
+    problem: str,
+    what: str,
+    name: str,
+    revision: str | None = None,
+    repo_type: str = "model",
+    local_files_only: bool = False,
+) -> UserError:
+    """The one-line error for one of `HUB_PROBLEMS` with the repo ``name`` (``repo_type`` "model" or "dataset"),
+    saying what to do: log in or accept the conditions, fix the id or revision, download with downloads on, or
+    check the network."""
+    from huggingface_hub import constants
+
+    endpoint, cache = constants.ENDPOINT, constants.HF_HUB_CACHE
     page = f"{endpoint}/{'datasets/' if repo_type == 'dataset' else ''}{name}"
     at = f" (revision {revision})" if revision else ""
     login = "log in with `hf auth login` or set HF_TOKEN"
-    cache = constants.HF_HUB_CACHE
-    offline = local_files_only or constants.HF_HUB_OFFLINE or found(errors.OfflineModeIsEnabled) is not None
     switch = "local_files_only" if local_files_only else "HF_HUB_OFFLINE=1"
-    if found(errors.GatedRepoError):
+    if problem == "gated":
         return UserError(f"{what} {name} is a gated repo: accept its conditions on {page}, then {login} "
                          "(with that account's token)")
-    if found(errors.RevisionNotFoundError):
+    if problem == "no revision":
         return MissingPathError(f"{what} {name}: revision {revision!r} is not in that repo on {endpoint}; "
                                 "expected one of its branches, tags or commit hashes")
-    if found(errors.RepositoryNotFoundError):
+    if problem == "no repo":
         return MissingPathError(f"{what} {name}: no {repo_type} repo {name} on {endpoint} (or it is private or "
                                 f"gated and this request sent no token that may read it): check the id, or {login}")
-    http = found(errors.HfHubHTTPError)
-    if http is not None and http.response is not None and http.response.status_code in (401, 403):
-        return UserError(f"{what} {name}: the Hub at {endpoint} refused access ({http.response.status_code}): "
-                         f"{login} with a token that may read {page}")
-    if http is not None and http.response is not None:
-        return UserError(f"{what} {name}: the Hub at {endpoint} answered {http.response.status_code} "
-                         f"({first_line(http)}); try again later")
-    if found(errors.IncompleteSnapshotError) and offline:
+    if problem == "refused":
+        return UserError(f"{what} {name}: the Hub at {endpoint} refused access: {login} with a token that may "
+                         f"read {page}")
+    if problem == "partly cached":
         return MissingPathError(f"{what} {name}{at} is only partly in the Hugging Face cache ({cache}) and "
                                 f"downloads are off ({switch}); download it once with them on")
-    if offline:
+    if problem == "not cached":
         return MissingPathError(f"{what} {name}{at} is not in the Hugging Face cache ({cache}) and downloads are "
                                 f"off ({switch}); download it once with them on, or give a local path")
-    connection = next((c for c in causes if is_connection_error(c)), None)
-    if connection is not None:
-        return UserError(f"{what} {name}{at}: cannot reach the Hugging Face Hub at {endpoint} "
-                         f"({type(connection).__name__}) and it is not in the cache ({cache}); check the network "
-                         "or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use cached files only")
-    return None
-
+    if problem == "unreachable":
+        return UserError(f"{what} {name}{at}: cannot reach the Hugging Face Hub at {endpoint} and it is not in "
+                         f"the cache ({cache}); check the network or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use "
+                         "cached files only")
+    raise ValueError(f"problem={problem!r} is not one of {', '.join(HUB_PROBLEMS)}")
 
 __all__ = [
     "SMOLLM2",
@@ -384,6 +415,7 @@ __all__ = [
     "download_model",
     "hub_error",
     "hub_files",
+    "hub_message",
     "is_connection_error",
     "is_hub_id",
     "load_causal_lm",

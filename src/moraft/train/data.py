@@ -237,13 +237,22 @@ def _datasets_errors(source: str, hub: "_HubSource | None" = None) -> Iterator[N
         raise _datasets_error(err, source, hub) from None
 
 
+# datasets re-raises some of huggingface_hub's errors as DatasetNotFoundError, without its cause: told by its message
+DATASET_NOT_FOUND = {"is a gated dataset": "gated", "Revision '": "no revision", "doesn't exist on the Hub": "no repo"}
+
+
 def _datasets_error(err: Exception, source: str, hub: "_HubSource | None") -> Exception:
-    from ..models import hub_error
+    from datasets.exceptions import DatasetNotFoundError
+
+    from ..models import hub_error, hub_message
 
     if hub is not None:
         mapped = hub_error(err, "data source", source, hub.revision, "dataset", hub.local_files_only)
         if mapped is not None:
             return mapped
+        if isinstance(err, DatasetNotFoundError):
+            problem = next((p for text, p in DATASET_NOT_FOUND.items() if text in str(err)), "no repo")
+            return hub_message(problem, "data source", source, hub.revision, "dataset", hub.local_files_only)
         if isinstance(err, (FileNotFoundError, ConnectionError)):
             return MissingPathError(f"data source {source!r} is neither a file, a directory, nor a dataset on the "
                                     f"Hugging Face Hub ({first_line(err)})")
