@@ -191,7 +191,7 @@ def test_modules_to_save_and_missing_base_are_errors(tmp_path, llama_dir):
     save_adapter(model, MoraConfig(r=8, target_modules=["q_proj"]), tmp_path / "no_base")
     with pytest.raises(UserError, match=r"records none.*pass --base DIR"):
         export_lora(tmp_path / "no_base", tmp_path / "out")
-    with pytest.raises(UserError, match=r"nowhere.* is not a local directory"):
+    with pytest.raises(UserError, match=r"nowhere.* is neither a local directory"):
         export_lora(tmp_path / "no_base", tmp_path / "out", base=tmp_path / "nowhere")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 

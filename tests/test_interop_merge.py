@@ -145,7 +145,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path, llama_dir):
     mismatch = r"other/adapter_model\.safetensors: .*q_proj\.mora_M has shape \(25, 25\), but on this base model"
     with pytest.raises(UserError, match=mismatch + r" \(the base's layer is 64x64\)"):
         merge_adapter(llama_dir, tmp_path / "other", tmp_path / "out")
-    with pytest.raises(UserError, match=r"base model \S*nowhere is not a local directory"):
+    with pytest.raises(UserError, match=r"base model \S*nowhere is neither a local directory"):
         merge_adapter(tmp_path / "nowhere", tmp_path / "other", tmp_path / "out")
 
     (tmp_path / "bin_base").mkdir()

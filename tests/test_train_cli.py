@@ -34,7 +34,7 @@ def test_train_help_documents_every_option(capsys):
 
 
 BAD = {
-    "missing model": (["--model.name_or_path", "/no/such/model"], "model /no/such/model is not a local directory"),
+    "missing model": (["--model.name_or_path", "/no/such/model"], "model /no/such/model is neither a local directory nor a Hugging Face Hub model id"),
     "rank 0": (["--adapter.r", "0"], "adapter.r=0 is invalid; expected an integer >= 1"),
     "negative learning rate": (
         ["--optimization.learning_rate=-1e-4"], "optimization.learning_rate=-0.0001 is invalid; expected a number > 0"
@@ -56,8 +56,8 @@ BAD = {
     ),
     "malformed jsonl": (["--data.dataset", "{bad_jsonl}"], "bad.jsonl' cannot be read:"),
     "missing data": (["--data.dataset", "/no/such/data.jsonl"], "data source '/no/such/data.jsonl' does not exist"),
-    "not in the cache": (["--data", "nobody/nothing"], "'nobody/nothing' is neither a file, a directory, nor a dataset "
-                         "in the local Hugging Face cache (moraft never downloads"),
+    "not in the cache": (["--data", "nobody/nothing", "--data.local_files_only", "true"],
+                         "data source nobody/nothing is not in the Hugging Face cache"),
     "mora option with lora": (
         ["--adapter.method", "lora", "--adapter.compression", "rotation"], "adapter.compression is a mora option"
     ),

@@ -189,8 +189,9 @@ def test_save_to_disk_split_and_unknown_split(tok, tmp_path):
 
 
 def test_a_dataset_in_the_local_cache_by_name(tok, tmp_path, monkeypatch):
-    """A name resolves to the local Hugging Face cache (never the Hub): the cache layout datasets writes for a Hub
-    dataset ({user}___{name}/{config}/{version}/{hash}/), made here from a local file."""
+    """A Hub dataset id with data.local_files_only resolves to the datasets cache alone (no request to the Hub):
+    the cache layout datasets writes for a Hub dataset ({user}___{name}/{config}/{version}/{hash}/), made here from a
+    local file. Downloads are tested in test_hub.py."""
     import datasets
 
     cache = tmp_path / "cache"
@@ -204,7 +205,7 @@ def test_a_dataset_in_the_local_cache_by_name(tok, tmp_path, monkeypatch):
     for arrow in target.glob("json-*.arrow"):
         arrow.rename(arrow.with_name(arrow.name.replace("json-", "facts-")))
     del built
-    data, fmt = load_data(DataOptions(dataset="someone/facts"), tok)
+    data, fmt = load_data(DataOptions(dataset="someone/facts", local_files_only=True), tok)
     assert fmt == "prompt-completion" and list(data) == ROWS
 
 

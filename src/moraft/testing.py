@@ -181,6 +181,7 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "LocalHub",
     "VOCAB_SIZE",
     "adapter_parameters",
     "char_tokenizer",
@@ -228,3 +229,242 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+class LocalHub:
+    """A Hugging Face Hub stand-in on 127.0.0.1, in a thread: serves local folders as model and dataset repos the way
+    the Hub's API does, so that ``huggingface_hub``, ``transformers`` and ``datasets`` download from it with
+    ``HF_ENDPOINT`` set to `url` (`env` gives the variables), offline and fast.
+
+    It answers what those libraries ask for: a repo's info (``/api/{models,datasets}/REPO[/revision/REV]``), its
+    file tree (``/api/.../tree/REV[/PATH]``) and paths-info (``POST /api/.../paths-info/REV``), and each file
+    (``HEAD``/``GET /[datasets/]REPO/resolve/REV/PATH``, with ``X-Repo-Commit``, ``ETag``, ``Content-Length``, byte
+    ranges, and for the large files the Hub keeps in LFS (weights, Parquet) ``X-Linked-Etag``/``X-Linked-Size``). Each
+    revision has a fixed commit sha (`commit`), accepted as a revision too. Errors are the Hub's: the status, an
+    ``X-Error-Code`` (``RepoNotFound``, ``GatedRepo``, ``RevisionNotFound``, ``EntryNotFound``), ``X-Error-Message``
+    and a JSON ``{"error": ...}`` body; a missing or private repo asked without its token is 401 (404 with a token),
+    a gated one 401 without a token and 403 with one. `requests` records every request as ``(method, path)``.
+
+        with LocalHub() as hub:
+            hub.add("org/tiny", save_base(tiny_llama(), tmp / "tiny"))
+            subprocess.run([sys.executable, "-m", "moraft", "train", "--model", "org/tiny"], env=hub.env(tmp / "hf"))
+    """
+
+    LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".parquet", ".arrow", ".onnx", ".msgpack", ".h5")
+
+    def __init__(self) -> None:
+        from http.server import ThreadingHTTPServer
+
+        self.repos: dict[tuple[str, str], dict] = {}
+        self.requests: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _hub_handler(self))
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def add(
+        self,
+        repo_id: str,
+        folder: str | Path,
+        *,
+        repo_type: str = "model",
+        revisions: dict[str, str | Path] | None = None,
+        token: str | None = None,
+        gated: bool = False,
+    ) -> "LocalHub":
+        """Serve ``folder`` as the ``main`` branch of ``repo_id`` (``repo_type`` "model" or "dataset"), and each of
+        ``revisions`` (name → folder) as another branch or tag. With ``token`` the repo is private: only requests
+        that send ``Authorization: Bearer TOKEN`` see it. A ``gated`` repo refuses every request (a licence not
+        accepted)."""
+        folders = {"main": Path(folder), **{name: Path(f) for name, f in (revisions or {}).items()}}
+        self.repos[(repo_type, repo_id)] = {"revisions": folders, "token": token, "gated": gated}
+        return self
+
+    @staticmethod
+    def commit(repo_id: str, revision: str = "main", repo_type: str = "model") -> str:
+        """The commit sha the hub gives ``revision`` of a repo (fixed: the same on every run)."""
+        import hashlib
+
+        return hashlib.sha1(f"{repo_type}/{repo_id}@{revision}".encode()).hexdigest()
+
+    def env(self, hf_home: str | Path, **more: str) -> dict[str, str]:
+        """``os.environ`` with ``HF_ENDPOINT`` set to this hub and ``HF_HOME`` to ``hf_home`` (no token, online),
+        plus ``more``: for a subprocess that downloads from it."""
+        import os
+
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE",
+                                                                  "HF_DATASETS_CACHE", "TRANSFORMERS_OFFLINE",
+                                                                  "HF_DATASETS_OFFLINE")}
+        return {**env, "HF_ENDPOINT": self.url, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1", **more}
+
+    def count(self, method: str | None = None, contains: str = "") -> int:
+        """How many requests came (of ``method`` only, and whose path contains ``contains``, if given)."""
+        with self._lock:
+            return sum(1 for m, p in self.requests if method in (None, m) and contains in p)
+
+    def __enter__(self) -> "LocalHub":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def _hub_handler(hub: LocalHub):
+    import hashlib
+    import json
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    def entry(folder: Path, file: Path) -> dict:
+        data = file.read_bytes()
+        path = file.relative_to(folder).as_posix()
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's blob id
+        found = {"type": "file", "oid": blob, "size": len(data), "path": path}
+        if file.suffix in LocalHub.LFS_SUFFIXES:
+            found["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return found
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def send(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
+            self.send_response(status)
+            headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def json(self, value, headers: dict | None = None) -> None:
+            self.send(200, json.dumps(value).encode(), headers)
+
+        def error(self, status: int, code: str | None, message: str) -> None:
+            headers = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {})}
+            self.send(status, json.dumps({"error": message}).encode(), headers)
+
+        def do_HEAD(self) -> None:
+            self.route()
+
+        def do_GET(self) -> None:
+            self.route()
+
+        def do_POST(self) -> None:
+            self.route()
+
+        def find(self, repo_type: str, parts: list[str]):
+            """The repo whose id starts ``parts``, and the parts after it; None after answering an error."""
+            for (kind, repo_id), repo in hub.repos.items():
+                n = repo_id.count("/") + 1
+                if kind == repo_type and "/".join(parts[:n]) == repo_id:
+                    sent = self.headers.get("Authorization", "")
+                    if repo["gated"]:
+                        self.error(403 if sent else 401, "GatedRepo",
+                                   f"Access to {repo_type} {repo_id} is restricted. You must have access to it and be "
+                                   "authenticated to access it. Please log in.")
+                        return None
+                    if repo["token"] is None or sent == f"Bearer {repo['token']}":
+                        return repo_id, repo, parts[n:]
+                    break  # private: answered as missing
+            self.error(404 if self.headers.get("Authorization") else 401, "RepoNotFound", "Repository not found")
+            return None
+
+        def revision(self, repo_type: str, repo_id: str, repo: dict, rev: str):
+            for name, folder in repo["revisions"].items():
+                if rev in (name, LocalHub.commit(repo_id, name, repo_type)):
+                    return LocalHub.commit(repo_id, name, repo_type), folder
+            self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            return None
+
+        def route(self) -> None:
+            url = urlsplit(self.path)
+            with hub._lock:
+                hub.requests.append((self.command, url.path))
+            parts = [unquote(p) for p in url.path.strip("/").split("/")]
+            if parts[0] == "api" and len(parts) > 2 and parts[1] in ("models", "datasets"):
+                self.api(parts[1][:-1], parts[2:], parse_qs(url.query))
+            elif "resolve" in parts:
+                repo_type = "dataset" if parts[0] == "datasets" else "model"
+                self.resolve(repo_type, parts[1:] if repo_type == "dataset" else parts)
+            else:
+                self.error(404, None, "Not Found")
+
+        def api(self, repo_type: str, parts: list[str], query: dict) -> None:
+            found = self.find(repo_type, parts)
+            if found is None:
+                return
+            repo_id, repo, rest = found
+            action, rev, path = (rest[0], rest[1] if len(rest) > 1 else "main", "/".join(rest[2:])) if rest else (
+                "revision", "main", "")
+            if action not in ("revision", "tree", "paths-info") or (action == "revision" and path):
+                return self.error(404, None, "Not Found")
+            resolved = self.revision(repo_type, repo_id, repo, rev)
+            if resolved is None:
+                return
+            sha, folder = resolved
+            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            if action == "revision":
+                siblings = [{"rfilename": f.relative_to(folder).as_posix()} for f in files]
+                return self.json({"id": repo_id, "sha": sha, "private": repo["token"] is not None,
+                                  "gated": False, "disabled": False, "siblings": siblings, "tags": []})
+            if action == "tree":
+                recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                base = folder / path
+                if not base.is_dir():
+                    return self.error(404, "EntryNotFound", f"{path} does not exist on \"{rev}\"")
+                children = base.rglob("*") if recursive else base.iterdir()
+                listing = [entry(folder, p) if p.is_file() else
+                           {"type": "directory", "oid": hashlib.sha1(str(p).encode()).hexdigest(),
+                            "path": p.relative_to(folder).as_posix()} for p in sorted(children)]
+                return self.json(listing)
+            length = int(self.headers.get("Content-Length") or 0)
+            form = parse_qs(self.rfile.read(length).decode()) if length else {}
+            listing = []
+            for asked in form.get("paths", []):
+                p = folder / asked
+                if p.is_file():
+                    listing.append(entry(folder, p))
+                elif p.is_dir():
+                    listing.append({"type": "directory", "oid": hashlib.sha1(str(p).encode()).hexdigest(),
+                                    "path": asked.strip("/")})
+            self.json(listing)
+
+        def resolve(self, repo_type: str, parts: list[str]) -> None:
+            found = self.find(repo_type, parts)
+            if found is None:
+                return
+            repo_id, repo, rest = found
+            if len(rest) < 3 or rest[0] != "resolve":
+                return self.error(404, None, "Not Found")
+            resolved = self.revision(repo_type, repo_id, repo, rest[1])
+            if resolved is None:
+                return
+            sha, folder = resolved
+            file = folder / "/".join(rest[2:])
+            if not file.is_file():
+                return self.error(404, "EntryNotFound", "Entry not found")
+            data = file.read_bytes()
+            found_entry = entry(folder, file)
+            etag = found_entry["lfs"]["oid"] if "lfs" in found_entry else found_entry["oid"]
+            headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": sha, "ETag": f'"{etag}"',
+                       "Accept-Ranges": "bytes"}
+            if "lfs" in found_entry:
+                headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
+            ranged = self.headers.get("Range", "")
+            if ranged.startswith("bytes=") and data:
+                start_text, _, end_text = ranged[6:].partition("-")
+                start = int(start_text or 0)
+                end = min(int(end_text), len(data) - 1) if end_text else len(data) - 1
+                headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                return self.send(206, data[start : end + 1], headers)
+            self.send(200, data, headers)
+
+    return Handler

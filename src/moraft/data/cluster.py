@@ -57,9 +57,9 @@ class ClusterOptions(_Group):
     SHORTCUT: ClassVar[Optional[str]] = "embedding"
 
     embedding: str = "tfidf"
-    """How documents are embedded: tfidf (TF-IDF and truncated SVD, offline and model-free), a local
-    sentence-transformers model directory, or a local causal LM directory (its last hidden states, mean-pooled over
-    the text's tokens)."""
+    """How documents are embedded: tfidf (TF-IDF and truncated SVD, offline and model-free), a sentence-transformers
+    model, or a causal LM (its last hidden states, mean-pooled over the text's tokens): a local directory or a
+    Hugging Face Hub model id (downloaded into the Hub cache on first use)."""
     dimensions: int = 128
     """tfidf: the SVD components (the embedding's size; fewer if the corpus has fewer documents or terms)."""
     clusters: Optional[int] = None
@@ -86,14 +86,31 @@ class ClusterOptions(_Group):
         if self.clusters is not None:
             self._integer("clusters", 1)
         self._choice("algorithm", ALGORITHMS)
-        embedding_kind(self.embedding)
+        if not _hub_model(self.embedding):  # a Hub model is checked once downloaded (embed_documents)
+            embedding_kind(self.embedding)
+
+
+def _hub_model(embedding: str) -> bool:
+    from ..models import is_hub_id
+
+    return embedding not in EMBEDDINGS and not Path(embedding).exists() and is_hub_id(embedding)
+
+
+def embedding_dir(embedding: str) -> Path:
+    """The directory of a model ``embedding``: itself, or the snapshot of a Hub model id, downloaded by moraft's one
+    loader (`moraft.models.resolve_model_dir`) when it is not in the Hub cache."""
+    if _hub_model(embedding):
+        from ..models import resolve_model_dir
+
+        return resolve_model_dir(embedding, what="cluster.embedding")
+    return Path(embedding)
 
 
 def embedding_kind(embedding: str) -> Literal["tfidf", "sentence-transformers", "causal-lm"]:
     """Which embedder ``embedding`` names: ``tfidf``, or the kind of model in that directory.
 
     Args:
-        embedding: ``"tfidf"`` or a local model directory.
+        embedding: ``"tfidf"``, a local model directory, or a Hub model id (downloaded: `embedding_dir`).
 
     Returns:
         ``"tfidf"``, ``"sentence-transformers"`` (the directory has ``modules.json`` or
@@ -105,11 +122,11 @@ def embedding_kind(embedding: str) -> Literal["tfidf", "sentence-transformers", 
     """
     if embedding in EMBEDDINGS:
         return "tfidf"
-    path = Path(embedding)
+    path = embedding_dir(embedding)
     if not path.exists():
         raise MissingPathError(
-            f"cluster.embedding={embedding!r} does not exist; expected tfidf or a local sentence-transformers or "
-            "causal LM directory"
+            f"cluster.embedding={embedding!r} does not exist; expected tfidf, or a sentence-transformers or causal "
+            "LM directory or Hugging Face Hub id"
         )
     if any((path / name).is_file() for name in SENTENCE_TRANSFORMERS_FILES):
         return "sentence-transformers"
@@ -138,8 +155,8 @@ def embed_documents(texts: Sequence[str], options: ClusterOptions) -> np.ndarray
     if kind == "tfidf":
         return _embed_tfidf(texts, options)
     if kind == "sentence-transformers":
-        return _embed_sentence_transformers(texts, options)
-    return _embed_causal_lm(texts, options)
+        return _embed_sentence_transformers(texts, options, embedding_dir(options.embedding))
+    return _embed_causal_lm(texts, options, embedding_dir(options.embedding))
 
 
 def _embed_tfidf(texts: Sequence[str], options: ClusterOptions) -> np.ndarray:
@@ -161,7 +178,7 @@ def _embed_tfidf(texts: Sequence[str], options: ClusterOptions) -> np.ndarray:
     return normalize(reduced).astype(np.float32)
 
 
-def _embed_sentence_transformers(texts: Sequence[str], options: ClusterOptions) -> np.ndarray:
+def _embed_sentence_transformers(texts: Sequence[str], options: ClusterOptions, directory: Path) -> np.ndarray:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
@@ -169,7 +186,7 @@ def _embed_sentence_transformers(texts: Sequence[str], options: ClusterOptions) 
             f"cluster.embedding={options.embedding!r} is a sentence-transformers model; install sentence-transformers"
         ) from None
     try:
-        model = SentenceTransformer(options.embedding, local_files_only=True)
+        model = SentenceTransformer(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
@@ -183,16 +200,16 @@ def _embed_sentence_transformers(texts: Sequence[str], options: ClusterOptions) 
     return np.asarray(vectors, dtype=np.float32)
 
 
-def _embed_causal_lm(texts: Sequence[str], options: ClusterOptions) -> np.ndarray:
+def _embed_causal_lm(texts: Sequence[str], options: ClusterOptions, directory: Path) -> np.ndarray:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(options.embedding, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
         # AutoModel: the decoder without its LM head, whose output we do not need.
         model = AutoModel.from_pretrained(
-            options.embedding, local_files_only=True, dtype="auto" if device == "cuda" else torch.float32
+            directory, dtype="auto" if device == "cuda" else torch.float32
         )
     except (OSError, ValueError, KeyError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..errors import MissingPathError, UserError
+from ..errors import UserError
 from . import templates
 
 if TYPE_CHECKING:
@@ -393,7 +393,8 @@ class MineOptions:
     vocab_size: int = 32000
     """The vocabulary size of the domain tokenizer trained for the keywords kind."""
     base_tokenizer: Optional[str] = None
-    """The general model's tokenizer for the keywords kind: a local tokenizer or model directory; None: the pipeline
+    """The general model's tokenizer for the keywords kind: a local tokenizer or model directory, or a Hugging Face
+    Hub model id (its tokenizer files are downloaded into the Hub cache on first use); None: the pipeline
     tokenizer."""
     keyword_min_chars: int = 10
     """The shortest domain-specific word, in characters (AdaptLLM: 10)."""
@@ -418,18 +419,11 @@ def _mine_row(row: dict, words: set[str] | None, seed: int, domain: str | None) 
     return {"tasks": tasks}
 
 
-def _load_base_tokenizer(path: str):
-    from pathlib import Path
+def _load_base_tokenizer(name_or_path: str):
+    """``mine.base_tokenizer``'s tokenizer, by moraft's one loader (a local directory or a Hub id)."""
+    from ..models import load_tokenizer
 
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise MissingPathError(f"mine.base_tokenizer={path!r} does not exist; expected a local tokenizer directory")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"mine.base_tokenizer={path!r} holds no tokenizer ({first})") from None
+    return load_tokenizer(name_or_path, what="mine.base_tokenizer")
 
 
 def mine_corpus(corpus: Dataset, options: MineOptions, tokenizer: Any, num_proc: int = 1, *,

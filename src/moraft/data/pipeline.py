@@ -134,7 +134,7 @@ def load_tokenizer(name_or_path: Optional[str]):
 
     from ..adapters import resolve_model_dir
 
-    return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path, what="tokenizer"))
+    return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path, what="tokenizer", weights=False))
 
 
 def _fingerprint(*parts: Any) -> str:

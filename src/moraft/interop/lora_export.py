@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import PEFT_PREFIX, PathLike, parse_dtype, read_json
+from ..adapters import PEFT_PREFIX, PathLike, parse_dtype, read_json, resolve_model_dir
 from ..errors import UserError
+from ..models import is_gguf_file
 from ..mora import MoraLayer, MoraOperator
 from ..outputs import staged_output_dir
 from ._common import ADAPTER_FILES, LoadedAdapter, load_adapter_on_meta
@@ -82,6 +83,8 @@ def export_lora(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     format: Literal["peft", "gguf"] = "peft",
     overwrite: bool = False,
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
 ) -> LoraExport:
     """Export a MoRA adapter as a plain LoRA adapter of rank r̂ (256 for r=8 on a 4096-wide model; vLLM takes <=512).
 
@@ -110,13 +113,16 @@ def export_lora(
             ranks up to 512), and only for sharing, truncation and single-block decouple. rotation and multi-block
             decouple have a full-rank ΔW and need --rank: each module becomes the truncated SVD of its ΔW and its
             relative Frobenius error is printed. Modules with r̂ <= N stay exact (zero-padded).
-        base: the base model: a directory or a GGUF file (only its config is read, for the layer shapes). Defaults
-            to the adapter's base_model_name_or_path when that is a local directory, a GGUF file or a cached model.
+        base: the base model: a directory, a Hugging Face Hub model id, or a GGUF file (only its config is read,
+            for the layer shapes; from the Hub, its config and tokenizer files are downloaded, not its weights).
+            Defaults to the adapter's base_model_name_or_path.
         dtype: dtype of the written LoRA weights: float32, bfloat16 or float16 (GGUF: F32, BF16, F16).
         format: peft (adapter_config.json + adapter_model.safetensors, for PEFT and vLLM) or gguf (one .gguf file
             for llama.cpp's --lora, on a base of an architecture llama.cpp converts: llama, mistral, qwen2, qwen3).
         overwrite: replace ``out_dir`` when it is an earlier output of this command (its .moraft-output.json names
             everything in it; with --format gguf, a GGUF adapter file); anything else there is refused.
+        revision: a Hub base: the branch, tag or commit hash to read (default: main).
+        local_files_only: a Hub base: read it from the Hub cache only, never downloading (as HF_HUB_OFFLINE=1).
 
     Returns:
         A ``LoraExport`` with the output path, the rank and each module's relative error.
@@ -128,7 +134,7 @@ def export_lora(
         from .gguf_export import check_gguf_target
 
         check_gguf_target(out_dir, overwrite)
-    exported = lora_export_factors(adapter_dir, rank, base)
+    exported = lora_export_factors(adapter_dir, rank, base, revision=revision, local_files_only=local_files_only)
     if format == "gguf":
         from .gguf_export import write_gguf_lora
 
@@ -159,7 +165,12 @@ def export_lora(
 
 
 def lora_export_factors(
-    adapter_dir: PathLike, rank: Optional[int] = None, base: Optional[PathLike] = None
+    adapter_dir: PathLike,
+    rank: Optional[int] = None,
+    base: Optional[PathLike] = None,
+    *,
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
 ) -> LoraFactors:
     """The LoRA factors of every adapted module of a MoRA adapter, as `export_lora` writes them in either format:
     exact (`lora_factors`) where the operator allows it and its r̂ fits ``rank``, else the truncated SVD of ΔW at
@@ -167,6 +178,8 @@ def lora_export_factors(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UserError(f"rank={rank!r} is invalid; expected an integer >= 1 (or no --rank for an exact export)")
     base = _base_or_default(adapter_dir, base)
+    if not is_gguf_file(base):  # a GGUF file's config is read by load_adapter_on_meta
+        base = resolve_model_dir(base, revision=revision, local_files_only=local_files_only, weights=False)
     loaded = load_adapter_on_meta(adapter_dir, base, "export", accepted=("MORA",))
     if loaded.config.modules_to_save or loaded.replaced:
         raise UserError(

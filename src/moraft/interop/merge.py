@@ -287,6 +287,8 @@ def merge_adapter(
     quantization: Literal["none", "4bit", "8bit"] = "none",
     quant_type: Literal["nf4", "fp4"] = "nf4",
     double_quant: bool = False,
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
 ) -> Path:
     """Merge a MoRA or PEFT LoRA adapter (DoRA and other LoRA variants included), or another PEFT method's adapter
     whose layers PEFT can merge (HiRA, MiSS, GraLoRA, BOFT, VeRA, ...: the Methods page lists them), into its base
@@ -306,10 +308,10 @@ def merge_adapter(
     (`moraft.quantization.KeptUpdate`).
 
     Args:
-        base: the base model directory (config.json + model.safetensors or a sharded index), or a model id already
-            in the local Hugging Face cache; its weights unquantized, also for an adapter trained on a quantized base.
-            Or a GGUF file: dequantized first (to float32 with dtype auto) into a temporary directory, which needs
-            the disk space of the dequantized model.
+        base: the base model directory (config.json + model.safetensors or a sharded index), or a Hugging Face Hub
+            model id (downloaded into the Hub cache on first use, as from_pretrained does); its weights unquantized,
+            also for an adapter trained on a quantized base. Or a GGUF file: dequantized first (to float32 with dtype
+            auto) into a temporary directory, which needs the disk space of the dequantized model.
         adapter: the adapter directory: a moraft MoRA adapter, a PEFT LoRA adapter (DoRA, KaSA and the other
             LoRA variants that PEFT can merge), or another PEFT method's, merged by its layers' own ``merge``; one
             whose layers need tensors its file lacks, or that PEFT cannot merge, is refused before anything is
@@ -325,6 +327,8 @@ def merge_adapter(
             8bit (LLM.int8). Most of a small update is lost in the rounding: the merge prints how much is kept.
         quant_type: 4bit: nf4 or fp4.
         double_quant: 4bit: quantize the per-block scales too.
+        revision: a Hub base: the branch, tag or commit hash to load (default: main).
+        local_files_only: a Hub base: read it from the Hub cache only, never downloading (as HF_HUB_OFFLINE=1).
 
     Returns:
         The output directory.
@@ -340,7 +344,7 @@ def merge_adapter(
             return merge_adapter(
                 staged, adapter, out_dir, dtype, max_shard_size, overwrite, quantization, quant_type, double_quant
             )
-    base_dir = resolve_model_dir(base)
+    base_dir = resolve_model_dir(base, revision=revision, local_files_only=local_files_only)
     config = read_json(base_dir / "config.json", "expected a transformers model directory")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")

@@ -102,13 +102,22 @@ def build_server(model: torch.nn.Module, tokenizer: Any, adapters: str | Path, *
     return Server(create_app(state), engine, store, state)
 
 
-def load_base(base: str, device: str = "auto", dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
-    """A causal LM and its tokenizer, by `moraft.adapters.resolve_model_dir` (a local directory or a model in the local
-    Hugging Face cache; never a download), on ``device`` ("auto": CUDA when there is one) in ``dtype``."""
+def load_base(
+    base: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer, by `moraft.adapters.resolve_model_dir` (a local directory, a built-in model,
+    or a Hugging Face Hub id at ``revision``, downloaded into the Hub cache unless ``local_files_only``), on
+    ``device`` ("auto": CUDA when there is one) in ``dtype``."""
     torch_dtype = parse_dtype(dtype, "--dtype", auto=True) or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_causal_lm(base, dtype=torch_dtype, what="--base")
+    model, tokenizer = load_causal_lm(
+        base, dtype=torch_dtype, what="--base", revision=revision, local_files_only=local_files_only
+    )
     return model.to(device), tokenizer
 
 
@@ -129,6 +138,8 @@ def serve(
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     log_level: Literal["debug", "info", "warning", "error"] = "info",
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
 ) -> None:
     """Serve a base model and every adapter in a folder over an OpenAI-compatible HTTP API.
 
@@ -147,8 +158,8 @@ def serve(
     /metrics stay open, as in vLLM.
 
     Args:
-        base: (required) the base model: a local directory (or a Hugging Face Hub id) with the model and its
-            tokenizer.
+        base: (required) the base model: a local directory with the model and its tokenizer, or a Hugging Face
+            Hub model id (downloaded into the Hub cache on first use, as from_pretrained does).
         adapters: (required) the folder of adapters: each sub-directory holding an adapter_config.json is one
             adapter, named by the directory. It may start empty: adapters added later are found on request.
         host: the address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
@@ -171,6 +182,8 @@ def serve(
         device: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
         dtype: the base model's dtype ("auto": as saved). Adapter math is always float32.
         log_level: the server's log level.
+        revision: a Hub --base: the branch, tag or commit hash to load (default: main).
+        local_files_only: a Hub --base: load it from the Hub cache only, never downloading (as HF_HUB_OFFLINE=1).
     """
     try:
         import uvicorn
@@ -207,7 +220,7 @@ def serve(
         raise UserError(f"--device={device!r} is invalid; expected auto, cpu, cuda or cuda:N")
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model, tokenizer = load_base(base, device, dtype)
+    model, tokenizer = load_base(base, device, dtype, revision, local_files_only)
     base_name = served_name or Path(base.rstrip("/")).name or base
     server = build_server(model, tokenizer, adapters_dir, base_name=base_name,
                           max_adapter_memory_mb=max_adapter_memory_mb, max_batch_size=max_batch_size,

@@ -11,8 +11,9 @@ standard names, and the sources are mixed. TRL's trainers then tokenize, mask an
 | ``preference`` | ``prompt``, ``chosen``, ``rejected`` | DPO's objective (``optimization.objective=dpo``) |
 
 A source is ``uuid-memory`` (the built-in memory task), a file (JSON/JSONL, Parquet, Arrow, CSV/TSV, text), a
-directory of such files, a directory written by ``Dataset.save_to_disk``, or the name of a dataset already in the
-local Hugging Face cache (never downloaded).
+directory of such files, a directory written by ``Dataset.save_to_disk``, or a Hugging Face Hub dataset id, which
+``datasets.load_dataset`` downloads into its cache on first use (``data.revision``, ``data.local_files_only``,
+``HF_TOKEN`` and ``HF_HUB_OFFLINE`` as there).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence, Union
 
-from ..errors import MissingPathError, UserError
+from ..errors import MissingPathError, UserError, first_line
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -143,12 +144,13 @@ def _progress(show: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _offline() -> Iterator[None]:
-    """datasets resolves a name from the local cache only (as with HF_HUB_OFFLINE=1), never from the Hub."""
+def _offline(on: bool = True) -> Iterator[None]:
+    """With ``on``, datasets resolves a name from its cache only (as with HF_HUB_OFFLINE=1), never from the Hub:
+    ``data.local_files_only``."""
     import datasets.config
 
     before = datasets.config.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = before or on
     try:
         yield
     finally:
@@ -208,35 +210,62 @@ def read_source(source: str, options: "DataOptions", split: str) -> Data:
         return loaded["train"]
     if source.count("/") > 1 or source.startswith((".", "~")) or Path(source).suffix in BUILDERS:
         raise MissingPathError(f"data source {source!r} does not exist (expected {UUID_MEMORY!r}, a file, a directory, "
-                               "or the name of a dataset in the local Hugging Face cache)")
-    with _offline(), _datasets_errors(source, name=True), _progress(False):
-        loaded = datasets.load_dataset(source, **kwargs)
+                               "or a Hugging Face Hub dataset id, owner/name)")
+    hub = _HubSource(options.revision, options.local_files_only)
+    with _offline(hub.local_files_only), _datasets_errors(source, hub=hub):
+        loaded = datasets.load_dataset(source, revision=options.revision, **kwargs)
     return _pick_split(loaded, source, split, options.streaming)
 
 
+class _HubSource:
+    """How a Hub dataset is asked for: its revision, and whether only the cache may be read."""
+
+    def __init__(self, revision: str | None, local_files_only: bool) -> None:
+        self.revision = revision
+        self.local_files_only = local_files_only
+
+
 @contextmanager
-def _datasets_errors(source: str, name: bool = False) -> Iterator[None]:
-    """datasets' errors about a source, as one line that names it."""
+def _datasets_errors(source: str, hub: "_HubSource | None" = None) -> Iterator[None]:
+    """datasets' errors about a source, as one line that names it; with ``hub`` (a source read as a Hub dataset id),
+    the Hub's errors say what to do (`moraft.models.hub_error`)."""
     try:
         yield
-    except (FileNotFoundError, ConnectionError) as err:
-        if name:
-            raise MissingPathError(
-                f"data source {source!r} is neither a file, a directory, nor a dataset in the local Hugging Face cache "
-                "(moraft never downloads: load it once with datasets.load_dataset, or save it with save_to_disk)"
-            ) from None
-        raise UserError(f"data source {source!r}: {str(err).splitlines()[0]}") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"data source {source!r}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except Exception as err:  # noqa: BLE001 - datasets wraps parse errors of every builder in its own classes
-        # no rows: the json builder finds no table to infer the columns from; a CSV header alone is a split of none
-        if isinstance(err, StopIteration) or (isinstance(err, ValueError) and "corresponds to no data" in str(err)):
-            raise UserError(f"data source {source!r} holds no rows; expected one row or more") from None
-        if type(err).__module__.startswith(("datasets", "pyarrow", "json")):
-            cause = err.__cause__ or err
-            message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-            raise UserError(f"data source {source!r} cannot be read: {message}") from None
+    except UserError:
         raise
+    except Exception as err:  # noqa: BLE001 - datasets wraps parse errors of every builder in its own classes
+        raise _datasets_error(err, source, hub) from None
+
+
+# datasets re-raises some of huggingface_hub's errors as DatasetNotFoundError, without its cause: told by its message
+DATASET_NOT_FOUND = {"is a gated dataset": "gated", "Revision '": "no revision", "doesn't exist on the Hub": "no repo"}
+
+
+def _datasets_error(err: Exception, source: str, hub: "_HubSource | None") -> Exception:
+    from datasets.exceptions import DatasetNotFoundError
+
+    from ..models import hub_error, hub_message
+
+    if hub is not None:
+        mapped = hub_error(err, "data source", source, hub.revision, "dataset", hub.local_files_only)
+        if mapped is not None:
+            return mapped
+        if isinstance(err, DatasetNotFoundError):
+            problem = next((p for text, p in DATASET_NOT_FOUND.items() if text in str(err)), "no repo")
+            return hub_message(problem, "data source", source, hub.revision, "dataset", hub.local_files_only)
+        if isinstance(err, (FileNotFoundError, ConnectionError)):
+            return MissingPathError(f"data source {source!r} is neither a file, a directory, nor a dataset on the "
+                                    f"Hugging Face Hub ({first_line(err)})")
+    if isinstance(err, (FileNotFoundError, ConnectionError)):
+        return UserError(f"data source {source!r}: {first_line(err)}")
+    if isinstance(err, UnicodeDecodeError):
+        return UserError(f"data source {source!r}: not UTF-8 text ({err.reason} at byte {err.start})")
+    # no rows: the json builder finds no table to infer the columns from; a CSV header alone is a split of none
+    if isinstance(err, StopIteration) or (isinstance(err, ValueError) and "corresponds to no data" in str(err)):
+        return UserError(f"data source {source!r} holds no rows; expected one row or more")
+    if type(err).__module__.startswith(("datasets", "pyarrow", "json")):
+        return UserError(f"data source {source!r} cannot be read: {first_line(err.__cause__ or err)}")
+    return err
 
 
 # -- columns and formats ------------------------------------------------------------------------------------------

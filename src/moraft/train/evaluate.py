@@ -8,6 +8,8 @@ merged or fully fine-tuned model, or a base model.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from pathlib import Path
@@ -125,14 +127,22 @@ def merge_dirs(run_dir: str | Path) -> list[Path]:
     return sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int] = None):
+def load_trained(
+    path: str,
+    base: Optional[str] = None,
+    up_to_step: Optional[int] = None,
+    *,
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
+):
     """What ``path`` holds, ready to run: (model, tokenizer, description).
 
     ``path`` may be a training run's output directory or any PEFT adapter directory (its base comes from ``base``,
     else the run's train_config.yaml, quantized if the run's was, else the adapter's base_model_name_or_path), a
     full model directory (merged, fully fine-tuned, or a base), or ``builtin:tiny-llama``. For a run trained with
     merge_every, the merged adapters in ``merges/`` are first merged into the base in order (the final adapter alone
-    is only the last segment).
+    is only the last segment). ``revision`` and ``local_files_only`` apply to a base that is a Hugging Face Hub id
+    (`moraft.models.resolve_model_dir`); the run's own model.revision is used when ``revision`` is None.
     """
     from .methods import load_base, load_model
 
@@ -159,9 +169,12 @@ def load_trained(path: str, base: Optional[str] = None, up_to_step: Optional[int
     if not base_name:
         raise UserError(f"{path!r}: cannot tell its base model; pass --base")
     if base is None and config is not None:  # the run's own base, quantized as it was trained on, if it was
-        model, tokenizer = load_model(config.model)
+        hub = {"local_files_only": config.model.local_files_only or local_files_only}
+        if revision is not None:
+            hub["revision"] = revision
+        model, tokenizer = load_model(dataclasses.replace(config.model, **hub))
     else:
-        model, tokenizer = load_base(base_name, **builtin)
+        model, tokenizer = load_base(base_name, **builtin, revision=revision, local_files_only=local_files_only)
     if (directory / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
@@ -192,6 +205,8 @@ def _load_adapter(model, directory: Path):
 def eval_command(
     path: str,
     base: Optional[str] = None,
+    revision: Optional[str] = None,
+    local_files_only: bool = False,
     text: Optional[str] = None,
     num_pairs: Optional[int] = None,
     data_seed: Optional[int] = None,
@@ -218,7 +233,10 @@ def eval_command(
         path: a `moraft train` output directory, a PEFT adapter directory (MoRA, LoRA or DoRA), a model directory
             (merged, fully fine-tuned, or a base), or "builtin:tiny-llama".
         base: the base model under an adapter (default: the run's train_config.yaml, else the adapter's
-            base_model_name_or_path).
+            base_model_name_or_path): a model directory, or a Hugging Face Hub model id (downloaded into the Hub
+            cache on first use, as from_pretrained does).
+        revision: a Hub base: the branch, tag or commit hash to load (default: the run's model.revision, else main).
+        local_files_only: a Hub base: load it from the Hub cache only, never downloading (as HF_HUB_OFFLINE=1).
         text: evaluate perplexity on this text file or directory instead of the uuid-memory task.
         num_pairs: uuid-memory: how many pairs (default: the run's data.num_pairs, else 128).
         data_seed: uuid-memory: seed of the pairs (default: the run's data.seed, else 0).
@@ -234,7 +252,7 @@ def eval_command(
     task_list = read_tasks(tasks) if tasks is not None else None  # bad task files fail before a model loads
     if task_list is not None:
         check_shots(shots, len(task_list))
-    model, tokenizer, described = load_trained(path, base)
+    model, tokenizer, described = load_trained(path, base, revision=revision, local_files_only=local_files_only)
     run_config = read_train_config(path) if Path(path).is_dir() else None
     run = run_config or TrainOptions()
     if task_list is not None:

@@ -39,11 +39,14 @@ def load_base(
     num_layers: int = 4,
     model_seed: int = 0,
     dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
     **from_pretrained: Any,
 ) -> tuple[nn.Module, object]:
     """The base causal LM and its tokenizer: ``builtin:tiny-llama``, or a model found by
-    `moraft.adapters.resolve_model_dir` (a local directory or a model in the local Hugging Face cache), loaded by
-    ``from_pretrained`` with the ``from_pretrained`` arguments given (e.g. ``quantization_config``)."""
+    `moraft.adapters.resolve_model_dir` (a local directory, a built-in model, or a Hugging Face Hub id at
+    ``revision``, downloaded unless ``local_files_only``), loaded by ``from_pretrained`` with the
+    ``from_pretrained`` arguments given (e.g. ``quantization_config``)."""
     if model == BUILTIN_MODEL:
         base, tokenizer = tiny_llama(model_seed, hidden_size, num_layers)
         if from_pretrained:  # through transformers' own loading (its quantizer, ...)
@@ -56,7 +59,8 @@ def load_base(
         base.name_or_path = base.config._name_or_path = BUILTIN_MODEL  # PEFT saves it as base_model_name_or_path
         return base, tokenizer
     base, tokenizer = load_causal_lm(
-        model, dtype=dtype or torch.float32, what="model", alternatives=f", or {BUILTIN_MODEL!r}", **from_pretrained
+        model, dtype=dtype or torch.float32, what="model", alternatives=f", or {BUILTIN_MODEL!r}", revision=revision,
+        local_files_only=local_files_only, **from_pretrained
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding positions are masked out of attention and loss
@@ -77,7 +81,7 @@ def load_model(options: ModelOptions) -> tuple[nn.Module, object]:
     """
     config = bnb_config(options.quantization, options.quant_type, options.double_quant, options.compute_dtype)
     builtin = dict(hidden_size=options.builtin_hidden_size, num_layers=options.builtin_num_layers,
-                   model_seed=options.seed)
+                   model_seed=options.seed, revision=options.revision, local_files_only=options.local_files_only)
     if config is None:
         model, tokenizer = load_base(options.name_or_path, **builtin)
     else:

