@@ -312,8 +312,8 @@ def test_mining_on_datatrove_gives_the_same_rows(tmp_path, capsys):
 
 
 def test_tokens_are_the_built_in_real_models_subwords_by_default(tmp_path, capsys, smollm2_dir):
-    """--corpus.max_tokens counts SmolLM2's subword tokens unless --tokenizer says otherwise; the character tokenizer
-    stays available by name, and changing the tokenizer makes the corpus stage run again."""
+    """--corpus.max_tokens counts SmolLM2's subword tokens unless --tokenizer says otherwise; the character
+    tokenizer stays available by name, and changing the tokenizer makes the corpus stage run again."""
     from transformers import AutoTokenizer
 
     text = " ".join(json.loads(line)["text"] for line in (DEBIAN / "corpus.jsonl").read_text().splitlines()[:6])

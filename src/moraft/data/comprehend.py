@@ -504,8 +504,8 @@ class _Local:
             weights = [p.stat().st_mtime_ns for p in path.rglob("*.safetensors")] or [path.stat().st_mtime_ns]
             self.name = f"local:{path.resolve()}@{max(weights)}"
         else:
-            what = "comprehend.local_model"
-            directory = built or resolve_model_dir(name, what, alternatives=", a moraft train run or an adapter directory")
+            what, others = "comprehend.local_model", ", a moraft train run or an adapter directory"
+            directory = built or resolve_model_dir(name, what, alternatives=others)
             self.model, self.tokenizer = load_causal_lm(name, what=what)
             self.described = f"model {name}"
             # the name in cache keys: the model's name and its directory's (a converted wheel's version, a snapshot)
