@@ -308,7 +308,7 @@ def test_mining_on_datatrove_gives_the_same_rows(tmp_path, capsys):
     assert (tmp_path / "engine" / "engine" / "output").is_dir()  # datatrove's shards and logs, kept for resuming
 
 
-# -- the pipeline tokenizer ---------------------------------------------------------------------------------------------
+# -- the pipeline tokenizer ------------------------------------------------------------------------------------------
 
 
 def test_tokens_are_the_built_in_real_models_subwords_by_default(tmp_path, capsys, smollm2_dir):
