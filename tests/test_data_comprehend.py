@@ -472,6 +472,13 @@ def test_against_a_real_moraft_serve_replies_are_counted_and_the_local_model_wri
     assert report["cached"] == 3  # the failed long document is asked again, the others not
 
 
+def test_a_local_model_that_is_not_here_is_one_clear_error(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(MissingPathError, match=f"comprehend.local_model {missing} is not a local directory .*"
+                                               "'builtin:smollm2-135m-instruct', a moraft train run or an adapter"):
+        comprehend_corpus(corpus(["GOOD"]), ComprehendOptions(local_model=missing), tmp_path / "cache.sqlite")
+
+
 def test_a_local_chat_model_stops_at_the_end_of_its_turn(llama_dir):
     """The built-in chat template ends an assistant turn with <|end|>, not EOS: generation stops at either."""
     from moraft.data.comprehend import _Local
@@ -481,3 +488,36 @@ def test_a_local_chat_model_stops_at_the_end_of_its_turn(llama_dir):
     local = _Local(ComprehendOptions(local_model=str(llama_dir)))
     assert local.chat and local.stop_ids == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")})
     assert not _Local(ComprehendOptions(local_model=str(llama_dir), endpoint="completions")).chat
+
+
+# -- the built-in real model, locally ---------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_the_built_in_real_model_writes_replies_locally(tmp_path, smollm2_dir):
+    """builtin:smollm2-135m-instruct as comprehend.local_model, no server: the user message in its chat template, the
+    batch left-padded with pad = EOS = <|im_end|>, generation stopping at <|im_end|>. Two Debian documents of unequal
+    length, a few new tokens each: each reply is counted (accepted or rejected) and none fails; the shorter prompt,
+    padded in the batch, gets the reply it gets alone."""
+    from moraft.data.comprehend import _Local, load_template, render_prompt
+    from moraft.models import SMOLLM2
+
+    lines = (Path(__file__).parent / "fixtures" / "debian" / "corpus.jsonl").read_text().splitlines()[1:3]
+    docs = Dataset.from_list([{**json.loads(line), "tokens": 0} for line in lines])
+    options = ComprehendOptions(local_model=SMOLLM2, max_tokens=4, batch_size=2)
+    cache = tmp_path / "cache.sqlite"
+
+    data, report = comprehend_corpus(docs, options, cache)
+    assert report["model"] == f"local:{SMOLLM2}@{smollm2_dir.name}"
+    assert report["generated"] == 2 and report["failed"] == report["malformed"] == 0
+    assert report["rejected"] + sum(1 for tasks in data["llm_tasks"] if tasks) == 2
+    batched = {doc: reply for doc, _, _, reply, _ in replies(cache)}
+    assert len(batched) == 2 and all(batched.values())
+
+    local = _Local(options)
+    end = local.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert local.chat and local.stop_ids == [end] and local.tokenizer.pad_token_id == end
+    prompts = {row["id"]: render_prompt(load_template(None), row["text"], row["title"], 3) for row in docs}
+    shorter = min(prompts, key=lambda doc: len(local.encode(prompts[doc])))
+    assert len({len(local.encode(prompt)) for prompt in prompts.values()}) == 2  # the batch was padded
+    assert local.generate([prompts[shorter]]) == [batched[shorter]]

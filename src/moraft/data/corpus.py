@@ -751,7 +751,8 @@ def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, opti
     size = len(next(iter(batch.values()))) if batch else 0
     rows = [_normalize_row({name: values[i] for name, values in batch.items()}, indices[i], fields,
                            normalized or titles_from_text) for i in range(size)]
-    out: dict[str, list] = {"id": [], "title": [], "text": [], "tokens": [], "skip": [], "drop": [], "key": []}
+    out: dict[str, list] = {"id": [], "title": [], "text": [], "tokens": [], "cut": [], "skip": [], "drop": [],
+                            "key": []}
     if options.dedup == "near":
         out["minhash"] = []
     texts, pending = [], []
@@ -773,10 +774,11 @@ def prepare_batch(batch: dict[str, list], indices: list[int], *, tokenizer, opti
         out["title"].append(title)
         out["text"].append(text if drop is None else "")
         out["tokens"].append(0)
+        out["cut"].append(False)
         out["skip"].append(row["skip"] if titles_from_text else None)  # a text file is a file: it is named
         out["drop"].append(drop)
-    for position, (text, count) in zip(pending, cut_batch(texts, tokenizer, options.max_tokens)):
-        out["text"][position], out["tokens"][position] = text, count
+    for position, whole, (text, count) in zip(pending, texts, cut_batch(texts, tokenizer, options.max_tokens)):
+        out["text"][position], out["tokens"][position], out["cut"][position] = text, count, text != whole
         if not text:
             out["drop"][position] = "empty"
     for position in range(size):
@@ -792,7 +794,7 @@ def _prepared_features(options: CorpusOptions):
     from datasets import Features, List, Value
 
     columns = {"id": Value("string"), "title": Value("string"), "text": Value("string"), "tokens": Value("int64"),
-               "skip": Value("string"), "drop": Value("string"), "key": Value("binary")}
+               "cut": Value("bool"), "skip": Value("string"), "drop": Value("string"), "key": Value("binary")}
     if options.dedup == "near":
         columns["minhash"] = List(Value("uint32"))
     return Features(columns)
@@ -873,7 +875,7 @@ def _read_dataset(source: _Source, num_proc: int) -> "Dataset":
 def _report(options: CorpusOptions) -> dict:
     return {"path": options.path, "files_read": 0, "files_skipped": [],
             "lines_skipped": {"count": 0, "listed": []}, "documents_in": 0,
-            "documents_out": 0, "tokens_out": 0, "dropped": dict.fromkeys(DROP_REASONS, 0),
+            "documents_out": 0, "documents_cut": 0, "tokens_out": 0, "dropped": dict.fromkeys(DROP_REASONS, 0),
             "duplicate_ids": {"count": 0, "examples": []}, "seconds": 0.0, "streaming": options.streaming}
 
 
@@ -945,7 +947,8 @@ def read_corpus(options: CorpusOptions, tokenizer: Any, num_proc: int = 1) -> tu
         The corpus dataset (columns ``id``, ``title``, ``text``, ``tokens``, in input order, duplicates and dropped
         documents removed) and a report: ``path``, ``files_read``, ``files_skipped`` (a list of ``{"file",
         "reason"}``), ``lines_skipped`` (the bad lines of JSON Lines files: ``{"count", "listed"}``, the first 1,000
-        listed as ``{"file", "line", "reason"}``), ``documents_in``, ``documents_out``, ``tokens_out``, ``dropped``
+        listed as ``{"file", "line", "reason"}``), ``documents_in``, ``documents_out``, ``documents_cut`` (kept
+        documents cut to ``max_tokens``), ``tokens_out``, ``dropped``
         (a count per reason: ``empty``, ``not_string``, ``not_utf8``, ``not_json``, ``unreadable``, ``too_short``,
         ``exact_duplicate``, ``near_duplicate``), ``duplicate_ids`` (``{"count", "examples"}``: kept documents
         whose id an earlier one has), ``seconds``, ``streaming``.
@@ -996,7 +999,7 @@ def _in_memory(source, prepare: dict, options: CorpusOptions, report: dict, num_
             )
     report["documents_in"] += len(prepared)
     dedup = Deduplicator(options.dedup, options.near_threshold, options.num_perm)
-    columns = ["id", "skip", "drop", "key", "tokens"] + (["minhash"] if options.dedup == "near" else [])
+    columns = ["id", "skip", "drop", "key", "tokens", "cut"] + (["minhash"] if options.dedup == "near" else [])
     keep: list[int] = []
     with tqdm(total=len(prepared), desc="corpus: deduplicate", unit="doc") as bar:
         for start, batch in _batches(prepared.select_columns(columns)):
@@ -1007,6 +1010,7 @@ def _in_memory(source, prepare: dict, options: CorpusOptions, report: dict, num_
                 if drop is None:
                     keep.append(start + offset)
                     report["tokens_out"] += batch["tokens"][offset]
+                    report["documents_cut"] += batch["cut"][offset]
                 else:
                     _count_drop(report, drop, batch["id"][offset], batch["skip"][offset] is not None, options)
             bar.update(len(batch["drop"]))
@@ -1056,6 +1060,7 @@ def _stream(source, prepare: dict, options: CorpusOptions, report: dict) -> "Dat
                     if drop is None:
                         report["documents_out"] += 1
                         report["tokens_out"] += out["tokens"][i]
+                        report["documents_cut"] += out["cut"][i]
                         yield {name: out[name][i] for name in OUTPUT_COLUMNS}
                     else:
                         _count_drop(report, drop, out["id"][i], out["skip"][i] is not None, options)

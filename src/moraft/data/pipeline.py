@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
 
-from ..errors import UserError
+from .. import models
+from ..errors import UserError, first_line
+from ..models import SMOLLM2
 from ..outputs import check_replaceable, write_json
+from ..train.builtin import BUILTIN_MODEL
 from ..train.options import _Group
 from .build import BuildOptions, build
 from .cluster import ClusterOptions, cluster_corpus
@@ -92,9 +95,10 @@ class DataPipelineOptions:
     output: str = "moraft-data"
     """The output directory: one subdirectory per stage, train/ (the training set) and stats.json."""
     tokenizer: Optional[str] = None
-    """The tokenizer that counts tokens (text cut, context budget, mixing ratio) and serves as the general
-    tokenizer that domain words are found against: a local model directory (or a model in the local Hugging Face
-    cache). None: moraft's built-in character tokenizer, the built-in model's."""
+    """The tokenizer that counts tokens (text cut, context budget, mixing ratio), renders the general chat data and
+    serves as the general tokenizer that domain words are found against: name the model you will train (a local
+    model directory, a model in the local Hugging Face cache, builtin:smollm2-135m-instruct), or builtin:tiny-llama
+    to count characters. None: the built-in real model's subword tokenizer (builtin:smollm2-135m-instruct)."""
     stages: str = ",".join(STAGES)
     """The stages to run, comma-separated (the stages they read are run too, or loaded when up to date): corpus,
     mine, comprehend, cluster, build."""
@@ -124,17 +128,47 @@ class DataPipelineOptions:
                 group.validate()
 
 
-def load_tokenizer(name_or_path: Optional[str]):
-    """The pipeline tokenizer: the built-in character tokenizer, or one from a local model directory."""
-    if name_or_path is None:
+CHARACTERS = BUILTIN_MODEL
+"""The ``--tokenizer`` that counts characters: the built-in tiny model's character tokenizer."""
+DEFAULT_TOKENIZER = SMOLLM2
+"""The tokenizer that counts tokens when ``--tokenizer`` is not given: the built-in real model's subword tokenizer."""
+
+
+def load_tokenizer(name_or_path: Optional[str]) -> Any:
+    """The pipeline tokenizer: `DEFAULT_TOKENIZER` for None, the character tokenizer for `CHARACTERS`, else the
+    tokenizer of a model or tokenizer directory found by `moraft.models.load_tokenizer`.
+
+    Raises:
+        UserError: no such tokenizer here; for the default, the line also says how to install it or what to pass.
+    """
+    if name_or_path == CHARACTERS:
         from ..train.builtin import char_tokenizer
 
         return char_tokenizer()
-    from transformers import AutoTokenizer
+    accepted = f", or {CHARACTERS!r} (one token per character)"
+    if name_or_path is not None:
+        return models.load_tokenizer(name_or_path, what="tokenizer", alternatives=accepted)
+    try:
+        return models.load_tokenizer(DEFAULT_TOKENIZER, what="tokenizer")
+    except (UserError, ImportError) as err:  # the wheel or the gguf package missing (the conversion needs it)
+        raise UserError(f"without --tokenizer, tokens are counted with {DEFAULT_TOKENIZER}'s tokenizer: "
+                        f"{first_line(err)}; or pass --tokenizer: a model directory{accepted}") from None
 
-    from ..adapters import resolve_model_dir
 
-    return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path, what="tokenizer", weights=False))
+def _tokenizer_fingerprint(name_or_path: Optional[str]) -> Any:
+    """What identifies the pipeline tokenizer in the stages' fingerprints: its name, and the files of its directory
+    (the built-in real model's converted directory names the wheel's version)."""
+    name = name_or_path or DEFAULT_TOKENIZER
+    if name == CHARACTERS:
+        return name
+    return [name, _model_fingerprint(name)]
+
+
+def _model_fingerprint(name: str) -> Any:
+    """What identifies a local model or tokenizer: the files of its directory (a built-in model's converted one), or
+    its name when it is no directory here."""
+    directory = models.builtin_dir(name) if name.startswith("builtin:") and name != CHARACTERS else None
+    return _source_fingerprint(str(directory or name), follow_symlinks=True)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -313,7 +347,7 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
     stages = Stages(output, options.force, options.chosen)
     _remove_leftovers(output, stages)
     needed = _needed(options.chosen, options)
-    tok = options.tokenizer or "builtin"
+    tok = _tokenizer_fingerprint(options.tokenizer)
     asdict = dataclasses.asdict
 
     corpus_fp = _fingerprint(FORMAT_VERSION, "corpus", asdict(options.corpus), tok,
@@ -333,7 +367,7 @@ def run_pipeline(options: DataPipelineOptions) -> dict[str, Any]:
         llm = {k: v for k, v in asdict(options.comprehend).items() if k not in {"concurrency", "timeout", "retries"}}
         model = options.comprehend.local_model  # a retrained local model at the same path is another model
         fingerprints["comprehend"] = _fingerprint(FORMAT_VERSION, "comprehend", llm, corpus_fp,
-                                                  _source_fingerprint(model, True) if model else None)
+                                                  _model_fingerprint(model) if model else None)
         found["comprehend"] = stages.run("comprehend", fingerprints["comprehend"], lambda: comprehend_corpus(
             corpus, options.comprehend, output / LLM_CACHE, num_proc=options.num_proc), reads=_files(corpus))
     elif "build" in needed:
@@ -420,7 +454,7 @@ def summary(stats: dict[str, Any]) -> str:
     if corpus:
         dropped = ", ".join(f"{k} {v}" for k, v in corpus.get("dropped", {}).items() if v) or "none"
         lines.append(f"corpus: {corpus.get('documents_out')} documents kept of {corpus.get('documents_in')} "
-                     f"(dropped: {dropped})")
+                     f"(dropped: {dropped}; cut to --corpus.max_tokens: {corpus.get('documents_cut', 0)})")
     if "comprehend" in stages and stages["comprehend"]:
         c = stages["comprehend"]
         lines.append("comprehend: " + ", ".join(f"{k} {v}" for k, v in c.items() if isinstance(v, int)))
