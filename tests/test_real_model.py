@@ -160,13 +160,15 @@ class TestRealInvariants:
         before = {key: layer.get_base_layer().weight.detach().clone() for key, layer in layers.items()}
         delta = {key: layer.get_delta_weight("default") for key, layer in layers.items()}
         try:
-            for _ in range(2):  # merging twice is a no-op (PEFT warns)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    model.merge_adapter()
-                for key, layer in layers.items():  # W0 + ΔW, in float32
-                    assert torch.equal(layer.get_base_layer().weight, before[key] + delta[key]), key
-                assert_within(logits(model, ids), row["logits"], noise)
+            model.merge_adapter()
+            for key, layer in layers.items():  # W0 + ΔW, in float32
+                assert torch.equal(layer.get_base_layer().weight, before[key] + delta[key]), key
+            merged = logits(model, ids)
+            assert_within(merged, row["logits"], noise)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.merge_adapter()  # merging twice is a no-op (PEFT warns): ΔW added again would show
+            assert torch.equal(logits(model, ids), merged)
         finally:
             model.unmerge_adapter()
         for key, layer in layers.items():
@@ -359,8 +361,9 @@ def texts(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_trains_and_its_adapter_loads_back(name, base, trainee, texts, ids, tmp_path, monkeypatch):
-    """Two steps of batch 2 on short texts, every method on the last decoder layer's seven projections (every shape
+def test_every_method_trains_and_its_adapter_loads_back(name, base, trainee, texts, ids, base_logits, tmp_path,
+                                                        monkeypatch):
+    """A step of batch 2 on short texts, every method on the last decoder layer's seven projections (every shape
     of the model: 576 → 576, 192 and 1536, and 1536 → 576), where the backward pass is short."""
     model = copy.deepcopy(base[0]) if name == "full" else trainee["model"]
     monkeypatch.setattr(runner, "load_model", lambda options: (model, base[1]))
@@ -368,14 +371,16 @@ def test_every_method_trains_and_its_adapter_loads_back(name, base, trainee, tex
         "model": {"name_or_path": SMOLLM2},
         "data": {"dataset": str(texts), "seq_length": 32},
         "adapter": {"method": name, "r": 4, "target_modules": r"model\.layers\.29\..*_proj"},
-        "optimization": {"batch_size": 2, "max_steps": 2, "learning_rate": 1e-3},
+        "optimization": {"batch_size": 2, "max_steps": 1, "learning_rate": 1e-3},
         "output": {"dir": str(tmp_path / "run"), "logging_steps": 1, "save_steps": 0},
     })
     try:
         result = train(options)
         losses = [entry["loss"] for entry in result.history if "loss" in entry]
-        assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
+        assert len(losses) == 1 and math.isfinite(losses[0]), losses
         trained = logits(result.model, ids)
+        # the step moved the model (an adapter at its initial state would leave the base's logits) and kept it finite
+        assert trained.isfinite().all() and not torch.equal(trained, base_logits)
         if name == "full":
             reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32)
             assert torch.equal(logits(reloaded, ids), trained)
