@@ -11,7 +11,8 @@ file runs random-init toy models. Its shapes are ones the toys lack: r̂ = 96 di
   (tests/test_interop_export.py loads exports in a process without moraft), computes the MoRA adapter's logits; rotation's export reports the error of its truncated SVD.
 - ``moraft eval --tasks`` on the model by name; ``moraft serve`` answering a chat request through its ChatML
   template, with and without an adapter.
-- Every method of ``moraft train --method`` training two steps on it and saving an adapter that loads back.
+- Every method of ``moraft train --method`` (through `moraft.train.train`) taking a training step on it and saving an
+  adapter that loads back.
 
 **Tolerances.** Float32 through 30 layers is not exact: two float32 computations of the same logits (merged and
 unmerged weights, LoRA factors and MoRA operators) differ by rounding carried through the network. `noise` measures
@@ -341,8 +342,8 @@ def test_serve_answers_a_chat_through_the_chat_template(base, noise, tmp_path):
 @pytest.fixture(scope="module")
 def trainee(base):
     """One copy of the base that the method rows train in turn: each row's PEFT model is unloaded after it (the
-    adapted layer's base weights as they were, checked), so that no row but full fine-tuning pays for a copy of the
-    model."""
+    adapted layer's base weights as they were, checked), so that a row pays for no copy of the model (but full
+    fine-tuning, and mora, which loads the model by its name)."""
     # Trainer.train starts with accelerate's gc.collect(), which scans every object of the session (~0.4 s a run);
     # objects frozen by gc.freeze are not scanned, so each run pays only for the objects it made
     gc.collect()
@@ -366,7 +367,8 @@ def test_every_method_trains_and_its_adapter_loads_back(name, base, trainee, tex
     """A step of batch 2 on short texts, every method on the last decoder layer's seven projections (every shape
     of the model: 576 → 576, 192 and 1536, and 1536 → 576), where the backward pass is short."""
     model = copy.deepcopy(base[0]) if name == "full" else trainee["model"]
-    monkeypatch.setattr(runner, "load_model", lambda options: (model, base[1]))
+    if name != "mora":  # mora loads the model by its name, as `moraft train --model builtin:smollm2-...` does
+        monkeypatch.setattr(runner, "load_model", lambda options: (model, base[1]))
     options = TrainOptions.from_dict({
         "model": {"name_or_path": SMOLLM2},
         "data": {"dataset": str(texts), "seq_length": 32},
