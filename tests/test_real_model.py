@@ -121,7 +121,8 @@ def tuner_layers(model: torch.nn.Module) -> dict[str, BaseTunerLayer]:
 @pytest.fixture(scope="module")
 def adapted(base, ids, tmp_path_factory):
     """name -> the row's PEFT model on a copy of the base with random non-zero adapter weights, saved, and its
-    logits at init and with those weights. Built once per row; a test that merges unmerges before it ends."""
+    logits at init and with those weights. Built once per row (``adapted.clear()`` drops them, to be built again if
+    asked for); a test that merges unmerges before it ends."""
     done = {}
 
     def make(name: str) -> dict:
@@ -136,6 +137,7 @@ def adapted(base, ids, tmp_path_factory):
             done[name] = dict(model=model, at_init=at_init, logits=logits(model, ids), dir=directory)
         return done[name]
 
+    make.clear = done.clear
     return make
 
 
@@ -346,10 +348,11 @@ def test_serve_answers_a_chat_through_the_chat_template(base, noise, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trainee(base):
+def trainee(base, adapted):
     """One copy of the base that the method rows train in turn: each row's PEFT model is unloaded after it (the
     adapted layer's base weights as they were, checked), so that a row pays for no copy of the model (but full
     fine-tuning, and mora, which loads the model by its name)."""
+    adapted.clear()  # the invariant rows' three models (1.6 GB), done with by now: room for full fine-tuning's
     # Trainer.train starts with accelerate's gc.collect(), which scans every object of the session (~0.4 s a run);
     # objects frozen by gc.freeze are not scanned, so each run pays only for the objects it made
     gc.collect()
