@@ -23,6 +23,7 @@ from torch import nn
 from .._peft_hook import quiet_peft_deprecation
 from ..adapters import read_adapter_config
 from ..errors import MissingPathError, UserError
+from ..models import builtin_dir
 from ..outputs import write_json
 from .builtin import BUILTIN_MODEL
 from .data import uuid_pairs, uuid_prompt
@@ -139,7 +140,8 @@ def load_trained(
 
     ``path`` may be a training run's output directory or any PEFT adapter directory (its base comes from ``base``,
     else the run's train_config.yaml, quantized if the run's was, else the adapter's base_model_name_or_path), a
-    full model directory (merged, fully fine-tuned, or a base), or ``builtin:tiny-llama``. For a run trained with
+    full model directory (merged, fully fine-tuned, or a base), or a built-in model (``builtin:tiny-llama``,
+    ``builtin:smollm2-135m-instruct``). For a run trained with
     merge_every, the merged adapters in ``merges/`` are first merged into the base in order (the final adapter alone
     is only the last segment). ``revision`` and ``local_files_only`` apply to a base that is a Hugging Face Hub id
     (`moraft.models.resolve_model_dir`); the run's own model.revision is used when ``revision`` is None.
@@ -156,6 +158,9 @@ def load_trained(
     if path == BUILTIN_MODEL:
         model, tokenizer = load_base(BUILTIN_MODEL, **builtin)
         return model, tokenizer, f"base model {BUILTIN_MODEL}"
+    if builtin_dir(path) is not None:  # a built-in model made from files (builtin:smollm2-135m-instruct)
+        model, tokenizer = load_base(path)
+        return model, tokenizer, f"base model {path}"
     directory = Path(path)
     if not directory.is_dir():
         raise MissingPathError(f"{path!r} is not a directory (expected a run, an adapter or a model directory)")
@@ -231,7 +236,8 @@ def eval_command(
 
     Args:
         path: a `moraft train` output directory, a PEFT adapter directory (MoRA, LoRA or DoRA), a model directory
-            (merged, fully fine-tuned, or a base), or "builtin:tiny-llama".
+            (merged, fully fine-tuned, or a base), or a built-in model ("builtin:tiny-llama",
+            "builtin:smollm2-135m-instruct").
         base: the base model under an adapter (default: the run's train_config.yaml, else the adapter's
             base_model_name_or_path): a model directory, or a Hugging Face Hub model id (downloaded into the Hub
             cache on first use, as from_pretrained does).
