@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
             mine=MineOptions(domain="generated"),
             cluster=ClusterOptions(context_tokens=args.context_tokens),
             output=str(work / "out"), stages="corpus,mine,cluster,build", num_proc=args.num_proc,
+            tokenizer="builtin:tiny-llama",  # the published figures count characters (SmolLM2's BPE: --tokenizer)
         )
         with PeakMemory() as memory:
             stats = run_pipeline(options)

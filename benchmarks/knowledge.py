@@ -288,6 +288,7 @@ def prepare_data(args: argparse.Namespace, work: Path, report: dict) -> dict:
         corpus=CorpusOptions(path=str(paths["cpt_train"])), mine=MineOptions(domain="Debian science"),
         cluster=ClusterOptions(context_tokens=1024), output=str(data / "rc"),
         stages="corpus,mine,cluster,build",
+        tokenizer="builtin:tiny-llama",  # the study trains the character-level tiny model: count its tokens
     ))
     built = stats["stages"]["build"]
     report["data"] = {
