@@ -42,7 +42,8 @@ FACTS_DEFAULTS = {"max_steps": 96, "batch_size": 16, "eval_steps": 32, "num_peop
                   "facts_seed": 0}
 TOY_LEARNING_RATE = 1e-3
 FACTS_LEARNING_RATES = {"lora": 1e-3, "mora": 1e-3}
-"""Each method's learning rate on facts, picked on other facts (facts_seed 1; see the README's demo section)."""
+"""Each method's learning rate on facts: the toy demo's, not yet tuned on a real model. Tune them on other facts
+than the demo asks (``--facts_seed 1 --learning_rate X``), never on its questions."""
 TOY_ONLY = ("num_pairs", "hidden_size", "num_layers")
 FACTS_ONLY = ("num_people", "phrasings", "facts_seed")
 FILES = ["demo.png", "demo.json"]
@@ -84,7 +85,7 @@ def demo(
     With --model builtin:smollm2-135m-instruct (a real model, SmolLM2-135M-Instruct; or any causal LM directory):
     32 invented people (a birth year, a home city, an employer, an occupation: 128 facts), each fact written in 3
     phrasings (384 sentences, loss on every token), batch 16, 96 steps, a constant learning rate per method (LoRA
-    1e-3, MoRA 1e-3, picked on other invented people: facts_seed 1), both methods on every linear layer at r=8. Each
+    1e-3, MoRA 1e-3; compare others on other invented people, --facts_seed 1), every linear layer at r=8. Each
     fact is then asked as a question in a phrasing never trained on, and scored two ways: 4-way multiple choice
     ranked by likelihood (the other options are other people's values of the same attribute; chance is 25%), and
     exact match of the answer generated greedily after three solved general-knowledge questions. What each method
@@ -113,8 +114,9 @@ def demo(
         hidden_size: builtin:tiny-llama: its width (default: 128).
         num_layers: builtin:tiny-llama: its layers (default: 4).
         num_people: facts: invented people to teach, 4 facts each (default: 32).
-        phrasings: facts: training phrasings of each fact, 1 to 4 (default: 3); the question is a fifth.
-        facts_seed: facts: the seed of the invented people (default: 0; the learning rates were picked on 1).
+        phrasings: facts: training phrasings of each fact, 1 to 4 (default: 3); the question is worded apart.
+        facts_seed: facts: the seed of the invented people (default: 0; tune on another seed, not on the
+            questions asked).
         seed: seed of the adapter initialization and data order (the tiny base model and the pairs use seed 0).
     """
     given = {"num_pairs": num_pairs, "hidden_size": hidden_size, "num_layers": num_layers, "num_people": num_people,
