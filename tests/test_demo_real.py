@@ -58,7 +58,7 @@ def test_facts_demo_teaches_lora_and_mora_and_reports_learned_and_forgotten(tmp_
         (["--model", SMOLLM2, "--phrasings", "5"], "phrasings=5 is invalid; expected an integer from 1 to 4"),
         (["--model", SMOLLM2, "--num_people", "1"], "count=1 is invalid; expected an integer >= 2"),
         (["--learning_rate", "0"], "--learning_rate 0.0 is invalid; expected a number > 0"),
-        (["--model", str("/no/such/model")], "model /no/such/model is not a local directory"),
+        (["--model", str("/no/such/model")], "model /no/such/model is neither a local directory nor a Hugging Face Hub model id"),
     ],
 )
 def test_demo_refuses_bad_options_before_writing(tmp_path, capsys, flags, expected):
