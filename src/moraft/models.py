@@ -205,26 +205,26 @@ def check_gguf(path: PathLike, what: str = "base model") -> GgufModel:
     return GgufModel(path, architecture, types)
 
 
-def load_gguf_config(path: PathLike, what: str = "base model") -> Any:
-    """The transformers config of a GGUF model file (`check_gguf` first): what export-lora needs of a base."""
-    from transformers import AutoConfig
+def _from_gguf(auto_class: str, path: PathLike, what: str, thing: str) -> Any:
+    """``transformers.<auto_class>.from_pretrained`` of a GGUF model file (`check_gguf` first), its errors one line
+    naming ``thing`` (what was being read)."""
+    import transformers
 
     gguf = check_gguf(path, what)
     try:
-        return AutoConfig.from_pretrained(gguf.directory, gguf_file=gguf.path.name)
+        return getattr(transformers, auto_class).from_pretrained(gguf.directory, gguf_file=gguf.path.name)
     except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{what} {gguf.path}: cannot read its config ({first_line(err)})") from None
+        raise UserError(f"{what} {gguf.path}: cannot {thing} ({first_line(err)})") from None
+
+
+def load_gguf_config(path: PathLike, what: str = "base model") -> Any:
+    """The transformers config of a GGUF model file (`check_gguf` first): what export-lora needs of a base."""
+    return _from_gguf("AutoConfig", path, what, "read its config")
 
 
 def load_gguf_tokenizer(path: PathLike, what: str = "tokenizer") -> Any:
     """The tokenizer stored in a GGUF model file (its vocabulary, merges, special tokens and chat template)."""
-    from transformers import AutoTokenizer
-
-    gguf = check_gguf(path, what)
-    try:
-        return AutoTokenizer.from_pretrained(gguf.directory, gguf_file=gguf.path.name)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{what} {gguf.path}: cannot load its tokenizer ({first_line(err)})") from None
+    return _from_gguf("AutoTokenizer", path, what, "load its tokenizer")
 
 
 def load_gguf_causal_lm(
